@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# kvtier's whole test suite, from a fresh Debian machine (run as root): installs what the
+# tests need from the package registries, then checks formatting and lints, builds the
+# fuzz targets and runs every test. `.ci/run` runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+if ! command -v cargo >/dev/null; then
+    echo "cargo not found: install a Rust toolchain (rustup, stable >= 1.85) first" >&2
+    exit 1
+fi
+cargo --version
+rustup component list --installed 2>/dev/null | grep -qE '^(clippy|rustfmt)' ||
+    rustup component add clippy rustfmt
+
+step "format"
+cargo fmt --all -- --check
+
+step "lints"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+step "fuzz targets build"
+cargo check --manifest-path fuzz/Cargo.toml --bins --target-dir target
+
+step "tests"
+cargo test --workspace --all-features

@@ -1,0 +1,84 @@
+//! The `kvtier` command: run the demo, check configuration files, print chunk keys.
+
+mod demo;
+mod keys;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kvtier::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "kvtier",
+    version,
+    about = "Embedded KV-cache storage engine for LLM inference"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Store, look up, retrieve and verify synthetic Llama-3.1-8B KV on local tiers, evict,
+    /// restart from disk, and print throughput.
+    Demo(demo::DemoArgs),
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Print the chunk keys of a token file (to compare keys across machines).
+    Keys(keys::KeysArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load FILE (plus KVTIER_*/LMCACHE_* overrides) and print the effective
+    /// configuration, or the error.
+    Check {
+        /// YAML file in kvtier or LMCache syntax.
+        file: PathBuf,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KVTIER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kvtier=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => config_check(&file),
+        Command::Keys(args) => keys::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn config_check(file: &std::path::Path) -> anyhow::Result<()> {
+    let mut config = Config::from_yaml_file(file)?;
+    config.apply_env(std::env::vars())?;
+    config.validate()?;
+    for w in config.warnings() {
+        eprintln!("warning: {w}");
+    }
+    print!("{}", config.render());
+    Ok(())
+}

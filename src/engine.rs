@@ -1,0 +1,524 @@
+//! The engine: what an inference server embeds.
+//!
+//! An [`Engine`] turns token sequences into chunk keys, stores the KV of those chunks in
+//! its tiers, and answers "how much of this prompt is cached?" and "load it".
+//!
+//! KV is passed as host memory in the model's layout for the whole token sequence:
+//! `[kv_factor, layers, tokens, hidden]` elements of `dtype` (LMCache's `KV_2LTD`), i.e.
+//! [`ModelSpec::bytes_per_token`] × `tokens.len()` bytes. Store cuts it into chunks
+//! (copying on all cores into pooled, pre-faulted buffers); [`Engine::store_chunks`] takes
+//! chunk buffers the caller filled and stores them without a copy.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+use crate::chunk::{ChunkShape, DType, KvLayout};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::keys::{ChunkHasher, ChunkKey, ChunkSpan, ModelNamespace};
+use crate::memory::{copy_bulk, BufferPool, KvBuffer};
+use crate::metrics::Metrics;
+use crate::storage::StorageManager;
+use crate::tier::cpu::CpuTier;
+use crate::tier::disk::{DiskTier, RecoveryReport};
+use crate::tier::{Chunk, ChunkRef, TierKind, TierUsage};
+
+/// The model whose KV the engine stores: decides chunk shapes and the key namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// Model name, e.g. `meta-llama/Llama-3.1-8B-Instruct`.
+    pub name: String,
+    /// Transformer layers.
+    pub layers: u32,
+    /// KV heads held by this tensor-parallel shard.
+    pub kv_heads: u32,
+    /// Elements per head.
+    pub head_dim: u32,
+    /// Element type.
+    pub dtype: DType,
+    /// Layout.
+    pub layout: KvLayout,
+    /// Tensor-parallel world size.
+    pub tp_size: u32,
+    /// Tensor-parallel rank of this shard.
+    pub tp_rank: u32,
+}
+
+impl ModelSpec {
+    /// Llama-3.1-8B: 32 layers, 8 KV heads of 128, bf16, `KV_2LTD`: 128 KiB per token.
+    pub fn llama_3_1_8b() -> Self {
+        ModelSpec {
+            name: "meta-llama/Llama-3.1-8B-Instruct".into(),
+            layers: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            dtype: DType::Bf16,
+            layout: KvLayout::Kv2Ltd,
+            tp_size: 1,
+            tp_rank: 0,
+        }
+    }
+
+    /// Elements per token per layer.
+    pub fn hidden(&self) -> u32 {
+        self.kv_heads * self.head_dim
+    }
+
+    /// KV bytes per token.
+    pub fn bytes_per_token(&self) -> usize {
+        self.layout.kv_factor() * self.layers as usize * self.hidden() as usize * self.dtype.size()
+    }
+
+    /// Shape of a chunk of `tokens` tokens.
+    pub fn chunk_shape(&self, tokens: usize) -> ChunkShape {
+        ChunkShape {
+            layout: self.layout,
+            dtype: self.dtype,
+            layers: self.layers,
+            tokens: tokens as u32,
+            hidden: self.hidden(),
+        }
+    }
+
+    /// Key namespace for chunks of `chunk_size` tokens.
+    pub fn namespace(&self, chunk_size: usize) -> ModelNamespace {
+        ModelNamespace {
+            model: self.name.clone(),
+            dtype: self.dtype,
+            layout: self.layout,
+            tp_size: self.tp_size,
+            tp_rank: self.tp_rank,
+            chunk_size: chunk_size as u32,
+        }
+    }
+}
+
+/// What a store did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StoreReport {
+    /// Tokens whose chunks were stored now.
+    pub stored_tokens: usize,
+    /// Tokens whose chunks were already cached (skipped).
+    pub cached_tokens: usize,
+    /// KV bytes stored now.
+    pub bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// What a retrieve did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RetrieveReport {
+    /// Leading tokens whose KV was loaded.
+    pub tokens: usize,
+    /// KV bytes loaded.
+    pub bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Bytes per second in GB/s (10^9), for logs.
+pub fn gb_per_s(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / elapsed.as_secs_f64().max(1e-9) / 1e9
+}
+
+struct Inner {
+    config: Config,
+    model: ModelSpec,
+    hasher: ChunkHasher,
+    storage: StorageManager,
+    pool: BufferPool,
+    metrics: Metrics,
+    recovered: Option<RecoveryReport>,
+}
+
+/// The KV-cache engine. Cheap to clone (shared); every method takes `&self`.
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use kvtier::{Config, Engine, ModelSpec};
+///
+/// let config = Config { max_local_cpu_size: 256 << 20, ..Config::default() };
+/// let mut model = ModelSpec::llama_3_1_8b();
+/// model.layers = 2; // small, for the example
+/// let engine = Engine::from_config(config, model.clone()).await?;
+///
+/// let tokens: Vec<u32> = (0..600).collect();
+/// let kv: Vec<u8> = (0..model.bytes_per_token() * tokens.len()).map(|i| i as u8).collect();
+/// engine.store(&tokens, &kv).await?;
+///
+/// // A longer prompt that shares the first 600 tokens hits on the full chunks.
+/// let mut prompt = tokens.clone();
+/// prompt.extend(1000..1100);
+/// assert_eq!(engine.lookup(&prompt).await?, 512);
+///
+/// let mut out = vec![0u8; kv.len()];
+/// let loaded = engine.retrieve(&tokens, &mut out).await?;
+/// assert_eq!(loaded.tokens, 600);
+/// assert_eq!(out, kv);
+/// # Ok::<(), kvtier::Error>(())
+/// # }).unwrap();
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Runtime::new().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.inner.model.name)
+            .field("tiers", &self.usage())
+            .finish()
+    }
+}
+
+impl Engine {
+    /// An engine for `model` with the tiers `config` asks for. Opening the disk tier
+    /// indexes the chunk files already there.
+    pub async fn from_config(config: Config, model: ModelSpec) -> Result<Engine> {
+        config.validate()?;
+        if config.enable_pd {
+            return Err(Error::Unsupported(
+                "`enable_pd`/`enable_nixl`: the P/D backend is not part of this version of kvtier; \
+                 load this file with `kvtier config check` only"
+                    .into(),
+            ));
+        }
+        if let Some(url) = &config.remote_url {
+            return Err(Error::Unsupported(format!(
+                "`remote_url: {url}`: the remote tier is not part of this version of kvtier"
+            )));
+        }
+        if model.layers == 0 || model.hidden() == 0 {
+            return Err(Error::Shape(format!(
+                "model {} has no KV: {model:?}",
+                model.name
+            )));
+        }
+        let hasher = ChunkHasher::new(
+            &model.namespace(config.chunk_size),
+            config.hash_seed,
+            config.save_unfull_chunk,
+        );
+        let metrics = Metrics::new();
+        let chunk_bytes = model.bytes_per_token() * config.chunk_size;
+        // Idle buffers kept for reuse: a few requests' worth, within the CPU budget.
+        let idle = (config.max_local_cpu_size as usize).clamp(chunk_bytes * 4, 2 << 30);
+        let pool = BufferPool::new(idle);
+        let cpu = config
+            .local_cpu
+            .then(|| CpuTier::new(config.max_local_cpu_size));
+        let (disk, recovered) = match &config.local_disk {
+            Some(dir) => {
+                let dir = dir.clone();
+                let (cap, depth, pool) = (
+                    config.max_local_disk_size,
+                    config.local_disk_write_queue,
+                    pool.clone(),
+                );
+                let (tier, report) =
+                    tokio::task::spawn_blocking(move || DiskTier::open(dir, cap, depth, pool))
+                        .await
+                        .map_err(|e| {
+                            Error::Unsupported(format!("disk tier open panicked: {e}"))
+                        })??;
+                tracing::info!(
+                    dir = %tier.dir().display(),
+                    "disk tier: {} chunks ({:.2} GB) recovered, {} discarded, {} evicted",
+                    report.chunks,
+                    report.bytes as f64 / 1e9,
+                    report.discarded,
+                    report.evicted
+                );
+                (Some(tier), Some(report))
+            }
+            None => (None, None),
+        };
+        #[allow(unused_mut)]
+        let mut storage = StorageManager::new(cpu, disk, metrics.clone());
+        if config.max_local_gpu_size > 0 {
+            #[cfg(feature = "cuda")]
+            {
+                let gpu = crate::tier::gpu::GpuTier::new(
+                    0,
+                    config.max_local_gpu_size,
+                    chunk_bytes,
+                    pool.clone(),
+                )?;
+                storage = storage.with_gpu(gpu);
+            }
+            #[cfg(not(feature = "cuda"))]
+            return Err(Error::Unsupported(
+                "`max_local_gpu_size` > 0 needs kvtier built with `--features cuda`".into(),
+            ));
+        }
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                config,
+                model,
+                hasher,
+                storage,
+                pool,
+                metrics,
+                recovered,
+            }),
+        })
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The model.
+    pub fn model(&self) -> &ModelSpec {
+        &self.inner.model
+    }
+
+    /// The engine's metrics (serve [`Metrics::encode_text`] at `/metrics`).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// What the disk tier found when the engine opened it.
+    pub fn recovered(&self) -> Option<RecoveryReport> {
+        self.inner.recovered
+    }
+
+    /// Occupancy of every tier, top to bottom.
+    pub fn usage(&self) -> Vec<(TierKind, TierUsage)> {
+        self.inner.storage.usage()
+    }
+
+    /// Chunk keys of `tokens`.
+    pub fn chunk_keys(&self, tokens: &[u32]) -> Vec<ChunkKey> {
+        self.inner.hasher.keys(tokens)
+    }
+
+    /// Chunk keys of `tokens` with the token range each covers.
+    pub fn chunk_spans(&self, tokens: &[u32]) -> Vec<ChunkSpan> {
+        self.inner.hasher.spans(tokens)
+    }
+
+    /// A pooled buffer of `len` bytes, for filling and handing to [`Engine::store_chunks`].
+    pub fn alloc(&self, len: usize) -> KvBuffer {
+        self.inner.pool.alloc(len)
+    }
+
+    fn check_kv_len(&self, tokens: usize, len: usize, what: &str) -> Result<()> {
+        let expected = tokens * self.inner.model.bytes_per_token();
+        if len != expected {
+            return Err(Error::Shape(format!(
+                "{what}: {len} bytes for {tokens} tokens; model {} needs {expected} ({} per token)",
+                self.inner.model.name,
+                self.inner.model.bytes_per_token()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores the KV of `tokens` (`kv`: `[kv_factor, layers, tokens, hidden]`, see the
+    /// module docs). Chunks already cached are skipped; a trailing partial chunk is stored
+    /// only with `save_unfull_chunk`.
+    pub async fn store(&self, tokens: &[u32], kv: &[u8]) -> Result<StoreReport> {
+        let start = Instant::now();
+        self.check_kv_len(tokens.len(), kv.len(), "store")?;
+        let spans = self.inner.hasher.spans(tokens);
+        let new = self.uncached(&spans);
+        let model = &self.inner.model;
+        let row = model.chunk_shape(1).row_bytes();
+        let planes = model.layout.kv_factor() * model.layers as usize;
+        let total = tokens.len();
+        let chunks: Vec<ChunkRef> = new
+            .par_iter()
+            .map(|span| {
+                let shape = model.chunk_shape(span.tokens());
+                let mut data = self.inner.pool.alloc(shape.payload_len());
+                let seg = span.tokens() * row;
+                for (plane, dst) in data.chunks_exact_mut(seg).take(planes).enumerate() {
+                    let src = (plane * total + span.start) * row;
+                    copy_bulk(dst, &kv[src..src + seg]);
+                }
+                Arc::new(Chunk {
+                    key: span.key,
+                    shape,
+                    data,
+                })
+            })
+            .collect();
+        self.finish_store(&spans, chunks, start)
+    }
+
+    /// Stores chunk buffers the caller filled (one per chunk of `tokens`, each in the
+    /// chunk's `[kv_factor, layers, chunk_tokens, hidden]` layout), without copying.
+    pub async fn store_chunks(
+        &self,
+        tokens: &[u32],
+        buffers: Vec<KvBuffer>,
+    ) -> Result<StoreReport> {
+        let start = Instant::now();
+        let spans = self.inner.hasher.spans(tokens);
+        if buffers.len() != spans.len() {
+            return Err(Error::Shape(format!(
+                "store_chunks: {} buffers for {} chunks of {} tokens",
+                buffers.len(),
+                spans.len(),
+                tokens.len()
+            )));
+        }
+        let present = self
+            .inner
+            .storage
+            .mark_present(&spans.iter().map(|s| s.key).collect::<Vec<_>>());
+        let mut chunks = Vec::new();
+        for ((span, data), cached) in spans.iter().zip(buffers).zip(present) {
+            let chunk = Chunk::new(span.key, self.inner.model.chunk_shape(span.tokens()), data)?;
+            if !cached {
+                chunks.push(chunk);
+            }
+        }
+        self.finish_store(&spans, chunks, start)
+    }
+
+    fn uncached(&self, spans: &[ChunkSpan]) -> Vec<ChunkSpan> {
+        let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
+        let present = self.inner.storage.mark_present(&keys);
+        spans
+            .iter()
+            .zip(present)
+            .filter(|(_, p)| !p)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
+    fn finish_store(
+        &self,
+        spans: &[ChunkSpan],
+        chunks: Vec<ChunkRef>,
+        start: Instant,
+    ) -> Result<StoreReport> {
+        if self.inner.storage.is_empty() {
+            return Err(Error::Unsupported(
+                "store: no storage tier is configured (`local_cpu` is false and `local_disk` unset)".into(),
+            ));
+        }
+        self.inner.storage.put_batch(&chunks)?;
+        let stored_tokens: usize = chunks.iter().map(|c| c.shape.tokens as usize).sum();
+        let all_tokens: usize = spans.iter().map(|s| s.tokens()).sum();
+        let bytes: u64 = chunks.iter().map(|c| c.payload().len() as u64).sum();
+        let elapsed = start.elapsed();
+        let m = &self.inner.metrics;
+        m.store_tokens.inc_by(stored_tokens as u64);
+        m.store_bytes.inc_by(bytes);
+        m.op_seconds
+            .with_label_values(&["store"])
+            .observe(elapsed.as_secs_f64());
+        tracing::info!(
+            "stored {stored_tokens} tokens ({} already cached) in {:.2} ms ({:.1} GB/s)",
+            all_tokens - stored_tokens,
+            elapsed.as_secs_f64() * 1e3,
+            gb_per_s(bytes, elapsed)
+        );
+        Ok(StoreReport {
+            stored_tokens,
+            cached_tokens: all_tokens - stored_tokens,
+            bytes,
+            elapsed,
+        })
+    }
+
+    /// Length in tokens of the longest cached prefix of `tokens`.
+    pub async fn lookup(&self, tokens: &[u32]) -> Result<usize> {
+        let start = Instant::now();
+        let spans = self.inner.hasher.spans(tokens);
+        let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
+        let hit = self.inner.storage.contains_prefix(&keys);
+        let hit_tokens = if hit == 0 { 0 } else { spans[hit - 1].end };
+        let m = &self.inner.metrics;
+        m.lookup_tokens.inc_by(tokens.len() as u64);
+        m.lookup_hit_tokens.inc_by(hit_tokens as u64);
+        m.op_seconds
+            .with_label_values(&["lookup"])
+            .observe(start.elapsed().as_secs_f64());
+        tracing::debug!("lookup: {} tokens, {hit_tokens} hit", tokens.len());
+        Ok(hit_tokens)
+    }
+
+    /// The cached chunks of the longest cached prefix of `tokens`, without copying.
+    pub async fn retrieve_chunks(&self, tokens: &[u32]) -> Result<Vec<ChunkRef>> {
+        let keys = self.inner.hasher.keys(tokens);
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || engine.inner.storage.get_prefix(&keys))
+            .await
+            .map_err(|e| Error::Unsupported(format!("retrieve task failed: {e}")))
+    }
+
+    /// Loads the KV of the longest cached prefix of `tokens` into `out` (laid out as for
+    /// [`Engine::store`] for all of `tokens`); bytes past the loaded prefix are untouched.
+    pub async fn retrieve(&self, tokens: &[u32], out: &mut [u8]) -> Result<RetrieveReport> {
+        let start = Instant::now();
+        self.check_kv_len(tokens.len(), out.len(), "retrieve")?;
+        let chunks = self.retrieve_chunks(tokens).await?;
+        let model = &self.inner.model;
+        let row = model.chunk_shape(1).row_bytes();
+        let total = tokens.len();
+        let plane_bytes = total * row;
+        out.par_chunks_mut(plane_bytes.max(1))
+            .enumerate()
+            .for_each(|(plane, dst)| {
+                let mut at = 0;
+                for chunk in &chunks {
+                    let seg = chunk.shape.tokens as usize * row;
+                    let src = &chunk.payload()[plane * seg..(plane + 1) * seg];
+                    copy_bulk(&mut dst[at..at + seg], src);
+                    at += seg;
+                }
+            });
+        let loaded: usize = chunks.iter().map(|c| c.shape.tokens as usize).sum();
+        let bytes = (loaded * model.bytes_per_token()) as u64;
+        let elapsed = start.elapsed();
+        let m = &self.inner.metrics;
+        m.retrieve_tokens.inc_by(total as u64);
+        m.retrieve_hit_tokens.inc_by(loaded as u64);
+        m.retrieve_bytes.inc_by(bytes);
+        m.op_seconds
+            .with_label_values(&["retrieve"])
+            .observe(elapsed.as_secs_f64());
+        tracing::info!(
+            "retrieved {loaded} of {total} tokens in {:.2} ms ({:.1} GB/s)",
+            elapsed.as_secs_f64() * 1e3,
+            gb_per_s(bytes, elapsed)
+        );
+        Ok(RetrieveReport {
+            tokens: loaded,
+            bytes,
+            elapsed,
+        })
+    }
+
+    /// Removes the chunks of `tokens` from every tier; returns how many were held.
+    pub async fn remove(&self, tokens: &[u32]) -> Result<usize> {
+        let keys = self.inner.hasher.keys(tokens);
+        Ok(self.inner.storage.remove(&keys))
+    }
+
+    /// Empties every tier.
+    pub async fn clear(&self) -> Result<()> {
+        self.inner.storage.clear();
+        Ok(())
+    }
+
+    /// Waits until every chunk stored so far has reached the disk tier.
+    pub async fn flush(&self) -> Result<()> {
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || engine.inner.storage.flush())
+            .await
+            .map_err(|e| Error::Unsupported(format!("flush task failed: {e}")))
+    }
+}

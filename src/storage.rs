@@ -1,0 +1,317 @@
+//! The storage manager: stacks the tiers into one store.
+//!
+//! - **put** is write-through: a chunk lands in every in-memory tier at once (GPU, then
+//!   CPU) and is offloaded to the disk tier through its bounded background queue. A full
+//!   queue or a tier with no evictable room skips that tier (counted in
+//!   `kvtier_offload_skipped_total`), never blocks and never grows memory.
+//! - **get** takes each chunk from the first tier that holds it, top-down, reads the
+//!   lower tiers in parallel, and promotes what it read into the CPU tier.
+//! - **lookup** counts the longest prefix of keys held across all tiers.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::keys::ChunkKey;
+use crate::metrics::Metrics;
+use crate::tier::cpu::CpuTier;
+use crate::tier::disk::DiskTier;
+#[cfg(feature = "cuda")]
+use crate::tier::gpu::GpuTier;
+use crate::tier::{ChunkRef, Tier, TierKind, TierUsage};
+
+/// The tiers of one engine, top (fastest) to bottom.
+pub struct StorageManager {
+    #[cfg(feature = "cuda")]
+    gpu: Option<GpuTier>,
+    cpu: Option<CpuTier>,
+    disk: Option<DiskTier>,
+    metrics: Metrics,
+}
+
+impl StorageManager {
+    /// A manager over the given tiers, reporting into `metrics`.
+    pub fn new(cpu: Option<CpuTier>, disk: Option<DiskTier>, metrics: Metrics) -> Self {
+        let manager = StorageManager {
+            #[cfg(feature = "cuda")]
+            gpu: None,
+            cpu,
+            disk,
+            metrics,
+        };
+        manager.publish_usage();
+        manager
+    }
+
+    /// Adds a GPU tier on top.
+    #[cfg(feature = "cuda")]
+    pub fn with_gpu(mut self, gpu: GpuTier) -> Self {
+        self.gpu = Some(gpu);
+        self.publish_usage();
+        self
+    }
+
+    /// The tiers, top to bottom.
+    pub fn tiers(&self) -> Vec<&dyn Tier> {
+        let mut tiers: Vec<&dyn Tier> = Vec::with_capacity(3);
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            tiers.push(gpu);
+        }
+        if let Some(cpu) = &self.cpu {
+            tiers.push(cpu);
+        }
+        if let Some(disk) = &self.disk {
+            tiers.push(disk);
+        }
+        tiers
+    }
+
+    /// Whether any tier is configured.
+    pub fn is_empty(&self) -> bool {
+        self.tiers().is_empty()
+    }
+
+    /// The disk tier, if configured.
+    pub fn disk(&self) -> Option<&DiskTier> {
+        self.disk.as_ref()
+    }
+
+    /// Stores `chunks` write-through. Fails only if some chunk was taken by no tier;
+    /// the error is the top tier's.
+    pub fn put_batch(&self, chunks: &[ChunkRef]) -> Result<()> {
+        let tiers = self.tiers();
+        let mut first_error = None;
+        for chunk in chunks {
+            let mut stored = false;
+            let mut top_error = None;
+            for tier in &tiers {
+                match tier.put(chunk.clone()) {
+                    Ok(()) => stored = true,
+                    Err(e) => {
+                        self.metrics
+                            .offload_skipped
+                            .with_label_values(&[tier.kind().name()])
+                            .inc();
+                        tracing::debug!(
+                            "chunk {} not stored in {} tier: {e}",
+                            chunk.key,
+                            tier.kind()
+                        );
+                        top_error.get_or_insert(e);
+                    }
+                }
+            }
+            if !stored {
+                if let Some(e) = top_error {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        self.publish_usage();
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Marks which keys any tier holds.
+    pub fn mark_present(&self, keys: &[ChunkKey]) -> Vec<bool> {
+        let mut present = vec![false; keys.len()];
+        for tier in self.tiers() {
+            tier.mark_present(keys, &mut present);
+        }
+        present
+    }
+
+    /// How many leading `keys` are held (each by any tier).
+    pub fn contains_prefix(&self, keys: &[ChunkKey]) -> usize {
+        self.mark_present(keys).iter().take_while(|&&p| p).count()
+    }
+
+    /// The chunks for the leading `keys` that some tier holds, stopping at the first miss.
+    /// Chunks found below the CPU tier are promoted into it. A chunk that fails to read
+    /// (corrupt, I/O error) counts as a miss and is logged.
+    pub fn get_prefix(&self, keys: &[ChunkKey]) -> Vec<ChunkRef> {
+        enum Plan {
+            Ready(ChunkRef),
+            Read(TierKind),
+        }
+        let mut plan = Vec::with_capacity(keys.len());
+        for &key in keys {
+            if let Some(chunk) = self.cpu.as_ref().and_then(|c| c.get(key).ok().flatten()) {
+                plan.push(Plan::Ready(chunk));
+                continue;
+            }
+            match self.tiers().into_iter().find(|t| t.contains(key)) {
+                Some(tier) => plan.push(Plan::Read(tier.kind())),
+                None => break,
+            }
+        }
+        let fetched: Vec<Option<(ChunkRef, TierKind)>> = plan
+            .into_par_iter()
+            .zip(keys.par_iter())
+            .map(|(step, &key)| match step {
+                Plan::Ready(chunk) => Some((chunk, TierKind::Cpu)),
+                Plan::Read(kind) => self.read(kind, key).map(|c| (c, kind)),
+            })
+            .collect();
+        let mut out = Vec::with_capacity(fetched.len());
+        for item in fetched {
+            let Some((chunk, kind)) = item else { break };
+            self.metrics
+                .tier_hits
+                .with_label_values(&[kind.name()])
+                .inc();
+            if kind != TierKind::Cpu {
+                if let Some(cpu) = &self.cpu {
+                    if let Err(e) = cpu.put(chunk.clone()) {
+                        tracing::debug!("chunk {} not promoted to cpu tier: {e}", chunk.key);
+                    }
+                }
+            }
+            out.push(chunk);
+        }
+        self.publish_usage();
+        out
+    }
+
+    fn read(&self, kind: TierKind, key: ChunkKey) -> Option<ChunkRef> {
+        let tier = self.tiers().into_iter().find(|t| t.kind() == kind)?;
+        match tier.get(key) {
+            Ok(found) => found,
+            Err(e) => {
+                if matches!(e, Error::CorruptChunk(_)) {
+                    self.metrics
+                        .corrupt_chunks
+                        .with_label_values(&[kind.name()])
+                        .inc();
+                }
+                tracing::error!("{kind} tier: chunk {key} unreadable, treated as a miss: {e}");
+                None
+            }
+        }
+    }
+
+    /// Removes `keys` from every tier; returns how many keys some tier held.
+    pub fn remove(&self, keys: &[ChunkKey]) -> usize {
+        let tiers = self.tiers();
+        let removed = keys
+            .iter()
+            .filter(|&&k| tiers.iter().fold(false, |any, t| t.remove(k) | any))
+            .count();
+        self.publish_usage();
+        removed
+    }
+
+    /// Empties every tier.
+    pub fn clear(&self) {
+        for tier in self.tiers() {
+            tier.clear();
+        }
+        self.publish_usage();
+    }
+
+    /// Blocks until queued offloads are written.
+    pub fn flush(&self) {
+        if let Some(disk) = &self.disk {
+            disk.flush();
+        }
+        self.publish_usage();
+    }
+
+    /// Occupancy of every tier, top to bottom.
+    pub fn usage(&self) -> Vec<(TierKind, TierUsage)> {
+        self.tiers().iter().map(|t| (t.kind(), t.usage())).collect()
+    }
+
+    fn publish_usage(&self) {
+        for (kind, usage) in self.usage() {
+            self.metrics.record_usage(kind, usage);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{ChunkShape, DType, KvLayout};
+    use crate::memory::BufferPool;
+    use crate::tier::Chunk;
+
+    fn chunk(pool: &BufferPool, key: u128) -> ChunkRef {
+        let shape = ChunkShape {
+            layout: KvLayout::Mla1Ltd,
+            dtype: DType::U8,
+            layers: 1,
+            tokens: 1,
+            hidden: 4096 - crate::chunk::HEADER_LEN as u32,
+        };
+        let mut data = pool.alloc(shape.payload_len());
+        data.fill(key as u8);
+        Chunk::new(ChunkKey(key), shape, data).unwrap()
+    }
+
+    fn manager(dir: &std::path::Path, cpu_pages: u64) -> StorageManager {
+        let pool = BufferPool::new(1 << 20);
+        let (disk, _) = DiskTier::open(dir, 1 << 20, 16, pool).unwrap();
+        StorageManager::new(
+            Some(CpuTier::new(cpu_pages * 4096)),
+            Some(disk),
+            Metrics::new(),
+        )
+    }
+
+    #[test]
+    fn write_through_then_promote_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = manager(dir.path(), 2);
+        let pool = BufferPool::new(0);
+        let chunks: Vec<_> = (1..=4).map(|k| chunk(&pool, k)).collect();
+        sm.put_batch(&chunks).unwrap();
+        sm.flush();
+        let keys: Vec<_> = chunks.iter().map(|c| c.key).collect();
+        // CPU holds only the last two; disk holds all four.
+        let usage = sm.usage();
+        assert_eq!(usage[0].1.objects, 2);
+        assert_eq!(usage[1].1.objects, 4);
+        assert_eq!(sm.contains_prefix(&keys), 4);
+        let got = sm.get_prefix(&keys);
+        assert_eq!(got.len(), 4);
+        for (g, c) in got.iter().zip(&chunks) {
+            assert_eq!(g.payload(), c.payload());
+        }
+        assert!(sm.metrics.tier_hits.with_label_values(&["disk"]).get() >= 2);
+    }
+
+    #[test]
+    fn prefix_stops_at_first_miss_and_remove_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = manager(dir.path(), 8);
+        let pool = BufferPool::new(0);
+        let chunks: Vec<_> = [1, 2, 4].iter().map(|&k| chunk(&pool, k)).collect();
+        sm.put_batch(&chunks).unwrap();
+        let keys: Vec<_> = (1..=4).map(ChunkKey).collect();
+        assert_eq!(sm.contains_prefix(&keys), 2);
+        assert_eq!(sm.get_prefix(&keys).len(), 2);
+        assert_eq!(sm.remove(&keys), 3);
+        assert_eq!(sm.contains_prefix(&keys), 0);
+    }
+
+    #[test]
+    fn corrupt_disk_chunk_is_a_miss_not_wrong_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = manager(dir.path(), 0);
+        let pool = BufferPool::new(0);
+        let c = chunk(&pool, 0xab);
+        // No CPU room: only the disk holds it.
+        sm.put_batch(std::slice::from_ref(&c)).unwrap();
+        sm.flush();
+        let name = c.key.to_string();
+        let path = dir.path().join(&name[..2]).join(format!("{name}.kvc"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(sm.get_prefix(&[c.key]).is_empty());
+        assert_eq!(
+            sm.metrics.corrupt_chunks.with_label_values(&["disk"]).get(),
+            1
+        );
+    }
+}

@@ -1,0 +1,94 @@
+//! The `kvtier` command as a user runs it.
+
+use std::process::{Command, Output};
+
+fn kvtier(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kvtier"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("KVTIER_CONFIG_FILE")
+        .env_remove("LMCACHE_CONFIG_FILE")
+        .env("KVTIER_LOG", "warn")
+        .output()
+        .expect("run kvtier")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn config_check_prints_every_reference_config() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let out = kvtier(&["config", "check", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            text(&out.stderr)
+        );
+        let stdout = text(&out.stdout);
+        assert!(
+            stdout.contains("chunk_size: 256"),
+            "{}: {stdout}",
+            path.display()
+        );
+        checked += 1;
+    }
+    assert!(checked >= 10, "only {checked} configs found");
+    let out = kvtier(&["config", "check", "configs/lmcache-1p1d-nixl-decoder.yaml"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("pd_role: receiver"), "{stdout}");
+    assert!(
+        text(&out.stderr).contains("remote_serde"),
+        "warning expected"
+    );
+}
+
+#[test]
+fn config_check_names_file_key_line_and_suggestion() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "chunk_size: 256\nmax_local_cpu_sise: 5\n").unwrap();
+    let out = kvtier(&["config", "check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    for needle in ["bad.yaml", ":2", "max_local_cpu_sise", "max_local_cpu_size"] {
+        assert!(err.contains(needle), "missing `{needle}` in: {err}");
+    }
+    std::fs::write(&bad, "chunk_size: lots\n").unwrap();
+    let out = kvtier(&["config", "check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("chunk_size") && err.contains("integer"),
+        "{err}"
+    );
+}
+
+#[test]
+fn demo_runs_end_to_end() {
+    let out = kvtier(&[
+        "demo",
+        "--prompts",
+        "2",
+        "--prefix-tokens",
+        "512",
+        "--suffix-tokens",
+        "300",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("SYNTHETIC"), "{stdout}");
+    assert!(
+        stdout.contains("all retrieved KV verified byte for byte"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("retrieve after restart"), "{stdout}");
+}

@@ -1,0 +1,214 @@
+//! The engine through its public API: store, lookup, retrieve, tiers, restart, metrics.
+
+use kvtier::{Config, Engine, Error, ModelSpec};
+
+/// A small model so tests move little data (synthetic KV: test bytes, not a model's).
+fn model() -> ModelSpec {
+    let mut m = ModelSpec::llama_3_1_8b();
+    m.layers = 2;
+    m.kv_heads = 2;
+    m
+}
+
+fn kv_for(model: &ModelSpec, tokens: &[u32]) -> Vec<u8> {
+    let row = model.chunk_shape(1).row_bytes();
+    let mut kv = vec![0u8; model.bytes_per_token() * tokens.len()];
+    for (plane, p) in kv.chunks_mut(row * tokens.len().max(1)).enumerate() {
+        for (i, b) in p.iter_mut().enumerate() {
+            let t = tokens[i / row];
+            *b = (t as usize * 31 + plane * 7 + i % row) as u8;
+        }
+    }
+    kv
+}
+
+fn config(cpu_bytes: u64, disk: Option<&std::path::Path>) -> Config {
+    Config {
+        max_local_cpu_size: cpu_bytes,
+        local_disk: disk.map(|d| d.to_path_buf()),
+        max_local_disk_size: 1 << 30,
+        ..Config::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_prefix_hits_and_bytes_round_trip() {
+    let m = model();
+    let engine = Engine::from_config(config(64 << 20, None), m.clone())
+        .await
+        .unwrap();
+    let a: Vec<u32> = (0..700).collect();
+    let mut b: Vec<u32> = (0..512).collect();
+    b.extend(5000..5300);
+    let r = engine.store(&a, &kv_for(&m, &a)).await.unwrap();
+    assert_eq!((r.stored_tokens, r.cached_tokens), (700, 0));
+    assert_eq!(engine.lookup(&b).await.unwrap(), 512);
+    let r = engine.store(&b, &kv_for(&m, &b)).await.unwrap();
+    assert_eq!((r.stored_tokens, r.cached_tokens), (300, 512));
+    for tokens in [&a, &b] {
+        let expected = kv_for(&m, tokens);
+        let mut out = vec![0u8; expected.len()];
+        let r = engine.retrieve(tokens, &mut out).await.unwrap();
+        assert_eq!(r.tokens, tokens.len());
+        assert_eq!(out, expected);
+    }
+    // A prompt diverging inside the first chunk hits nothing.
+    let mut c = a.clone();
+    c[3] = 99_999;
+    assert_eq!(engine.lookup(&c).await.unwrap(), 0);
+    let text = engine.metrics().encode_text();
+    assert!(
+        text.contains("kvtier_lookup_hit_tokens_total 512"),
+        "{text}"
+    );
+    assert!(text.contains("kvtier_store_tokens_total 1000"), "{text}");
+    assert!(
+        text.contains("kvtier_tier_used_bytes{tier=\"cpu\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_retrieve_leaves_the_rest_untouched() {
+    let m = model();
+    let engine = Engine::from_config(config(64 << 20, None), m.clone())
+        .await
+        .unwrap();
+    let short: Vec<u32> = (0..512).collect();
+    engine.store(&short, &kv_for(&m, &short)).await.unwrap();
+    let long: Vec<u32> = (0..800).collect();
+    let expected = kv_for(&m, &long);
+    let mut out = vec![0xEEu8; expected.len()];
+    let r = engine.retrieve(&long, &mut out).await.unwrap();
+    assert_eq!(r.tokens, 512);
+    let row = m.chunk_shape(1).row_bytes();
+    for plane in 0..(2 * m.layers as usize) {
+        let base = plane * 800 * row;
+        assert_eq!(
+            out[base..base + 512 * row],
+            expected[base..base + 512 * row]
+        );
+        assert!(out[base + 512 * row..base + 800 * row]
+            .iter()
+            .all(|&x| x == 0xEE));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_to_disk_and_restart() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let chunk_bytes = (m.bytes_per_token() * 256) as u64;
+    let prompts: Vec<Vec<u32>> = (0..4u32)
+        .map(|p| (p * 10_000..p * 10_000 + 768).collect())
+        .collect();
+    {
+        // Room for 4 chunks in CPU; 12 chunks are stored.
+        let engine = Engine::from_config(config(4 * chunk_bytes, Some(dir.path())), m.clone())
+            .await
+            .unwrap();
+        for p in &prompts {
+            engine.store(p, &kv_for(&m, p)).await.unwrap();
+        }
+        engine.flush().await.unwrap();
+        let usage = engine.usage();
+        assert_eq!(usage[0].1.objects, 4, "cpu holds its budget");
+        assert!(usage[0].1.evictions >= 8);
+        assert_eq!(usage[1].1.objects, 12, "disk holds everything");
+        for p in &prompts {
+            let mut out = vec![0u8; p.len() * m.bytes_per_token()];
+            assert_eq!(engine.retrieve(p, &mut out).await.unwrap().tokens, 768);
+            assert_eq!(out, kv_for(&m, p));
+        }
+        assert!(
+            engine
+                .metrics()
+                .tier_hits
+                .with_label_values(&["disk"])
+                .get()
+                >= 8
+        );
+    }
+    let engine = Engine::from_config(config(4 * chunk_bytes, Some(dir.path())), m.clone())
+        .await
+        .unwrap();
+    assert_eq!(engine.recovered().unwrap().chunks, 12);
+    for p in &prompts {
+        assert_eq!(engine.lookup(p).await.unwrap(), 768);
+        let mut out = vec![0u8; p.len() * m.bytes_per_token()];
+        engine.retrieve(p, &mut out).await.unwrap();
+        assert_eq!(out, kv_for(&m, p));
+    }
+    // Different hash seed = different namespace of keys: nothing hits.
+    let mut other = config(4 * chunk_bytes, Some(dir.path()));
+    other.hash_seed = 1;
+    let engine2 = Engine::from_config(other, m.clone()).await.unwrap();
+    drop(engine);
+    assert_eq!(engine2.lookup(&prompts[0]).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_copy_store_and_retrieve() {
+    let m = model();
+    let engine = Engine::from_config(config(64 << 20, None), m.clone())
+        .await
+        .unwrap();
+    let tokens: Vec<u32> = (0..300).collect();
+    let spans = engine.chunk_spans(&tokens);
+    let buffers: Vec<_> = spans
+        .iter()
+        .map(|s| {
+            let mut b = engine.alloc(m.chunk_shape(s.tokens()).payload_len());
+            b.fill(s.start as u8 + 1);
+            b
+        })
+        .collect();
+    let addrs: Vec<usize> = buffers.iter().map(|b| b.as_ptr() as usize).collect();
+    engine.store_chunks(&tokens, buffers).await.unwrap();
+    let chunks = engine.retrieve_chunks(&tokens).await.unwrap();
+    assert_eq!(chunks.len(), 2);
+    // The very buffers handed over are what the tier holds: no copy was made.
+    let held: Vec<usize> = chunks
+        .iter()
+        .map(|c| c.payload().as_ptr() as usize)
+        .collect();
+    assert_eq!(held, addrs);
+    assert!(chunks[1].payload().iter().all(|&b| b == 257u32 as u8));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shape_errors_name_the_sizes() {
+    let m = model();
+    let engine = Engine::from_config(config(64 << 20, None), m.clone())
+        .await
+        .unwrap();
+    let tokens: Vec<u32> = (0..10).collect();
+    let err = engine.store(&tokens, &[0u8; 5]).await.unwrap_err();
+    assert!(matches!(err, Error::Shape(_)));
+    assert!(err.to_string().contains("5 bytes for 10 tokens"), "{err}");
+    let err = engine.store_chunks(&tokens, vec![]).await.unwrap_err();
+    assert!(err.to_string().contains("0 buffers for 1 chunks"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_partial_chunks_when_configured() {
+    let m = model();
+    let mut c = config(64 << 20, None);
+    c.save_unfull_chunk = false;
+    let engine = Engine::from_config(c, m.clone()).await.unwrap();
+    let tokens: Vec<u32> = (0..700).collect();
+    let r = engine.store(&tokens, &kv_for(&m, &tokens)).await.unwrap();
+    assert_eq!(r.stored_tokens, 512);
+    assert_eq!(engine.lookup(&tokens).await.unwrap(), 512);
+}
+
+#[tokio::test]
+async fn reference_pd_config_is_refused_by_the_engine_with_a_clear_error() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/lmcache-1p1d-pd-decoder.yaml"
+    );
+    let config = Config::from_yaml_file(path).unwrap();
+    let err = Engine::from_config(config, model()).await.unwrap_err();
+    assert!(err.to_string().contains("enable_pd"), "{err}");
+}
