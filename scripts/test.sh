@@ -16,6 +16,14 @@ cargo --version
 rustup component list --installed 2>/dev/null | grep -qE '^(clippy|rustfmt)' ||
     rustup component add clippy rustfmt
 
+step "Python reference for chunk keys (venv in target/py)"
+if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    apt-get update -qq && apt-get install -y -qq python3-venv
+fi
+[ -x target/py/bin/python ] || python3 -m venv target/py
+target/py/bin/python -m pip install -q --disable-pip-version-check xxhash
+target/py/bin/python tests/golden/check_keys.py
+
 step "format"
 cargo fmt --all -- --check
 

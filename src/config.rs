@@ -125,7 +125,8 @@ pub struct ExtraConfig {
 }
 
 /// A non-fatal finding while loading: an LMCache key kvtier ignores, or an unknown key inside
-/// `extra_config`. Each warning is also logged with `tracing::warn!` when it is found.
+/// `extra_config`. Loading does not log them; [`crate::Engine::from_config`] logs each
+/// once, and `kvtier config check` prints them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigWarning {
     /// File name or environment variable the key came from.
@@ -851,7 +852,7 @@ impl Config {
     }
 
     /// Warnings collected while loading (LMCache keys kvtier ignores, unknown
-    /// `extra_config` keys), in the order found. Each was logged with `tracing::warn!`.
+    /// `extra_config` keys), in the order found.
     pub fn warnings(&self) -> &[ConfigWarning] {
         &self.provenance.warnings
     }
@@ -1078,7 +1079,6 @@ impl Config {
     }
 
     fn warn(&mut self, warning: ConfigWarning) {
-        tracing::warn!(origin = %warning.origin, key = %warning.key, "{warning}");
         self.provenance.warnings.push(warning);
     }
 

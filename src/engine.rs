@@ -183,6 +183,9 @@ impl Engine {
     /// indexes the chunk files already there.
     pub async fn from_config(config: Config, model: ModelSpec) -> Result<Engine> {
         config.validate()?;
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         if config.enable_pd {
             return Err(Error::Unsupported(
                 "`enable_pd`/`enable_nixl`: the P/D backend is not part of this version of kvtier; \
