@@ -456,8 +456,13 @@ impl Engine {
     /// The cached chunks of the longest cached prefix of `tokens`, without copying.
     pub async fn retrieve_chunks(&self, tokens: &[u32]) -> Result<Vec<ChunkRef>> {
         let keys = self.inner.hasher.keys(tokens);
+        let plan = self.inner.storage.plan_prefix(&keys);
+        if plan.reads() == 0 {
+            // Everything is in memory: no I/O, no need to leave this task.
+            return Ok(self.inner.storage.fetch(plan));
+        }
         let engine = self.clone();
-        tokio::task::spawn_blocking(move || engine.inner.storage.get_prefix(&keys))
+        tokio::task::spawn_blocking(move || engine.inner.storage.fetch(plan))
             .await
             .map_err(|e| Error::Unsupported(format!("retrieve task failed: {e}")))
     }

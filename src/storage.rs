@@ -19,6 +19,38 @@ use crate::tier::disk::DiskTier;
 use crate::tier::gpu::GpuTier;
 use crate::tier::{ChunkRef, Tier, TierKind, TierUsage};
 
+enum Step {
+    /// Already referenced from the CPU tier.
+    Ready(ChunkRef),
+    /// To be read from a lower tier.
+    Read(ChunkKey, TierKind),
+}
+
+/// Where each chunk of a prefix comes from; see [`StorageManager::plan_prefix`].
+pub struct PrefixPlan {
+    steps: Vec<Step>,
+}
+
+impl PrefixPlan {
+    /// Chunks in the prefix.
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Whether the prefix is empty.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// Chunks that must be read from a tier below the CPU tier (may block on I/O).
+    pub fn reads(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| matches!(s, Step::Read(..)))
+            .count()
+    }
+}
+
 /// The tiers of one engine, top (fastest) to bottom.
 pub struct StorageManager {
     #[cfg(feature = "cuda")]
@@ -125,34 +157,39 @@ impl StorageManager {
         self.mark_present(keys).iter().take_while(|&&p| p).count()
     }
 
-    /// The chunks for the leading `keys` that some tier holds, stopping at the first miss.
-    /// Chunks found below the CPU tier are promoted into it. A chunk that fails to read
-    /// (corrupt, I/O error) counts as a miss and is logged.
-    pub fn get_prefix(&self, keys: &[ChunkKey]) -> Vec<ChunkRef> {
-        enum Plan {
-            Ready(ChunkRef),
-            Read(TierKind),
-        }
-        let mut plan = Vec::with_capacity(keys.len());
+    /// Decides, without I/O, where each of the leading held `keys` comes from: chunks in
+    /// the CPU tier are taken (referenced) now, the rest are marked for a read from the
+    /// first lower tier that holds them. Stops at the first key no tier holds.
+    pub fn plan_prefix(&self, keys: &[ChunkKey]) -> PrefixPlan {
+        let mut steps = Vec::with_capacity(keys.len());
         for &key in keys {
             if let Some(chunk) = self.cpu.as_ref().and_then(|c| c.get(key).ok().flatten()) {
-                plan.push(Plan::Ready(chunk));
+                steps.push(Step::Ready(chunk));
                 continue;
             }
             match self.tiers().into_iter().find(|t| t.contains(key)) {
-                Some(tier) => plan.push(Plan::Read(tier.kind())),
+                Some(tier) => steps.push(Step::Read(key, tier.kind())),
                 None => break,
             }
         }
-        let fetched: Vec<Option<(ChunkRef, TierKind)>> = plan
-            .into_par_iter()
-            .zip(keys.par_iter())
-            .map(|(step, &key)| match step {
-                Plan::Ready(chunk) => Some((chunk, TierKind::Cpu)),
-                Plan::Read(kind) => self.read(kind, key).map(|c| (c, kind)),
-            })
-            .collect();
+        PrefixPlan { steps }
+    }
+
+    /// Carries out `plan`: reads what lives below the CPU tier (in parallel), promotes it
+    /// into the CPU tier, and returns the chunks up to the first one that could not be
+    /// read (corrupt or I/O error: counted, logged and treated as a miss).
+    pub fn fetch(&self, plan: PrefixPlan) -> Vec<ChunkRef> {
+        let resolve = |step: Step| match step {
+            Step::Ready(chunk) => Some((chunk, TierKind::Cpu)),
+            Step::Read(key, kind) => self.read(kind, key).map(|c| (c, kind)),
+        };
+        let fetched: Vec<Option<(ChunkRef, TierKind)>> = if plan.reads() > 1 {
+            plan.steps.into_par_iter().map(resolve).collect()
+        } else {
+            plan.steps.into_iter().map(resolve).collect()
+        };
         let mut out = Vec::with_capacity(fetched.len());
+        let mut promoted = false;
         for item in fetched {
             let Some((chunk, kind)) = item else { break };
             self.metrics
@@ -161,6 +198,7 @@ impl StorageManager {
                 .inc();
             if kind != TierKind::Cpu {
                 if let Some(cpu) = &self.cpu {
+                    promoted = true;
                     if let Err(e) = cpu.put(chunk.clone()) {
                         tracing::debug!("chunk {} not promoted to cpu tier: {e}", chunk.key);
                     }
@@ -168,8 +206,16 @@ impl StorageManager {
             }
             out.push(chunk);
         }
-        self.publish_usage();
+        if promoted {
+            self.publish_usage();
+        }
         out
+    }
+
+    /// The chunks for the leading `keys` that some tier holds, stopping at the first miss:
+    /// [`StorageManager::fetch`] of [`StorageManager::plan_prefix`]. May block on I/O.
+    pub fn get_prefix(&self, keys: &[ChunkKey]) -> Vec<ChunkRef> {
+        self.fetch(self.plan_prefix(keys))
     }
 
     fn read(&self, kind: TierKind, key: ChunkKey) -> Option<ChunkRef> {
