@@ -1,0 +1,922 @@
+//! kvtier's TCP transport.
+//!
+//! Each endpoint listens on a TCP port. A peer's one-sided `write` becomes a stream of
+//! `Write` frames each followed by its bytes; the endpoint checks every range against its
+//! registrations, reads the bytes straight into the registered memory and acknowledges
+//! each frame, so a write completes only when its bytes are in place. Frames of a batch
+//! are pipelined: all are sent before any acknowledgement is awaited. `read` is the
+//! mirror image (`Read` frames answered by `Data` frames). The handshake checks the
+//! protocol version and, with `transport_auth_token`, an HMAC of a fresh challenge: a
+//! peer without the secret is refused. A malformed frame closes that connection with a
+//! logged error. See [`protocol`] for the wire format.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use kvtier_transport::{
+    check_pairs, region_slice, region_slice_mut, BoxFuture, Connection, Descriptor, LocalIov,
+    Notification, RegionMemory, RegionTable, RegistrationHandle, RemoteIov, Result, Transport,
+    TransportConfig, TransportError, MAX_NOTIFICATION,
+};
+use sha2::Sha256;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub mod protocol;
+
+use protocol::{Frame, Status};
+
+const KIND: &str = "tcp";
+
+/// A TCP transport endpoint: a listener serving peers' transfers into this endpoint's
+/// registered memory, and the client side of connections to other endpoints.
+pub struct TcpTransport {
+    inner: Arc<Inner>,
+    shutdown: watch::Sender<bool>,
+}
+
+struct Inner {
+    config: TransportConfig,
+    name: String,
+    addr: SocketAddr,
+    regions: RegionTable,
+    notify_tx: mpsc::Sender<Notification>,
+    notify_rx: tokio::sync::Mutex<mpsc::Receiver<Notification>>,
+}
+
+fn io(context: &str, e: std::io::Error) -> TransportError {
+    TransportError::Io(format!("{context}: {e}"))
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).expect("OS random source");
+    b
+}
+
+fn mac(secret: Option<&str>, nonce: &[u8; 32]) -> [u8; 32] {
+    match secret {
+        None => [0; 32],
+        Some(s) => {
+            let mut m = Hmac::<Sha256>::new_from_slice(s.as_bytes()).expect("HMAC takes any key");
+            m.update(b"kvtier-tcp-v1");
+            m.update(nonce);
+            m.finalize().into_bytes().into()
+        }
+    }
+}
+
+/// Why reading a frame failed.
+enum ReadError {
+    /// The stream ended or failed.
+    Closed(std::io::Error),
+    /// The bytes were not a valid frame.
+    Malformed(protocol::FrameError),
+}
+
+async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> std::result::Result<Frame, ReadError> {
+    let mut prefix = [0u8; 4];
+    r.read_exact(&mut prefix).await.map_err(ReadError::Closed)?;
+    let len = protocol::body_len(prefix).map_err(ReadError::Malformed)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(ReadError::Closed)?;
+    protocol::decode(&body).map_err(ReadError::Malformed)
+}
+
+async fn send(w: &mut (impl AsyncWrite + Unpin), frame: &Frame) -> std::io::Result<()> {
+    w.write_all(&protocol::encode(frame)).await
+}
+
+impl TcpTransport {
+    /// Binds a listener on `config.host` (an ephemeral port) and starts serving. Must be
+    /// called within a tokio runtime.
+    pub fn bind(config: TransportConfig) -> Result<Self> {
+        Self::bind_port(config, 0)
+    }
+
+    /// Like [`TcpTransport::bind`] on a given port (0 = ephemeral).
+    pub fn bind_port(config: TransportConfig, port: u16) -> Result<Self> {
+        let std_listener = std::net::TcpListener::bind((config.host.as_str(), port))
+            .map_err(|e| io(&format!("bind {}:{port}", config.host), e))?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|e| io("listener", e))?;
+        let listener = TcpListener::from_std(std_listener).map_err(|e| io("listener", e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| io("listener address", e))?;
+        let (notify_tx, notify_rx) = mpsc::channel(1024);
+        let tag = u32::from_le_bytes(random_bytes());
+        let inner = Arc::new(Inner {
+            name: format!("tcp://{addr}#{tag:08x}"),
+            config,
+            addr,
+            regions: RegionTable::default(),
+            notify_tx,
+            notify_rx: tokio::sync::Mutex::new(notify_rx),
+        });
+        let (shutdown, stop) = watch::channel(false);
+        tokio::spawn(accept_loop(inner.clone(), listener, stop));
+        Ok(TcpTransport { inner, shutdown })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// This endpoint's name (as peers see it).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let inner = inner.clone();
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve(&inner, stream, peer, stop).await {
+                            tracing::warn!("tcp transport {}: connection from {peer} closed: {e}", inner.name);
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("tcp transport {}: accept failed: {e}", inner.name);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Serves one peer: handshake, then frames until the peer leaves or misbehaves.
+async fn serve(
+    inner: &Inner,
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) -> std::result::Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let (mut r, mut w) = stream.into_split();
+    let nonce = random_bytes::<32>();
+    let timeout = inner.config.timeout;
+    let greet = Frame::Challenge {
+        version: protocol::VERSION,
+        name: inner.name.clone(),
+        nonce,
+    };
+    send(&mut w, &greet).await.map_err(|e| e.to_string())?;
+    let hello = match tokio::time::timeout(timeout, read_frame(&mut r)).await {
+        Err(_) => return Err("no hello within the timeout".into()),
+        Ok(Err(ReadError::Closed(e))) => return Err(format!("closed during handshake: {e}")),
+        Ok(Err(ReadError::Malformed(e))) => return Err(format!("malformed hello: {e}")),
+        Ok(Ok(f)) => f,
+    };
+    let Frame::Hello {
+        version,
+        name: client,
+        mac: their_mac,
+    } = hello
+    else {
+        return Err(format!("expected hello, got {hello:?}"));
+    };
+    let refusal = if version != protocol::VERSION {
+        Some(format!(
+            "protocol version {version}; this endpoint speaks {}",
+            protocol::VERSION
+        ))
+    } else if let Some(secret) = &inner.config.auth_token {
+        let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
+        m.update(b"kvtier-tcp-v1");
+        m.update(&nonce);
+        m.verify_slice(&their_mac)
+            .err()
+            .map(|_| "wrong or missing transport_auth_token".to_string())
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
+        let _ = send(
+            &mut w,
+            &Frame::Reject {
+                reason: reason.clone(),
+            },
+        )
+        .await;
+        return Err(format!("refused {client}: {reason}"));
+    }
+    send(&mut w, &Frame::Welcome)
+        .await
+        .map_err(|e| e.to_string())?;
+    let client = format!("{client} ({peer})");
+    loop {
+        let frame = tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            f = read_frame(&mut r) => f,
+        };
+        let frame = match frame {
+            Ok(f) => f,
+            Err(ReadError::Closed(_)) => return Ok(()),
+            Err(ReadError::Malformed(e)) => {
+                tracing::error!(
+                    "tcp transport {}: malformed frame from {client}: {e}; closing",
+                    inner.name
+                );
+                return Err(format!("malformed frame: {e}"));
+            }
+        };
+        match frame {
+            Frame::Write {
+                req,
+                region,
+                offset,
+                len,
+            } => {
+                let memory =
+                    match inner
+                        .regions
+                        .checked(kvtier_transport::RegionId(region), offset, len)
+                    {
+                        Ok(m) => m,
+                        Err(TransportError::OutOfBounds { region_len, .. }) => {
+                            // The data that follows cannot be placed: refuse and drop the stream.
+                            let status = Status::OutOfBounds { region_len };
+                            let _ = send(&mut w, &Frame::Ack { req, status }).await;
+                            return Err(format!(
+                                "write to region {region} {offset}+{len} out of bounds"
+                            ));
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    };
+                // SAFETY: the range was checked against the region; the region's owner does
+                // not touch bytes a peer is writing (RegionMemory's contract), and `memory`
+                // keeps them allocated until this read ends.
+                let dst =
+                    unsafe { region_slice_mut(memory.as_ref(), offset as usize, len as usize) }
+                        .ok_or("range check failed")?;
+                match tokio::time::timeout(timeout, r.read_exact(dst)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(format!("write data from {client} cut short: {e}")),
+                    Err(_) => {
+                        return Err(format!("write data from {client} stalled past {timeout:?}"))
+                    }
+                }
+                send(
+                    &mut w,
+                    &Frame::Ack {
+                        req,
+                        status: Status::Ok,
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            }
+            Frame::Read {
+                req,
+                region,
+                offset,
+                len,
+            } => {
+                match inner
+                    .regions
+                    .checked(kvtier_transport::RegionId(region), offset, len)
+                {
+                    Ok(memory) => {
+                        // SAFETY: checked range; see the write case.
+                        let src =
+                            unsafe { region_slice(memory.as_ref(), offset as usize, len as usize) }
+                                .ok_or("range check failed")?;
+                        send(
+                            &mut w,
+                            &Frame::Data {
+                                req,
+                                status: Status::Ok,
+                                len,
+                            },
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?;
+                        w.write_all(src).await.map_err(|e| e.to_string())?;
+                    }
+                    Err(TransportError::OutOfBounds { region_len, .. }) => {
+                        let status = Status::OutOfBounds { region_len };
+                        send(
+                            &mut w,
+                            &Frame::Data {
+                                req,
+                                status,
+                                len: 0,
+                            },
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            Frame::Notify { req, message } => {
+                if message.len() > MAX_NOTIFICATION {
+                    return Err(format!(
+                        "notification of {} bytes from {client}",
+                        message.len()
+                    ));
+                }
+                let n = Notification {
+                    peer: client.clone(),
+                    message,
+                };
+                if tokio::time::timeout(timeout, inner.notify_tx.send(n))
+                    .await
+                    .is_err()
+                {
+                    return Err("notification queue full past the timeout".into());
+                }
+                send(
+                    &mut w,
+                    &Frame::Ack {
+                        req,
+                        status: Status::Ok,
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            }
+            other => {
+                tracing::error!(
+                    "tcp transport {}: unexpected {other:?} from {client}; closing",
+                    inner.name
+                );
+                return Err(format!("unexpected frame {other:?}"));
+            }
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn register(&self, memory: Arc<dyn RegionMemory>) -> Result<RegistrationHandle> {
+        let id = self.inner.regions.insert(memory.clone());
+        let inner = Arc::downgrade(&self.inner);
+        Ok(RegistrationHandle::new(id, memory, move || {
+            if let Some(inner) = inner.upgrade() {
+                inner.regions.remove(id);
+            }
+        }))
+    }
+
+    fn registered_regions(&self) -> usize {
+        self.inner.regions.len()
+    }
+
+    fn local_descriptor(&self) -> Result<Vec<u8>> {
+        Ok(Descriptor {
+            kind: KIND.into(),
+            name: self.inner.name.clone(),
+            regions: self.inner.regions.infos(|_| Vec::new()),
+            body: self.inner.addr.to_string().into_bytes(),
+        }
+        .encode())
+    }
+
+    fn connect<'a>(&'a self, descriptor: &'a [u8]) -> BoxFuture<'a, Result<Box<dyn Connection>>> {
+        Box::pin(async move {
+            let conn = TcpConnection::open(&self.inner, descriptor).await?;
+            Ok(Box::new(conn) as Box<dyn Connection>)
+        })
+    }
+
+    fn recv_notification(&self, timeout: Duration) -> BoxFuture<'_, Result<Notification>> {
+        Box::pin(async move {
+            let mut rx = self.inner.notify_rx.lock().await;
+            match tokio::time::timeout(timeout, rx.recv()).await {
+                Ok(Some(n)) => Ok(n),
+                Ok(None) => Err(TransportError::Io("notification channel closed".into())),
+                Err(_) => Err(TransportError::Timeout {
+                    op: "notification",
+                    after: timeout,
+                }),
+            }
+        })
+    }
+}
+
+/// A request waiting for the peer's answer.
+enum Pending {
+    Ack(oneshot::Sender<Result<()>>),
+    Read {
+        memory: Arc<dyn RegionMemory>,
+        offset: usize,
+        len: u64,
+        done: oneshot::Sender<Result<()>>,
+    },
+}
+
+/// Local bytes that follow a frame on the stream.
+struct Payload {
+    memory: Arc<dyn RegionMemory>,
+    offset: usize,
+    len: usize,
+}
+
+/// A request to send: its frame, the bytes that follow it, and who waits for the answer.
+struct Request {
+    frame: Frame,
+    payload: Option<Payload>,
+    pending: Pending,
+}
+
+struct Shared {
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// Why the connection is unusable, once it is.
+    dead: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn fail_all(&self, reason: &str, peer: &str) {
+        *self.dead.lock().expect("lock") = Some(reason.to_string());
+        let pending: Vec<Pending> = self
+            .pending
+            .lock()
+            .expect("lock")
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
+        for p in pending {
+            let err = TransportError::PeerGone {
+                peer: peer.into(),
+                reason: reason.into(),
+            };
+            match p {
+                Pending::Ack(tx) | Pending::Read { done: tx, .. } => {
+                    let _ = tx.send(Err(err));
+                }
+            }
+        }
+    }
+}
+
+/// A connection to a TCP peer.
+struct TcpConnection {
+    peer: String,
+    remote: Descriptor,
+    timeout: Duration,
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    shared: Arc<Shared>,
+    next_req: AtomicU64,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TcpConnection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl TcpConnection {
+    async fn open(inner: &Inner, descriptor: &[u8]) -> Result<TcpConnection> {
+        let remote = Descriptor::decode(descriptor, KIND)?;
+        let addr = std::str::from_utf8(&remote.body)
+            .map_err(|_| TransportError::Protocol("tcp descriptor address is not UTF-8".into()))?
+            .to_string();
+        let peer = remote.name.clone();
+        let timeout = inner.config.timeout;
+        let timed_out = |op| TransportError::Timeout { op, after: timeout };
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| timed_out("connect"))?
+            .map_err(|e| TransportError::PeerGone {
+                peer: peer.clone(),
+                reason: format!("connect {addr}: {e}"),
+            })?;
+        let _ = stream.set_nodelay(true);
+        let (mut r, mut w) = stream.into_split();
+        let gone = |reason: String| TransportError::PeerGone {
+            peer: peer.clone(),
+            reason,
+        };
+        let challenge = match tokio::time::timeout(timeout, read_frame(&mut r)).await {
+            Err(_) => return Err(timed_out("handshake")),
+            Ok(Err(ReadError::Closed(e))) => {
+                return Err(gone(format!("closed during handshake: {e}")))
+            }
+            Ok(Err(ReadError::Malformed(e))) => {
+                return Err(TransportError::Protocol(format!("handshake: {e}")))
+            }
+            Ok(Ok(f)) => f,
+        };
+        let Frame::Challenge { nonce, .. } = challenge else {
+            return Err(TransportError::Protocol(format!(
+                "expected challenge, got {challenge:?}"
+            )));
+        };
+        let hello = Frame::Hello {
+            version: protocol::VERSION,
+            name: inner.name.clone(),
+            mac: mac(inner.config.auth_token.as_deref(), &nonce),
+        };
+        send(&mut w, &hello)
+            .await
+            .map_err(|e| gone(e.to_string()))?;
+        match tokio::time::timeout(timeout, read_frame(&mut r)).await {
+            Err(_) => return Err(timed_out("handshake")),
+            Ok(Ok(Frame::Welcome)) => {}
+            Ok(Ok(Frame::Reject { reason })) => {
+                return Err(TransportError::Refused { peer, reason })
+            }
+            Ok(Ok(other)) => {
+                return Err(TransportError::Protocol(format!(
+                    "expected welcome, got {other:?}"
+                )))
+            }
+            Ok(Err(ReadError::Closed(e))) => {
+                return Err(gone(format!("closed during handshake: {e}")))
+            }
+            Ok(Err(ReadError::Malformed(e))) => {
+                return Err(TransportError::Protocol(format!("handshake: {e}")))
+            }
+        }
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(HashMap::new()),
+            dead: Mutex::new(None),
+        });
+        let reader = tokio::spawn(read_answers(r, shared.clone(), peer.clone()));
+        Ok(TcpConnection {
+            peer,
+            remote,
+            timeout,
+            writer: tokio::sync::Mutex::new(w),
+            shared,
+            next_req: AtomicU64::new(1),
+            reader,
+        })
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        match &*self.shared.dead.lock().expect("lock") {
+            Some(reason) => Err(TransportError::PeerGone {
+                peer: self.peer.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends `frames` (each with its data, if any) and waits for every answer.
+    async fn exchange(
+        &self,
+        op: &'static str,
+        requests: Vec<Request>,
+        receivers: Vec<oneshot::Receiver<Result<()>>>,
+    ) -> Result<()> {
+        let work = async {
+            {
+                let mut w = self.writer.lock().await;
+                for Request {
+                    frame,
+                    payload,
+                    pending,
+                } in requests
+                {
+                    let req = match &frame {
+                        Frame::Write { req, .. }
+                        | Frame::Read { req, .. }
+                        | Frame::Notify { req, .. } => *req,
+                        _ => unreachable!("only requests are sent"),
+                    };
+                    self.shared
+                        .pending
+                        .lock()
+                        .expect("lock")
+                        .insert(req, pending);
+                    let sent = async {
+                        w.write_all(&protocol::encode(&frame)).await?;
+                        if let Some(p) = &payload {
+                            // SAFETY: the iov was bounds-checked when built; the caller does
+                            // not write the bytes it is sending (RegionMemory's contract).
+                            let src = unsafe { region_slice(p.memory.as_ref(), p.offset, p.len) }
+                                .expect("checked local iov");
+                            w.write_all(src).await?;
+                        }
+                        std::io::Result::Ok(())
+                    };
+                    if let Err(e) = sent.await {
+                        self.shared
+                            .fail_all(&format!("send failed: {e}"), &self.peer);
+                        return Err(TransportError::PeerGone {
+                            peer: self.peer.clone(),
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+            for rx in receivers {
+                match rx.await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        return Err(TransportError::PeerGone {
+                            peer: self.peer.clone(),
+                            reason: "connection closed".into(),
+                        })
+                    }
+                }
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                // The stream is in an unknown state: no later request may use it.
+                self.shared.fail_all(&format!("{op} timed out"), &self.peer);
+                Err(TransportError::Timeout {
+                    op,
+                    after: self.timeout,
+                })
+            }
+        }
+    }
+}
+
+/// Reads the peer's answers and completes the requests waiting for them.
+async fn read_answers(mut r: OwnedReadHalf, shared: Arc<Shared>, peer: String) {
+    let reason = loop {
+        let frame = match read_frame(&mut r).await {
+            Ok(f) => f,
+            Err(ReadError::Closed(e)) => break format!("connection closed: {e}"),
+            Err(ReadError::Malformed(e)) => {
+                tracing::error!("tcp transport: malformed answer from {peer}: {e}; closing");
+                break format!("malformed answer: {e}");
+            }
+        };
+        let (req, status, data_len) = match frame {
+            Frame::Ack { req, status } => (req, status, None),
+            Frame::Data { req, status, len } => (req, status, Some(len)),
+            other => {
+                tracing::error!("tcp transport: unexpected {other:?} from {peer}; closing");
+                break format!("unexpected frame {other:?}");
+            }
+        };
+        let Some(pending) = shared.pending.lock().expect("lock").remove(&req) else {
+            break format!("answer to unknown request {req}");
+        };
+        let oob = |region_len| TransportError::OutOfBounds {
+            region: kvtier_transport::RegionId(0),
+            offset: 0,
+            len: 0,
+            region_len,
+        };
+        match (pending, status, data_len) {
+            (Pending::Ack(tx), Status::Ok, None) => {
+                let _ = tx.send(Ok(()));
+            }
+            (Pending::Ack(tx), Status::OutOfBounds { region_len }, None) => {
+                let _ = tx.send(Err(oob(region_len)));
+            }
+            (
+                Pending::Read {
+                    memory,
+                    offset,
+                    len,
+                    done,
+                },
+                Status::Ok,
+                Some(n),
+            ) if n == len => {
+                // SAFETY: the local iov was bounds-checked; the caller awaits this read and
+                // does not touch the destination meanwhile; `memory` keeps it allocated.
+                let dst = unsafe { region_slice_mut(memory.as_ref(), offset, len as usize) }
+                    .expect("checked local iov");
+                if let Err(e) = r.read_exact(dst).await {
+                    let _ = done.send(Err(TransportError::PeerGone {
+                        peer: peer.clone(),
+                        reason: e.to_string(),
+                    }));
+                    break format!("read data cut short: {e}");
+                }
+                let _ = done.send(Ok(()));
+            }
+            (Pending::Read { done, .. }, Status::OutOfBounds { region_len }, Some(0)) => {
+                let _ = done.send(Err(oob(region_len)));
+            }
+            (_, status, len) => {
+                break format!("answer {status:?}/{len:?} does not match request {req}")
+            }
+        }
+    };
+    shared.fail_all(&reason, &peer);
+}
+
+impl Connection for TcpConnection {
+    fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    fn write<'a>(
+        &'a self,
+        local: &'a [LocalIov<'a>],
+        remote: &'a [RemoteIov],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            check_pairs(local, remote)?;
+            for r in remote {
+                self.remote.check_range(r.region, r.offset, r.len)?;
+            }
+            self.check_alive()?;
+            let mut requests = Vec::with_capacity(local.len());
+            let mut receivers = Vec::with_capacity(local.len());
+            for (l, r) in local.iter().zip(remote) {
+                let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = oneshot::channel();
+                let frame = Frame::Write {
+                    req,
+                    region: r.region.0,
+                    offset: r.offset,
+                    len: r.len,
+                };
+                requests.push(Request {
+                    frame,
+                    payload: Some(Payload {
+                        memory: l.region.memory().clone(),
+                        offset: l.offset,
+                        len: l.len,
+                    }),
+                    pending: Pending::Ack(tx),
+                });
+                receivers.push(rx);
+            }
+            self.exchange("write", requests, receivers).await
+        })
+    }
+
+    fn read<'a>(
+        &'a self,
+        local: &'a [LocalIov<'a>],
+        remote: &'a [RemoteIov],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            check_pairs(local, remote)?;
+            for r in remote {
+                self.remote.check_range(r.region, r.offset, r.len)?;
+            }
+            self.check_alive()?;
+            let mut requests = Vec::with_capacity(local.len());
+            let mut receivers = Vec::with_capacity(local.len());
+            for (l, r) in local.iter().zip(remote) {
+                let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = oneshot::channel();
+                let frame = Frame::Read {
+                    req,
+                    region: r.region.0,
+                    offset: r.offset,
+                    len: r.len,
+                };
+                let pending = Pending::Read {
+                    memory: l.region.memory().clone(),
+                    offset: l.offset,
+                    len: r.len,
+                    done: tx,
+                };
+                requests.push(Request {
+                    frame,
+                    payload: None,
+                    pending,
+                });
+                receivers.push(rx);
+            }
+            self.exchange("read", requests, receivers).await
+        })
+    }
+
+    fn notify<'a>(&'a self, message: &'a [u8]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if message.len() > MAX_NOTIFICATION {
+                return Err(TransportError::Protocol(format!(
+                    "notification of {} bytes exceeds {MAX_NOTIFICATION}",
+                    message.len()
+                )));
+            }
+            self.check_alive()?;
+            let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            let frame = Frame::Notify {
+                req,
+                message: message.to_vec(),
+            };
+            let request = Request {
+                frame,
+                payload: None,
+                pending: Pending::Ack(tx),
+            };
+            self.exchange("notify", vec![request], vec![rx]).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvtier_transport::HostBuffer;
+
+    fn make(config: TransportConfig) -> Result<Box<dyn Transport>> {
+        Ok(Box::new(TcpTransport::bind(config)?))
+    }
+
+    kvtier_transport::conformance_tests!(make);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wrong_secret_is_refused_right_secret_accepted() {
+        let with = |token: Option<&str>| TransportConfig {
+            auth_token: token.map(str::to_string),
+            ..TransportConfig::default()
+        };
+        let server = TcpTransport::bind(with(Some("s3cret"))).unwrap();
+        let d = server.local_descriptor().unwrap();
+        for bad in [None, Some("guess")] {
+            let client = TcpTransport::bind(with(bad)).unwrap();
+            let r = client.connect(&d).await;
+            assert!(
+                matches!(r, Err(TransportError::Refused { .. })),
+                "{bad:?}: {:?}",
+                r.err()
+            );
+        }
+        let client = TcpTransport::bind(with(Some("s3cret"))).unwrap();
+        let conn = client.connect(&d).await.unwrap();
+        conn.notify(b"hi").await.unwrap();
+        assert_eq!(
+            server
+                .recv_notification(Duration::from_secs(5))
+                .await
+                .unwrap()
+                .message,
+            b"hi"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_frames_close_only_that_connection() {
+        let server = TcpTransport::bind(TransportConfig::default()).unwrap();
+        let mem = Arc::new(HostBuffer::new(4096));
+        let _reg = server.register(mem.clone()).unwrap();
+        // A raw client that completes the handshake, then sends garbage.
+        let mut raw = TcpStream::connect(server.local_addr()).await.unwrap();
+        let Ok(Frame::Challenge { nonce, .. }) = read_frame(&mut raw).await else {
+            panic!("no challenge")
+        };
+        send(
+            &mut raw,
+            &Frame::Hello {
+                version: protocol::VERSION,
+                name: "raw".into(),
+                mac: mac(None, &nonce),
+            },
+        )
+        .await
+        .unwrap();
+        assert!(matches!(read_frame(&mut raw).await, Ok(Frame::Welcome)));
+        raw.write_all(&[5, 0, 0, 0, 0xee, 1, 2, 3, 4])
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0, "server closed the connection");
+        // An oversized length prefix is refused the same way.
+        let mut raw2 = TcpStream::connect(server.local_addr()).await.unwrap();
+        let _ = read_frame(&mut raw2).await;
+        raw2.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), raw2.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0);
+        // The endpoint still serves others.
+        let client = TcpTransport::bind(TransportConfig::default()).unwrap();
+        let conn = client
+            .connect(&server.local_descriptor().unwrap())
+            .await
+            .unwrap();
+        conn.notify(b"still here").await.unwrap();
+    }
+}

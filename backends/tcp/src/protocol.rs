@@ -1,0 +1,467 @@
+//! The TCP transport's wire protocol: handshake messages and control frames.
+//!
+//! Every message is a control frame: `u32` LE body length (at most [`MAX_FRAME`]) then the
+//! body, whose first byte is the message type. A `Write` frame is followed on the stream
+//! by exactly `len` data bytes, and a `Data` frame likewise; those bytes are not part of
+//! the frame and go straight to/from registered memory.
+//!
+//! Handshake: the server speaks first with `Challenge { version, name, nonce }`; the
+//! client answers `Hello { version, name, mac }`, where `mac` is HMAC-SHA256 over the
+//! nonce keyed by the shared secret (all zeros without one); the server replies `Welcome`
+//! or `Reject { reason }` and closes.
+//!
+//! [`decode`] is total: any input gives a frame or a [`FrameError`], never a panic.
+
+/// Protocol version spoken by this build.
+pub const VERSION: u16 = 1;
+/// Largest control-frame body.
+pub const MAX_FRAME: usize = 128 * 1024;
+/// Largest endpoint name.
+pub const MAX_NAME: usize = 256;
+
+/// One control frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// Server → client, first message.
+    Challenge {
+        /// Server's protocol version.
+        version: u16,
+        /// Server's endpoint name.
+        name: String,
+        /// Random bytes the client must MAC.
+        nonce: [u8; 32],
+    },
+    /// Client → server, answer to the challenge.
+    Hello {
+        /// Client's protocol version.
+        version: u16,
+        /// Client's endpoint name.
+        name: String,
+        /// HMAC-SHA256(secret, nonce), or zeros without a secret.
+        mac: [u8; 32],
+    },
+    /// Server → client: accepted.
+    Welcome,
+    /// Server → client: refused (then the server closes).
+    Reject {
+        /// Why.
+        reason: String,
+    },
+    /// Client → server: `len` data bytes follow, for region `region` at `offset`.
+    Write {
+        /// Request id, echoed in the `Ack`.
+        req: u64,
+        /// Destination region.
+        region: u64,
+        /// Offset in it.
+        offset: u64,
+        /// Bytes that follow.
+        len: u64,
+    },
+    /// Client → server: send `len` bytes of region `region` at `offset`.
+    Read {
+        /// Request id, echoed in the `Data`.
+        req: u64,
+        /// Source region.
+        region: u64,
+        /// Offset in it.
+        offset: u64,
+        /// Bytes asked for.
+        len: u64,
+    },
+    /// Client → server: a notification for the server's application.
+    Notify {
+        /// Request id, echoed in the `Ack`.
+        req: u64,
+        /// The message.
+        message: Vec<u8>,
+    },
+    /// Server → client: request `req` finished.
+    Ack {
+        /// The request.
+        req: u64,
+        /// Outcome.
+        status: Status,
+    },
+    /// Server → client: `len` bytes of request `req` follow (len is 0 on failure).
+    Data {
+        /// The request.
+        req: u64,
+        /// Outcome.
+        status: Status,
+        /// Bytes that follow.
+        len: u64,
+    },
+}
+
+/// Outcome of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Done.
+    Ok,
+    /// The range is outside the region (whose length is given; 0 if unknown).
+    OutOfBounds {
+        /// The region's length.
+        region_len: u64,
+    },
+}
+
+/// Why a frame did not decode.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The body is empty.
+    #[error("empty frame")]
+    Empty,
+    /// Unknown message type.
+    #[error("unknown frame type {0:#04x}")]
+    UnknownType(u8),
+    /// The body ends early.
+    #[error("truncated {0} frame")]
+    Truncated(&'static str),
+    /// Bytes after the message.
+    #[error("{0} trailing bytes in frame")]
+    Trailing(usize),
+    /// A length over its cap.
+    #[error("{what} of {len} bytes exceeds the cap of {cap}")]
+    TooLong {
+        /// What.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The cap.
+        cap: usize,
+    },
+    /// A name that is not UTF-8.
+    #[error("name is not UTF-8")]
+    BadName,
+    /// An unknown status code.
+    #[error("unknown status {0}")]
+    BadStatus(u8),
+}
+
+const T_CHALLENGE: u8 = 1;
+const T_HELLO: u8 = 2;
+const T_WELCOME: u8 = 3;
+const T_REJECT: u8 = 4;
+const T_WRITE: u8 = 5;
+const T_READ: u8 = 6;
+const T_NOTIFY: u8 = 7;
+const T_ACK: u8 = 8;
+const T_DATA: u8 = 9;
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(MAX_NAME)];
+    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    out.extend_from_slice(s);
+}
+
+fn put_status(out: &mut Vec<u8>, s: Status) {
+    match s {
+        Status::Ok => out.push(0),
+        Status::OutOfBounds { region_len } => {
+            out.push(1);
+            out.extend_from_slice(&region_len.to_le_bytes());
+        }
+    }
+}
+
+/// The frame as it goes on the wire (length prefix included).
+pub fn encode(frame: &Frame) -> Vec<u8> {
+    let mut b = Vec::with_capacity(48);
+    match frame {
+        Frame::Challenge {
+            version,
+            name,
+            nonce,
+        } => {
+            b.push(T_CHALLENGE);
+            b.extend_from_slice(&version.to_le_bytes());
+            put_str(&mut b, name);
+            b.extend_from_slice(nonce);
+        }
+        Frame::Hello { version, name, mac } => {
+            b.push(T_HELLO);
+            b.extend_from_slice(&version.to_le_bytes());
+            put_str(&mut b, name);
+            b.extend_from_slice(mac);
+        }
+        Frame::Welcome => b.push(T_WELCOME),
+        Frame::Reject { reason } => {
+            b.push(T_REJECT);
+            put_str(&mut b, reason);
+        }
+        Frame::Write {
+            req,
+            region,
+            offset,
+            len,
+        }
+        | Frame::Read {
+            req,
+            region,
+            offset,
+            len,
+        } => {
+            b.push(if matches!(frame, Frame::Write { .. }) {
+                T_WRITE
+            } else {
+                T_READ
+            });
+            for v in [req, region, offset, len] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        Frame::Notify { req, message } => {
+            b.push(T_NOTIFY);
+            b.extend_from_slice(&req.to_le_bytes());
+            b.extend_from_slice(message);
+        }
+        Frame::Ack { req, status } => {
+            b.push(T_ACK);
+            b.extend_from_slice(&req.to_le_bytes());
+            put_status(&mut b, *status);
+        }
+        Frame::Data { req, status, len } => {
+            b.push(T_DATA);
+            b.extend_from_slice(&req.to_le_bytes());
+            put_status(&mut b, *status);
+            b.extend_from_slice(&len.to_le_bytes());
+        }
+    }
+    let mut out = Vec::with_capacity(4 + b.len());
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(&b);
+    out
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        if self.b.len() < n {
+            return Err(FrameError::Truncated(self.what));
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn arr32(&mut self) -> Result<[u8; 32], FrameError> {
+        let mut a = [0u8; 32];
+        a.copy_from_slice(self.take(32)?);
+        Ok(a)
+    }
+    fn str(&mut self) -> Result<String, FrameError> {
+        let n = self.u16()? as usize;
+        if n > MAX_NAME {
+            return Err(FrameError::TooLong {
+                what: "name",
+                len: n,
+                cap: MAX_NAME,
+            });
+        }
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| FrameError::BadName)
+    }
+    fn status(&mut self) -> Result<Status, FrameError> {
+        match self.take(1)?[0] {
+            0 => Ok(Status::Ok),
+            1 => Ok(Status::OutOfBounds {
+                region_len: self.u64()?,
+            }),
+            s => Err(FrameError::BadStatus(s)),
+        }
+    }
+    fn end(self) -> Result<(), FrameError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(FrameError::Trailing(self.b.len()))
+        }
+    }
+}
+
+/// Checks a frame's length prefix: the body length to read next.
+pub fn body_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLong {
+            what: "frame",
+            len,
+            cap: MAX_FRAME,
+        });
+    }
+    Ok(len)
+}
+
+/// Decodes one frame body (without its length prefix).
+pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLong {
+            what: "frame",
+            len: body.len(),
+            cap: MAX_FRAME,
+        });
+    }
+    let (&t, rest) = body.split_first().ok_or(FrameError::Empty)?;
+    let name = match t {
+        T_CHALLENGE => "challenge",
+        T_HELLO => "hello",
+        T_WELCOME => "welcome",
+        T_REJECT => "reject",
+        T_WRITE => "write",
+        T_READ => "read",
+        T_NOTIFY => "notify",
+        T_ACK => "ack",
+        T_DATA => "data",
+        other => return Err(FrameError::UnknownType(other)),
+    };
+    let mut c = Cursor {
+        b: rest,
+        what: name,
+    };
+    let frame = match t {
+        T_CHALLENGE => Frame::Challenge {
+            version: c.u16()?,
+            name: c.str()?,
+            nonce: c.arr32()?,
+        },
+        T_HELLO => Frame::Hello {
+            version: c.u16()?,
+            name: c.str()?,
+            mac: c.arr32()?,
+        },
+        T_WELCOME => Frame::Welcome,
+        T_REJECT => Frame::Reject { reason: c.str()? },
+        T_WRITE | T_READ => {
+            let (req, region, offset, len) = (c.u64()?, c.u64()?, c.u64()?, c.u64()?);
+            if t == T_WRITE {
+                Frame::Write {
+                    req,
+                    region,
+                    offset,
+                    len,
+                }
+            } else {
+                Frame::Read {
+                    req,
+                    region,
+                    offset,
+                    len,
+                }
+            }
+        }
+        T_NOTIFY => {
+            let req = c.u64()?;
+            let message = std::mem::take(&mut c.b).to_vec();
+            Frame::Notify { req, message }
+        }
+        T_ACK => Frame::Ack {
+            req: c.u64()?,
+            status: c.status()?,
+        },
+        _ => Frame::Data {
+            req: c.u64()?,
+            status: c.status()?,
+            len: c.u64()?,
+        },
+    };
+    c.end()?;
+    Ok(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<Frame> {
+        vec![
+            Frame::Challenge {
+                version: 1,
+                name: "srv".into(),
+                nonce: [7; 32],
+            },
+            Frame::Hello {
+                version: 1,
+                name: "cli".into(),
+                mac: [9; 32],
+            },
+            Frame::Welcome,
+            Frame::Reject {
+                reason: "bad secret".into(),
+            },
+            Frame::Write {
+                req: 1,
+                region: 2,
+                offset: 3,
+                len: 4,
+            },
+            Frame::Read {
+                req: 5,
+                region: 6,
+                offset: 7,
+                len: 8,
+            },
+            Frame::Notify {
+                req: 9,
+                message: b"done".to_vec(),
+            },
+            Frame::Ack {
+                req: 10,
+                status: Status::Ok,
+            },
+            Frame::Ack {
+                req: 11,
+                status: Status::OutOfBounds { region_len: 99 },
+            },
+            Frame::Data {
+                req: 12,
+                status: Status::Ok,
+                len: 4096,
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trip_every_frame() {
+        for f in all() {
+            let wire = encode(&f);
+            let len = body_len([wire[0], wire[1], wire[2], wire[3]]).unwrap();
+            assert_eq!(len, wire.len() - 4);
+            assert_eq!(decode(&wire[4..]).unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn truncations_and_garbage_are_errors() {
+        for f in all() {
+            let wire = encode(&f);
+            let body = &wire[4..];
+            // Notify's message is the rest of the frame: every cut is still a frame.
+            if !matches!(f, Frame::Notify { .. } | Frame::Welcome) {
+                for cut in 0..body.len() {
+                    assert!(decode(&body[..cut]).is_err(), "{f:?} cut at {cut}");
+                }
+            }
+        }
+        assert_eq!(decode(&[0xee]), Err(FrameError::UnknownType(0xee)));
+        assert!(body_len(u32::MAX.to_le_bytes()).is_err());
+        assert!(body_len([0; 4]).is_err());
+        let mut long = encode(&Frame::Welcome)[4..].to_vec();
+        long.push(1);
+        assert_eq!(decode(&long), Err(FrameError::Trailing(1)));
+    }
+}

@@ -1,0 +1,264 @@
+//! Memory that transports may access behind Rust's back.
+
+use std::alloc::{self, Layout};
+use std::collections::HashMap;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::{RegionId, RegionInfo, Result, TransportError};
+
+/// Memory a transport may read and write through raw pointers while it is registered.
+///
+/// # Safety
+/// Implementors guarantee that `as_ptr()..as_ptr() + len()` stays valid for reads and
+/// writes, and does not move, for as long as the value lives, and that no Rust reference
+/// to those bytes is held across a transfer into them (peers write concurrently, like
+/// DMA). [`HostBuffer`] is such memory; its accessors copy through raw pointers.
+pub unsafe trait RegionMemory: Send + Sync + 'static {
+    /// First byte.
+    fn as_ptr(&self) -> *mut u8;
+    /// Length in bytes.
+    fn len(&self) -> usize;
+    /// Whether the region is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A page-aligned host allocation for registration, accessed by copying in and out.
+pub struct HostBuffer {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: HostBuffer owns its allocation; all access is by raw-pointer copies.
+unsafe impl Send for HostBuffer {}
+// SAFETY: as above: shared access never creates references to the bytes.
+unsafe impl Sync for HostBuffer {}
+
+const ALIGN: usize = 4096;
+
+impl HostBuffer {
+    /// `len` zeroed bytes (touched, so transfers do not pay page faults).
+    pub fn new(len: usize) -> Self {
+        let layout = Layout::from_size_align(len.max(1), ALIGN).expect("buffer layout");
+        // SAFETY: the layout has non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(ptr) else {
+            alloc::handle_alloc_error(layout)
+        };
+        let mut i = 0;
+        while i < len {
+            // SAFETY: i < len, inside the allocation; a volatile write so the touch of
+            // calloc'd pages is not optimised away.
+            unsafe { ptr.as_ptr().add(i).write_volatile(0) };
+            i += ALIGN;
+        }
+        HostBuffer { ptr, len }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, offset: usize, len: usize) {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "HostBuffer range {offset}+{len} outside {} bytes",
+            self.len
+        );
+    }
+
+    /// Copies `src` into the buffer at `offset`. Panics if out of bounds.
+    pub fn write_at(&self, offset: usize, src: &[u8]) {
+        self.check(offset, src.len());
+        // SAFETY: bounds checked; src is a distinct Rust allocation (it cannot alias a
+        // buffer we only touch through raw pointers).
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
+        };
+    }
+
+    /// Copies bytes at `offset` into `dst`. Panics if out of bounds.
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) {
+        self.check(offset, dst.len());
+        // SAFETY: bounds checked; dst is a distinct allocation.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        };
+    }
+
+    /// A copy of `len` bytes at `offset`.
+    pub fn to_vec(&self, offset: usize, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.read_at(offset, &mut v);
+        v
+    }
+
+    /// Fills the buffer with test bytes derived from `seed`: a 64 KiB pattern repeated,
+    /// each 4 KiB page stamped with its offset, so misplaced pages are detected. Cheap
+    /// enough for gigabytes in unoptimised test builds.
+    pub fn fill_pattern(&self, seed: u64) {
+        let mut block = vec![0u8; 64 * 1024];
+        pattern(seed, 0, &mut block);
+        let mut offset = 0;
+        while offset < self.len {
+            let n = block.len().min(self.len - offset);
+            self.write_at(offset, &block[..n]);
+            offset += n;
+        }
+        let mut page = 0;
+        while page + 8 <= self.len {
+            self.write_at(page, &(page as u64 ^ seed).to_le_bytes());
+            page += 4096;
+        }
+    }
+
+    /// xxh3-64 of `len` bytes at `offset`.
+    pub fn digest(&self, offset: usize, len: usize) -> u64 {
+        self.check(offset, len);
+        // SAFETY: bounds checked; the slice lives only for this hash, and the caller of a
+        // digest has quiesced transfers into the range (RegionMemory's contract).
+        let bytes = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), len) };
+        xxhash_rust::xxh3::xxh3_64(bytes)
+    }
+}
+
+/// Deterministic test bytes: `out[i]` depends on `seed` and `start + i`.
+pub fn pattern(seed: u64, start: u64, out: &mut [u8]) {
+    for (i, b) in out.iter_mut().enumerate() {
+        let x = (start + i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed;
+        *b = (x >> 29) as u8;
+    }
+}
+
+// SAFETY: the allocation lives until drop and never moves; HostBuffer itself never hands
+// out references to the bytes.
+unsafe impl RegionMemory for HostBuffer {
+    fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len.max(1), ALIGN).expect("buffer layout");
+        // SAFETY: allocated in new() with this layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+/// The regions one transport instance has registered: ids, memory, bounds checks.
+#[derive(Default)]
+pub struct RegionTable {
+    next: AtomicU64,
+    regions: RwLock<HashMap<RegionId, Arc<dyn RegionMemory>>>,
+}
+
+impl RegionTable {
+    /// Adds `memory` under a fresh id.
+    pub fn insert(&self, memory: Arc<dyn RegionMemory>) -> RegionId {
+        let id = RegionId(self.next.fetch_add(1, Ordering::Relaxed) + 1);
+        self.regions
+            .write()
+            .expect("region table lock")
+            .insert(id, memory);
+        id
+    }
+
+    /// Removes `id`; returns its memory.
+    pub fn remove(&self, id: RegionId) -> Option<Arc<dyn RegionMemory>> {
+        self.regions.write().expect("region table lock").remove(&id)
+    }
+
+    /// Regions held.
+    pub fn len(&self) -> usize {
+        self.regions.read().expect("region table lock").len()
+    }
+
+    /// Whether no region is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The memory of `id` if `offset..offset+len` lies inside it. The returned `Arc` keeps
+    /// the memory alive through a transfer even if the region is deregistered meanwhile.
+    pub fn checked(&self, id: RegionId, offset: u64, len: u64) -> Result<Arc<dyn RegionMemory>> {
+        let map = self.regions.read().expect("region table lock");
+        let memory = map.get(&id);
+        let region_len = memory.map_or(0, |m| m.len() as u64);
+        match (memory, offset.checked_add(len)) {
+            (Some(m), Some(end)) if end <= region_len => Ok(m.clone()),
+            _ => Err(TransportError::OutOfBounds {
+                region: id,
+                offset,
+                len,
+                region_len,
+            }),
+        }
+    }
+
+    /// Every region as peers see it (`key` filled by `key_of`).
+    pub fn infos(&self, mut key_of: impl FnMut(RegionId) -> Vec<u8>) -> Vec<RegionInfo> {
+        let map = self.regions.read().expect("region table lock");
+        let mut infos: Vec<RegionInfo> = map
+            .iter()
+            .map(|(id, m)| RegionInfo {
+                id: *id,
+                addr: m.as_ptr() as u64,
+                len: m.len() as u64,
+                key: key_of(*id),
+            })
+            .collect();
+        infos.sort_by_key(|r| r.id);
+        infos
+    }
+}
+
+/// `len` bytes of `memory` at `offset` as a slice, or `None` if out of bounds.
+///
+/// # Safety
+/// The caller must ensure that, for the slice's lifetime, nothing writes those bytes
+/// (RegionMemory's DMA contract: the region's owner does not race its own transfers).
+pub unsafe fn region_slice(memory: &dyn RegionMemory, offset: usize, len: usize) -> Option<&[u8]> {
+    let end = offset.checked_add(len)?;
+    if end > memory.len() {
+        return None;
+    }
+    // SAFETY: in bounds of memory valid for the borrow of `memory` (RegionMemory's
+    // guarantee); no concurrent writers (the caller's contract).
+    Some(unsafe { std::slice::from_raw_parts(memory.as_ptr().add(offset), len) })
+}
+
+/// `len` bytes of `memory` at `offset` as a mutable slice, or `None` if out of bounds.
+///
+/// # Safety
+/// The caller must ensure that, for the slice's lifetime, nothing else reads or writes
+/// those bytes.
+#[allow(clippy::mut_from_ref)]
+pub unsafe fn region_slice_mut(
+    memory: &dyn RegionMemory,
+    offset: usize,
+    len: usize,
+) -> Option<&mut [u8]> {
+    let end = offset.checked_add(len)?;
+    if end > memory.len() {
+        return None;
+    }
+    // SAFETY: in bounds; exclusive access is the caller's contract.
+    Some(unsafe { std::slice::from_raw_parts_mut(memory.as_ptr().add(offset), len) })
+}
