@@ -24,6 +24,17 @@ fi
 target/py/bin/python -m pip install -q --disable-pip-version-check xxhash
 target/py/bin/python tests/golden/check_keys.py
 
+step "NIXL runtime (nixl-cu12 wheel in target/py) and libclang for nixl-sys's bindings"
+if ! dpkg -s libclang1-14 libclang-common-14-dev >/dev/null 2>&1 || ! command -v g++ >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq libclang1-14 libclang-common-14-dev g++
+fi
+target/py/bin/python -m pip install -q --disable-pip-version-check --no-deps nixl-cu12==1.5.1
+# Absolute: test binaries run in their crate's folder.
+KVTIER_NIXL_LIB=$(ls -d "$PWD"/target/py/lib/python3*/site-packages/.nixl_cu12.mesonpy.libs)
+export KVTIER_NIXL_LIB
+# UCX (ours and NIXL's): loopback only, quiet.
+export UCX_NET_DEVICES=lo UCX_LOG_LEVEL=error
+
 step "format"
 cargo fmt --all -- --check
 

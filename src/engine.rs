@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 
 use crate::chunk::{ChunkShape, DType, KvLayout};
-use crate::config::Config;
+use crate::config::{Config, PdRole};
 use crate::error::{Error, Result};
 use crate::keys::{ChunkHasher, ChunkKey, ChunkSpan, ModelNamespace};
 use crate::memory::{copy_bulk, BufferPool, KvBuffer};
 use crate::metrics::Metrics;
+use crate::pd::{PdReceiver, PdSender};
 use crate::storage::StorageManager;
 use crate::tier::cpu::CpuTier;
 use crate::tier::disk::{DiskTier, RecoveryReport};
@@ -132,6 +133,13 @@ struct Inner {
     pool: BufferPool,
     metrics: Metrics,
     recovered: Option<RecoveryReport>,
+    pd: Option<PdEndpoint>,
+}
+
+/// The P/D role an engine plays (`enable_pd`, `pd_role`).
+enum PdEndpoint {
+    Sender(Box<PdSender>),
+    Receiver(Box<PdReceiver>),
 }
 
 /// The KV-cache engine. Cheap to clone (shared); every method takes `&self`.
@@ -185,13 +193,6 @@ impl Engine {
         config.validate()?;
         for warning in config.warnings() {
             tracing::warn!("{warning}");
-        }
-        if config.enable_pd {
-            return Err(Error::Unsupported(
-                "`enable_pd`/`enable_nixl`: the P/D backend is not part of this version of kvtier; \
-                 load this file with `kvtier config check` only"
-                    .into(),
-            ));
         }
         if let Some(url) = &config.remote_url {
             return Err(Error::Unsupported(format!(
@@ -261,6 +262,20 @@ impl Engine {
                 "`max_local_gpu_size` > 0 needs kvtier built with `--features cuda`".into(),
             ));
         }
+        let pd = match (config.enable_pd, config.pd_role) {
+            (false, _) => None,
+            (true, Some(PdRole::Sender)) => Some(PdEndpoint::Sender(Box::new(
+                PdSender::new(&config, model.clone()).await?,
+            ))),
+            (true, Some(PdRole::Receiver)) => Some(PdEndpoint::Receiver(Box::new(
+                PdReceiver::start(&config, model.clone()).await?,
+            ))),
+            (true, None) => {
+                return Err(Error::Unsupported(
+                    "`enable_pd: true` needs `pd_role: sender | receiver`".into(),
+                ))
+            }
+        };
         Ok(Engine {
             inner: Arc::new(Inner {
                 config,
@@ -270,6 +285,7 @@ impl Engine {
                 pool,
                 metrics,
                 recovered,
+                pd,
             }),
         })
     }
@@ -287,6 +303,24 @@ impl Engine {
     /// The engine's metrics (serve [`Metrics::encode_text`] at `/metrics`).
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// The P/D sender, when `pd_role: sender`. Its [`PdSender::send`] pushes a request's
+    /// KV to the decoder named in the request (LMCache's `kv_transfer_params`).
+    pub fn pd_sender(&self) -> Option<&PdSender> {
+        match &self.inner.pd {
+            Some(PdEndpoint::Sender(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The P/D receiver, when `pd_role: receiver`. [`Engine::lookup`] and
+    /// [`Engine::retrieve`] consult its buffer first.
+    pub fn pd_receiver(&self) -> Option<&PdReceiver> {
+        match &self.inner.pd {
+            Some(PdEndpoint::Receiver(r)) => Some(r),
+            _ => None,
+        }
     }
 
     /// What the disk tier found when the engine opened it.
@@ -407,9 +441,14 @@ impl Engine {
         start: Instant,
     ) -> Result<StoreReport> {
         if self.inner.storage.is_empty() {
-            return Err(Error::Unsupported(
-                "store: no storage tier is configured (`local_cpu` is false and `local_disk` unset)".into(),
-            ));
+            let hint = if self.pd_sender().is_some() {
+                "; a P/D sender pushes KV with `engine.pd_sender().send(...)`"
+            } else {
+                ""
+            };
+            return Err(Error::Unsupported(format!(
+                "store: no storage tier is configured (`local_cpu` is false and `local_disk` unset){hint}"
+            )));
         }
         self.inner.storage.put_batch(&chunks)?;
         let stored_tokens: usize = chunks.iter().map(|c| c.shape.tokens as usize).sum();
@@ -442,7 +481,9 @@ impl Engine {
         let spans = self.inner.hasher.spans(tokens);
         let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
         let hit = self.inner.storage.contains_prefix(&keys);
-        let hit_tokens = if hit == 0 { 0 } else { spans[hit - 1].end };
+        let tiers_hit = if hit == 0 { 0 } else { spans[hit - 1].end };
+        let pd_hit = self.pd_receiver().map_or(0, |r| r.lookup(tokens));
+        let hit_tokens = tiers_hit.max(pd_hit);
         let m = &self.inner.metrics;
         m.lookup_tokens.inc_by(tokens.len() as u64);
         m.lookup_hit_tokens.inc_by(hit_tokens as u64);
@@ -472,6 +513,21 @@ impl Engine {
     pub async fn retrieve(&self, tokens: &[u32], out: &mut [u8]) -> Result<RetrieveReport> {
         let start = Instant::now();
         self.check_kv_len(tokens.len(), out.len(), "retrieve")?;
+        if let Some(receiver) = self.pd_receiver() {
+            let loaded = receiver.retrieve("engine", tokens, out).await?;
+            if loaded > 0 {
+                let bytes = (loaded * self.inner.model.bytes_per_token()) as u64;
+                let m = &self.inner.metrics;
+                m.retrieve_tokens.inc_by(tokens.len() as u64);
+                m.retrieve_hit_tokens.inc_by(loaded as u64);
+                m.retrieve_bytes.inc_by(bytes);
+                return Ok(RetrieveReport {
+                    tokens: loaded,
+                    bytes,
+                    elapsed: start.elapsed(),
+                });
+            }
+        }
         let chunks = self.retrieve_chunks(tokens).await?;
         let model = &self.inner.model;
         let row = model.chunk_shape(1).row_bytes();

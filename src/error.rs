@@ -59,9 +59,21 @@ pub enum Error {
     /// The GPU tier could not be used.
     #[error("GPU tier: {0}")]
     Gpu(String),
+    /// The P/D path failed (control plane, allocation, receiver).
+    #[error(transparent)]
+    Pd(#[from] crate::pd::PdError),
+    /// A data-plane transfer failed.
+    #[error("transport: {0}")]
+    Transport(kvtier_transport::TransportError),
     /// A feature this build or configuration does not provide.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// An argument (a command-line flag, an option of the proxy or test server) is invalid.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// An HTTP client or server (proxy, test server) could not be set up.
+    #[error("HTTP: {0}")]
+    Http(String),
 }
 
 /// Result with [`Error`].

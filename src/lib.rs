@@ -15,8 +15,13 @@ pub mod error;
 pub mod keys;
 pub mod memory;
 pub mod metrics;
+pub mod pd;
+pub mod proxy;
 pub mod storage;
+pub mod synthetic;
+pub mod testserver;
 pub mod tier;
+pub mod transport;
 
 pub use chunk::{ChunkShape, DType, KvLayout};
 pub use config::Config;

@@ -6,7 +6,7 @@
 //! [`Metrics::registry`].
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -46,6 +46,14 @@ pub struct Metrics {
     pub tier_objects: IntGaugeVec,
     /// Evictions since start, by `tier`.
     pub tier_evictions: IntGaugeVec,
+    /// Bytes of the P/D buffer allocated or holding chunks (receiver).
+    pub pd_buffer_used_bytes: IntGauge,
+    /// Bytes of the P/D buffer (receiver).
+    pub pd_buffer_capacity_bytes: IntGauge,
+    /// Chunks sent (sender) or received and committed (receiver) over P/D.
+    pub pd_chunks: IntCounter,
+    /// P/D pages reclaimed from senders that vanished or requests never retrieved.
+    pub pd_reclaimed_pages: IntCounter,
 }
 
 impl Metrics {
@@ -82,7 +90,21 @@ impl Metrics {
         registry
             .register(Box::new(op_seconds.clone()))
             .expect("unique metric");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
         Metrics {
+            pd_buffer_used_bytes: gauge("kvtier_pd_buffer_used_bytes", "P/D buffer bytes in use"),
+            pd_buffer_capacity_bytes: gauge("kvtier_pd_buffer_capacity_bytes", "P/D buffer bytes"),
+            pd_chunks: counter("kvtier_pd_chunks_total", "Chunks moved over P/D"),
+            pd_reclaimed_pages: counter(
+                "kvtier_pd_reclaimed_pages_total",
+                "P/D pages reclaimed from vanished senders or unretrieved requests",
+            ),
             lookup_tokens: counter(
                 "kvtier_lookup_tokens_total",
                 "Tokens asked about by lookups",

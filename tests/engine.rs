@@ -203,12 +203,60 @@ async fn drop_partial_chunks_when_configured() {
 }
 
 #[tokio::test]
-async fn reference_pd_config_is_refused_by_the_engine_with_a_clear_error() {
+async fn reference_decoder_config_asks_for_a_host_buffer() {
+    // The LMCache reference puts the P/D buffer on the GPU; this version keeps it in host
+    // memory and says so.
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/configs/lmcache-1p1d-pd-decoder.yaml"
     );
     let config = Config::from_yaml_file(path).unwrap();
     let err = Engine::from_config(config, model()).await.unwrap_err();
-    assert!(err.to_string().contains("enable_pd"), "{err}");
+    assert!(err.to_string().contains("pd_buffer_device"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pd_roles_from_yaml_move_kv_through_the_engine() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut decoder = Config::from_yaml_file(dir.join("pd-decoder.yaml")).unwrap();
+    decoder.pd_peer_init_port = vec![0];
+    decoder.pd_peer_alloc_port = vec![0];
+    decoder.pd_buffer_size = 64 << 20;
+    let mut prefiller = Config::from_yaml_file(dir.join("pd-prefiller.yaml")).unwrap();
+    prefiller.pd_proxy_host = None;
+    prefiller.pd_proxy_port = None;
+    prefiller.pd_peer_host = Some("127.0.0.1".into());
+    prefiller.pd_peer_init_port = vec![1];
+    prefiller.pd_buffer_size = 16 << 20;
+    let m = model();
+    let decoder = Engine::from_config(decoder, m.clone()).await.unwrap();
+    let prefiller = Engine::from_config(prefiller, m.clone()).await.unwrap();
+    let (init_port, alloc_port) = decoder.pd_receiver().unwrap().ports();
+    let to = kvtier::pd::ReceiverSpec {
+        host: "127.0.0.1".into(),
+        init_port,
+        alloc_port,
+    };
+    let tokens: Vec<u32> = (0..700).collect();
+    let kv = kv_for(&m, &tokens);
+    assert!(prefiller
+        .store(&tokens, &kv)
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("pd_sender"));
+    prefiller
+        .pd_sender()
+        .unwrap()
+        .send("r", &tokens, &kv, &to)
+        .await
+        .unwrap();
+    assert_eq!(decoder.lookup(&tokens).await.unwrap(), 700);
+    let mut out = vec![0u8; kv.len()];
+    assert_eq!(
+        decoder.retrieve(&tokens, &mut out).await.unwrap().tokens,
+        700
+    );
+    assert_eq!(out, kv);
+    assert_eq!(decoder.pd_receiver().unwrap().usage().used_pages, 0);
 }

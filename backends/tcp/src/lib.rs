@@ -16,13 +16,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use kvtier_transport::{
-    check_pairs, region_slice, region_slice_mut, BoxFuture, Connection, Descriptor, LocalIov,
+    auth, check_pairs, region_slice, region_slice_mut, BoxFuture, Connection, Descriptor, LocalIov,
     Notification, RegionMemory, RegionTable, RegistrationHandle, RemoteIov, Result, Transport,
     TransportConfig, TransportError, MAX_NOTIFICATION,
 };
-use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -54,23 +52,7 @@ fn io(context: &str, e: std::io::Error) -> TransportError {
     TransportError::Io(format!("{context}: {e}"))
 }
 
-fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    getrandom::fill(&mut b).expect("OS random source");
-    b
-}
-
-fn mac(secret: Option<&str>, nonce: &[u8; 32]) -> [u8; 32] {
-    match secret {
-        None => [0; 32],
-        Some(s) => {
-            let mut m = Hmac::<Sha256>::new_from_slice(s.as_bytes()).expect("HMAC takes any key");
-            m.update(b"kvtier-tcp-v1");
-            m.update(nonce);
-            m.finalize().into_bytes().into()
-        }
-    }
-}
+const AUTH_CONTEXT: &[u8] = b"kvtier-tcp-v1";
 
 /// Why reading a frame failed.
 enum ReadError {
@@ -112,7 +94,8 @@ impl TcpTransport {
             .local_addr()
             .map_err(|e| io("listener address", e))?;
         let (notify_tx, notify_rx) = mpsc::channel(1024);
-        let tag = u32::from_le_bytes(random_bytes());
+        let n = auth::nonce();
+        let tag = u32::from_le_bytes([n[0], n[1], n[2], n[3]]);
         let inner = Arc::new(Inner {
             name: format!("tcp://{addr}#{tag:08x}"),
             config,
@@ -175,7 +158,7 @@ async fn serve(
 ) -> std::result::Result<(), String> {
     let _ = stream.set_nodelay(true);
     let (mut r, mut w) = stream.into_split();
-    let nonce = random_bytes::<32>();
+    let nonce = auth::nonce();
     let timeout = inner.config.timeout;
     let greet = Frame::Challenge {
         version: protocol::VERSION,
@@ -202,13 +185,13 @@ async fn serve(
             "protocol version {version}; this endpoint speaks {}",
             protocol::VERSION
         ))
-    } else if let Some(secret) = &inner.config.auth_token {
-        let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
-        m.update(b"kvtier-tcp-v1");
-        m.update(&nonce);
-        m.verify_slice(&their_mac)
-            .err()
-            .map(|_| "wrong or missing transport_auth_token".to_string())
+    } else if !auth::verify(
+        inner.config.auth_token.as_deref(),
+        AUTH_CONTEXT,
+        &nonce,
+        &their_mac,
+    ) {
+        Some("wrong or missing transport_auth_token".to_string())
     } else {
         None
     };
@@ -532,7 +515,7 @@ impl TcpConnection {
         let hello = Frame::Hello {
             version: protocol::VERSION,
             name: inner.name.clone(),
-            mac: mac(inner.config.auth_token.as_deref(), &nonce),
+            mac: auth::respond(inner.config.auth_token.as_deref(), AUTH_CONTEXT, &nonce),
         };
         send(&mut w, &hello)
             .await
@@ -887,7 +870,7 @@ mod tests {
             &Frame::Hello {
                 version: protocol::VERSION,
                 name: "raw".into(),
-                mac: mac(None, &nonce),
+                mac: auth::respond(None, AUTH_CONTEXT, &nonce),
             },
         )
         .await

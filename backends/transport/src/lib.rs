@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod auth;
 pub mod conformance;
 pub mod descriptor;
 mod memory;

@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use kvtier::engine::gb_per_s;
+use kvtier::synthetic::{kv_for_tokens, token_ids};
 use kvtier::{Config, Engine, ModelSpec};
-use rayon::prelude::*;
-use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Arguments of `kvtier demo`.
 #[derive(Args)]
@@ -48,43 +47,6 @@ impl Totals {
         self.bytes += bytes;
         self.time += time;
     }
-}
-
-/// Synthetic KV for `tokens` in the model's `[2, layers, tokens, hidden]` layout: each
-/// token's rows are pseudo-random bytes seeded by a hash chained over all tokens up to it,
-/// so prompts that share a prefix share that prefix's KV, as a real model's would.
-/// (Test data only: no model produced these bytes.)
-fn synthetic_kv(model: &ModelSpec, tokens: &[u32]) -> Vec<u8> {
-    let mut seeds = Vec::with_capacity(tokens.len());
-    let mut h = 0x6b76_7469_6572u64;
-    for &t in tokens {
-        h = xxh3_64_with_seed(&t.to_le_bytes(), h);
-        seeds.push(h);
-    }
-    let row = model.chunk_shape(1).row_bytes();
-    let mut kv = vec![0u8; model.bytes_per_token() * tokens.len()];
-    kv.par_chunks_mut(row * tokens.len())
-        .enumerate()
-        .for_each(|(plane, dst)| {
-            for (seed, out) in seeds.iter().zip(dst.chunks_exact_mut(row)) {
-                let mut s = seed ^ (plane as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                for word in out.chunks_exact_mut(8) {
-                    // splitmix64
-                    s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                    let mut z = s;
-                    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                    word.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-                }
-            }
-        });
-    kv
-}
-
-fn token_ids(seed: u64, n: usize) -> Vec<u32> {
-    (0..n as u64)
-        .map(|i| (xxh3_64_with_seed(&i.to_le_bytes(), seed) % 128_256) as u32)
-        .collect()
 }
 
 fn gib(bytes: u64) -> f64 {
@@ -143,7 +105,7 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
         })
         .collect();
     let t = Instant::now();
-    let kvs: Vec<Vec<u8>> = prompts.iter().map(|p| synthetic_kv(&model, p)).collect();
+    let kvs: Vec<Vec<u8>> = prompts.iter().map(|p| kv_for_tokens(&model, p)).collect();
     println!(
         "  workload    : {} prompts of {} tokens sharing a {}-token prefix; {:.2} GiB of KV generated in {:.2} s",
         prompts.len(),

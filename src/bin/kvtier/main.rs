@@ -1,7 +1,10 @@
-//! The `kvtier` command: run the demo, check configuration files, print chunk keys.
+//! The `kvtier` command: run the demo, check configuration files, print chunk keys, run
+//! the P/D proxy and the synthetic test server.
 
 mod demo;
 mod keys;
+mod proxy;
+mod transfer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +35,28 @@ enum Command {
     },
     /// Print the chunk keys of a token file (to compare keys across machines).
     Keys(keys::KeysArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+    /// OpenAI-compatible P/D proxy: prefill on a prefiller, wait for its KV transfer,
+    /// stream the decoder's answer; TTFT stats every 5 s and at /metrics (the flags of
+    /// LMCache's disagg_proxy_server.py).
+    Proxy(proxy::ProxyArgs),
+    /// Synthetic inference engine for tests and demos: derives KV from token ids; no model.
+    /// Plays a prefiller (P/D sender) or decoder (P/D receiver, verifies the KV it gets).
+    TestServer(proxy::TestServerArgs),
+    /// Receiver process for `bench transfer` and the transport tests.
+    #[command(hide = true)]
+    TransferPeer(transfer::PeerArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Move data between two processes through a transport; compare with memcpy and a raw
+    /// loopback socket measured in the same run.
+    Transfer(transfer::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -63,6 +88,12 @@ fn main() -> ExitCode {
             command: ConfigCommand::Check { file },
         } => config_check(&file),
         Command::Keys(args) => keys::run(args),
+        Command::Bench {
+            command: BenchCommand::Transfer(args),
+        } => transfer::run_bench(args),
+        Command::TransferPeer(args) => transfer::run_peer(args),
+        Command::Proxy(args) => proxy::run_proxy(args),
+        Command::TestServer(args) => proxy::run_test_server(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

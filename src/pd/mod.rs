@@ -1,0 +1,106 @@
+//! Prefill/decode disaggregation: a prefiller (sender) pushes a request's KV chunks into
+//! the decoder's (receiver's) pre-allocated P/D buffer over a data-plane transport.
+//!
+//! 1. The receiver listens on `pd_peer_init_port` (handshake: its transport descriptor)
+//!    and `pd_peer_alloc_port` (allocations); its buffer of `pd_buffer_size` bytes is a
+//!    pool of chunk-sized pages registered with the transport.
+//! 2. The sender asks for pages (`Alloc`); the receiver answers with page offsets,
+//!    skipping chunks it already holds, waits (bounded by `pd_allocation_timeout_sec`)
+//!    when the buffer is full, and fails at once when the request can never fit.
+//! 3. The sender writes the chunks one-sided into those pages, then `Commit`s them: only
+//!    committed chunks are visible to the receiver's retrieve.
+//! 4. The sender tells the proxy (`pd_proxy_host:pd_proxy_port`) the request is done.
+//! 5. The receiver frees pages after retrieve, frees uncommitted pages of a sender whose
+//!    connection closed or that went silent, and (with `pd_enable_gc`) committed pages no
+//!    one retrieved within `pd_ttl_sec`.
+//!
+//! Control messages are in [`protocol`]; the proxy side of step 4 is [`ProxyListener`].
+
+use std::time::Duration;
+
+mod control;
+mod notify;
+pub mod protocol;
+mod receiver;
+mod sender;
+
+pub use notify::{ProxyListener, TransferDone};
+pub use receiver::{BufferUsage, PdReceiver};
+pub use sender::{PdSender, ReceiverSpec, SendReport};
+
+/// What the P/D path can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum PdError {
+    /// A control connection could not be made.
+    #[error("cannot reach {addr}: {reason}")]
+    Connect {
+        /// Address tried.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer refused us (secret or version).
+    #[error("{peer} refused the connection: {reason}")]
+    Refused {
+        /// The peer.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer sent something malformed or out of place.
+    #[error("protocol error with {peer}: {reason}")]
+    Protocol {
+        /// The peer.
+        peer: String,
+        /// What.
+        reason: String,
+    },
+    /// The peer reported an error.
+    #[error("{peer} failed the request: {reason}")]
+    Remote {
+        /// The peer.
+        peer: String,
+        /// Its reason.
+        reason: String,
+    },
+    /// The connection closed.
+    #[error("connection to {peer} closed: {reason}")]
+    Closed {
+        /// The peer.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// A bounded wait ran out.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// The bound.
+        after: Duration,
+    },
+    /// The request is larger than the receiver's whole buffer.
+    #[error(
+        "request {req_id} needs {needed_bytes} bytes of P/D buffer but the receiver's pd_buffer_size \
+         is {buffer_bytes}: set pd_buffer_size to at least {needed_bytes} on the decoder"
+    )]
+    NeverFits {
+        /// The request.
+        req_id: String,
+        /// Bytes it needs.
+        needed_bytes: u64,
+        /// Bytes the buffer has.
+        buffer_bytes: u64,
+    },
+    /// The receiver's buffer stayed full for `pd_allocation_timeout_sec`.
+    #[error("request {req_id}: receiver buffer full for {after:?} (pd_allocation_timeout_sec)")]
+    BufferFull {
+        /// The request.
+        req_id: String,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// Sender and receiver disagree on the setup.
+    #[error("P/D setup mismatch: {0}")]
+    Mismatch(String),
+}

@@ -1,0 +1,216 @@
+//! Transfer-done notifications from senders to the proxy.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use super::control::ControlConn;
+use super::protocol::Message;
+use super::PdError;
+use crate::error::{Error, Result};
+
+/// A sender's report that a request's KV reached the receiver (or did not).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferDone {
+    /// The request.
+    pub req_id: String,
+    /// Whether the transfer succeeded.
+    pub ok: bool,
+    /// The error when it did not.
+    pub error: Option<String>,
+    /// Tokens sent.
+    pub tokens: u64,
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Microseconds the transfer took.
+    pub elapsed_us: u64,
+}
+
+/// How long an unclaimed notification is kept.
+const KEEP: Duration = Duration::from_secs(600);
+
+#[derive(Default)]
+struct Board {
+    done: Mutex<HashMap<String, (TransferDone, Instant)>>,
+    posted: Notify,
+}
+
+/// The proxy's listener for senders' transfer-done notifications.
+pub struct ProxyListener {
+    board: Arc<Board>,
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ProxyListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ProxyListener {
+    /// Listens on `host:port` (0 = ephemeral); senders must know `auth_token` if set.
+    pub async fn bind(host: &str, port: u16, auth_token: Option<String>) -> Result<ProxyListener> {
+        let listener = TcpListener::bind((host, port))
+            .await
+            .map_err(|e| Error::Io {
+                op: "bind proxy notification port",
+                path: format!("{host}:{port}").into(),
+                source: e,
+            })?;
+        let addr = listener.local_addr().map_err(|e| Error::Io {
+            op: "query proxy notification port",
+            path: format!("{host}:{port}").into(),
+            source: e,
+        })?;
+        let board = Arc::new(Board::default());
+        let task = tokio::spawn(accept_loop(listener, board.clone(), auth_token));
+        Ok(ProxyListener { board, addr, task })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Waits at most `timeout` for the notification of `req_id`.
+    pub async fn wait(&self, req_id: &str, timeout: Duration) -> Result<TransferDone> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let posted = self.board.posted.notified();
+            tokio::pin!(posted);
+            posted.as_mut().enable();
+            if let Some((done, _)) = self.board.done.lock().expect("lock").remove(req_id) {
+                return Ok(done);
+            }
+            if tokio::time::timeout_at(deadline, posted).await.is_err() {
+                return Err(PdError::Timeout {
+                    what: format!(
+                        "the prefiller's transfer-done notification for request {req_id}"
+                    ),
+                    after: timeout,
+                }
+                .into());
+            }
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, board: Arc<Board>, secret: Option<String>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (board, secret) = (board.clone(), secret.clone());
+        tokio::spawn(async move {
+            let mut conn =
+                match ControlConn::accept(stream, secret.as_deref(), Duration::from_secs(10)).await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("proxy notifications: {e}");
+                        return;
+                    }
+                };
+            loop {
+                match conn.recv().await {
+                    Ok(Message::TransferDone {
+                        req_id,
+                        ok,
+                        error,
+                        tokens,
+                        bytes,
+                        elapsed_us,
+                    }) => {
+                        let done = TransferDone {
+                            req_id: req_id.clone(),
+                            ok,
+                            error: (!error.is_empty()).then_some(error),
+                            tokens,
+                            bytes,
+                            elapsed_us,
+                        };
+                        let mut map = board.done.lock().expect("lock");
+                        map.retain(|_, (_, at)| at.elapsed() < KEEP);
+                        map.insert(req_id, (done, Instant::now()));
+                        drop(map);
+                        board.posted.notify_waiters();
+                    }
+                    Ok(other) => {
+                        tracing::error!(
+                            "proxy notifications: unexpected {other:?} from {}; closing",
+                            conn.peer
+                        );
+                        return;
+                    }
+                    Err(PdError::Closed { .. }) => return,
+                    Err(e) => {
+                        tracing::error!("proxy notifications: {e}; closing");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The sender's side: one lazily opened connection to the proxy.
+pub(crate) struct ProxyNotifier {
+    addr: String,
+    name: String,
+    secret: Option<String>,
+    timeout: Duration,
+    conn: tokio::sync::Mutex<Option<ControlConn>>,
+}
+
+impl ProxyNotifier {
+    pub fn new(addr: String, name: String, secret: Option<String>, timeout: Duration) -> Self {
+        ProxyNotifier {
+            addr,
+            name,
+            secret,
+            timeout,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Sends `done`, reconnecting once if the connection broke.
+    pub async fn send(&self, done: &TransferDone) -> Result<(), PdError> {
+        let msg = Message::TransferDone {
+            req_id: done.req_id.clone(),
+            ok: done.ok,
+            error: done.error.clone().unwrap_or_default(),
+            tokens: done.tokens,
+            bytes: done.bytes,
+            elapsed_us: done.elapsed_us,
+        };
+        let mut slot = self.conn.lock().await;
+        for attempt in 0..2 {
+            if slot.is_none() {
+                *slot = Some(
+                    ControlConn::connect(
+                        &self.addr,
+                        &self.name,
+                        self.secret.as_deref(),
+                        self.timeout,
+                    )
+                    .await?,
+                );
+            }
+            let conn = slot.as_mut().expect("just connected");
+            match conn.send(&msg).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt == 0 => {
+                    tracing::debug!("proxy connection broke ({e}); reconnecting");
+                    *slot = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("two attempts return")
+    }
+}

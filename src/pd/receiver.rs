@@ -1,0 +1,492 @@
+//! The receiver (decoder) side: a paged P/D buffer registered with the transport, the
+//! control listeners, and retrieve.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvtier_transport::{HostBuffer, RegistrationHandle, Transport};
+use rayon::prelude::*;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use super::control::ControlConn;
+use super::protocol::{AllocFailure, ChunkRequest, Message, Slot};
+use super::PdError;
+use crate::config::{BufferDevice, Config};
+use crate::engine::ModelSpec;
+use crate::error::{Error, Result};
+use crate::keys::{ChunkHasher, ChunkKey};
+use crate::metrics::Metrics;
+use crate::transport;
+
+/// Occupancy of the P/D buffer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BufferUsage {
+    /// Pages allocated (written, committed or being written).
+    pub used_pages: usize,
+    /// Pages in the buffer.
+    pub total_pages: usize,
+    /// Bytes per page.
+    pub page_bytes: usize,
+}
+
+struct Page {
+    index: u32,
+    tokens: u32,
+    req_id: String,
+    /// Control connection that allocated it (its uncommitted pages die with it).
+    conn: u64,
+    committed: bool,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Pages {
+    free: Vec<u32>,
+    held: HashMap<ChunkKey, Page>,
+}
+
+struct Inner {
+    name: String,
+    model: ModelSpec,
+    hasher: ChunkHasher,
+    transport: Box<dyn Transport>,
+    buffer: Arc<HostBuffer>,
+    registration: Mutex<Option<RegistrationHandle>>,
+    page_bytes: usize,
+    total_pages: usize,
+    pages: Mutex<Pages>,
+    space: Notify,
+    secret: Option<String>,
+    timeout: Duration,
+    alloc_timeout: Duration,
+    ttl: Option<Duration>,
+    metrics: Metrics,
+    next_conn: AtomicU64,
+}
+
+/// A P/D receiver: owns the buffer and answers senders.
+pub struct PdReceiver {
+    inner: Arc<Inner>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    ports: (u16, u16),
+}
+
+impl Drop for PdReceiver {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        // Deregister before the buffer can go.
+        self.inner.registration.lock().expect("lock").take();
+    }
+}
+
+impl PdReceiver {
+    /// Allocates and registers the buffer and starts listening on the init and alloc ports
+    /// (`pd_peer_init_port` / `pd_peer_alloc_port` for this TP rank; one listener when
+    /// they are equal; port 0 picks a free one, see [`PdReceiver::ports`]).
+    pub async fn start(config: &Config, model: ModelSpec) -> Result<PdReceiver> {
+        if let BufferDevice::Cuda(_) = config.pd_buffer_device {
+            return Err(Error::Unsupported(
+                "`pd_buffer_device: cuda`: the P/D buffer lives in host memory in this version; \
+                 set `pd_buffer_device: cpu`"
+                    .into(),
+            ));
+        }
+        let rank = model.tp_rank as usize;
+        let pick = |ports: &[u16], key: &str| -> Result<u16> {
+            ports.get(rank).or(ports.first()).copied().ok_or_else(|| {
+                Error::Unsupported(format!("P/D receiver needs `{key}` (one port per TP rank)"))
+            })
+        };
+        let init_port = pick(&config.pd_peer_init_port, "pd_peer_init_port")?;
+        let alloc_port = pick(&config.pd_peer_alloc_port, "pd_peer_alloc_port")?;
+        let host = config
+            .pd_peer_host
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let page_bytes = model.bytes_per_token() * config.chunk_size;
+        let total_pages = (config.pd_buffer_size as usize) / page_bytes;
+        if total_pages == 0 {
+            return Err(Error::Unsupported(format!(
+                "pd_buffer_size {} is smaller than one chunk ({page_bytes} bytes)",
+                config.pd_buffer_size
+            )));
+        }
+        let transport = transport::open(
+            config.transfer_channel,
+            transport::transport_config(config, &host),
+        )?;
+        let buffer = Arc::new(HostBuffer::new(total_pages * page_bytes));
+        let registration = transport.register(buffer.clone())?;
+        let metrics = Metrics::new();
+        metrics
+            .pd_buffer_capacity_bytes
+            .set((total_pages * page_bytes) as i64);
+        let bind = |port: u16| {
+            let host = host.clone();
+            async move {
+                TcpListener::bind((host.as_str(), port))
+                    .await
+                    .map_err(|e| Error::Io {
+                        op: "bind P/D control port",
+                        path: format!("{host}:{port}").into(),
+                        source: e,
+                    })
+            }
+        };
+        let init = bind(init_port).await?;
+        let init_bound = init.local_addr().map(|a| a.port()).unwrap_or(init_port);
+        let alloc = if alloc_port == init_port {
+            None
+        } else {
+            Some(bind(alloc_port).await?)
+        };
+        let alloc_bound = alloc
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or(init_bound, |a| a.port());
+        let inner = Arc::new(Inner {
+            name: format!("decoder@{host}:{init_bound}"),
+            hasher: ChunkHasher::new(&model.namespace(config.chunk_size), config.hash_seed, true),
+            model,
+            transport,
+            buffer,
+            registration: Mutex::new(Some(registration)),
+            page_bytes,
+            total_pages,
+            pages: Mutex::new(Pages {
+                free: (0..total_pages as u32).rev().collect(),
+                held: HashMap::new(),
+            }),
+            space: Notify::new(),
+            secret: config.transport_auth_token.clone(),
+            timeout: Duration::from_secs_f64(config.transport_timeout_sec),
+            alloc_timeout: Duration::from_secs_f64(config.pd_allocation_timeout_sec),
+            ttl: config
+                .pd_enable_gc
+                .then(|| Duration::from_secs_f64(config.pd_ttl_sec)),
+            metrics,
+            next_conn: AtomicU64::new(1),
+        });
+        let mut tasks = vec![tokio::spawn(listen(inner.clone(), init))];
+        if let Some(alloc) = alloc {
+            tasks.push(tokio::spawn(listen(inner.clone(), alloc)));
+        }
+        tasks.push(tokio::spawn(collect_garbage(inner.clone())));
+        tracing::info!(
+            "P/D receiver {}: {} pages of {} MiB over {}, init port {init_bound}, alloc port {alloc_bound}",
+            inner.name,
+            total_pages,
+            page_bytes >> 20,
+            inner.transport.kind()
+        );
+        Ok(PdReceiver {
+            inner,
+            tasks,
+            ports: (init_bound, alloc_bound),
+        })
+    }
+
+    /// The bound (init, alloc) ports.
+    pub fn ports(&self) -> (u16, u16) {
+        self.ports
+    }
+
+    /// The receiver's metrics (P/D buffer usage included).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Current buffer occupancy.
+    pub fn usage(&self) -> BufferUsage {
+        self.inner.usage()
+    }
+
+    /// Tokens of the longest prefix of `tokens` whose chunks are committed here.
+    pub fn lookup(&self, tokens: &[u32]) -> usize {
+        let pages = self.inner.pages.lock().expect("lock");
+        let mut hit = 0;
+        self.inner.hasher.for_each_span(tokens, |span| {
+            let ok = pages.held.get(&span.key).is_some_and(|p| p.committed);
+            if ok {
+                hit = span.end;
+            }
+            ok
+        });
+        hit
+    }
+
+    /// Loads the committed KV of the longest prefix of `tokens` into `out` (laid out as for
+    /// [`crate::Engine::store`]) and frees those pages; returns the tokens loaded.
+    pub async fn retrieve(&self, req_id: &str, tokens: &[u32], out: &mut [u8]) -> Result<usize> {
+        let inner = &self.inner;
+        let bpt = inner.model.bytes_per_token();
+        if out.len() != tokens.len() * bpt {
+            return Err(Error::Shape(format!(
+                "P/D retrieve: {} bytes for {} tokens; model needs {bpt} per token",
+                out.len(),
+                tokens.len()
+            )));
+        }
+        // Take the committed prefix out of the map: from here on the pages are ours.
+        let mut taken: Vec<(u32, u32)> = Vec::new();
+        {
+            let mut pages = inner.pages.lock().expect("lock");
+            inner.hasher.for_each_span(tokens, |span| {
+                let committed = pages.held.get(&span.key).is_some_and(|p| p.committed);
+                if committed {
+                    let p = pages.held.remove(&span.key).expect("present");
+                    taken.push((p.index, p.tokens));
+                }
+                committed
+            });
+        }
+        let row = inner.model.chunk_shape(1).row_bytes();
+        let total = tokens.len();
+        let buffer = &inner.buffer;
+        let page_bytes = inner.page_bytes;
+        out.par_chunks_mut((total * row).max(1))
+            .enumerate()
+            .for_each(|(plane, dst)| {
+                let mut at = 0;
+                for &(index, chunk_tokens) in &taken {
+                    let seg = chunk_tokens as usize * row;
+                    buffer.read_at(
+                        index as usize * page_bytes + plane * seg,
+                        &mut dst[at..at + seg],
+                    );
+                    at += seg;
+                }
+            });
+        let loaded: usize = taken.iter().map(|&(_, t)| t as usize).sum();
+        inner.release(taken.iter().map(|&(i, _)| i));
+        tracing::info!("P/D retrieve {req_id}: {loaded} of {total} tokens from the P/D buffer");
+        Ok(loaded)
+    }
+}
+
+impl Inner {
+    fn usage(&self) -> BufferUsage {
+        let pages = self.pages.lock().expect("lock");
+        BufferUsage {
+            used_pages: self.total_pages - pages.free.len(),
+            total_pages: self.total_pages,
+            page_bytes: self.page_bytes,
+        }
+    }
+
+    fn publish(&self) {
+        let u = self.usage();
+        self.metrics
+            .pd_buffer_used_bytes
+            .set((u.used_pages * u.page_bytes) as i64);
+    }
+
+    fn release(&self, indices: impl IntoIterator<Item = u32>) {
+        self.pages.lock().expect("lock").free.extend(indices);
+        self.space.notify_waiters();
+        self.publish();
+    }
+
+    /// Frees the uncommitted pages `keep` rejects; returns how many.
+    fn reclaim(&self, mut doomed: impl FnMut(&Page) -> bool) -> usize {
+        let freed: Vec<u32> = {
+            let mut pages = self.pages.lock().expect("lock");
+            let keys: Vec<ChunkKey> = pages
+                .held
+                .iter()
+                .filter(|(_, p)| doomed(p))
+                .map(|(k, _)| *k)
+                .collect();
+            keys.iter()
+                .filter_map(|k| pages.held.remove(k))
+                .map(|p| p.index)
+                .collect()
+        };
+        let n = freed.len();
+        if n > 0 {
+            self.metrics.pd_reclaimed_pages.inc_by(n as u64);
+            self.release(freed);
+        }
+        n
+    }
+
+    async fn alloc(&self, conn: u64, req_id: &str, chunks: &[ChunkRequest]) -> Message {
+        let max_tokens = self.hasher.chunk_size() as u32;
+        if let Some(bad) = chunks
+            .iter()
+            .find(|c| c.tokens == 0 || c.tokens > max_tokens)
+        {
+            return Message::Error {
+                reason: format!(
+                    "chunk {} has {} tokens; chunk_size is {max_tokens}",
+                    bad.key, bad.tokens
+                ),
+            };
+        }
+        let deadline = tokio::time::Instant::now() + self.alloc_timeout;
+        loop {
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            {
+                let mut pages = self.pages.lock().expect("lock");
+                let needed = chunks
+                    .iter()
+                    .filter(|c| !pages.held.contains_key(&c.key))
+                    .count();
+                if needed > self.total_pages {
+                    return Message::AllocFailed {
+                        req_id: req_id.into(),
+                        failure: AllocFailure::NeverFits,
+                        needed_bytes: (needed * self.page_bytes) as u64,
+                        buffer_bytes: (self.total_pages * self.page_bytes) as u64,
+                    };
+                }
+                if needed <= pages.free.len() {
+                    let slots = chunks
+                        .iter()
+                        .map(|c| {
+                            if pages.held.contains_key(&c.key) {
+                                return Slot::Held;
+                            }
+                            let index = pages.free.pop().expect("counted");
+                            pages.held.insert(
+                                c.key,
+                                Page {
+                                    index,
+                                    tokens: c.tokens,
+                                    req_id: req_id.into(),
+                                    conn,
+                                    committed: false,
+                                    since: Instant::now(),
+                                },
+                            );
+                            Slot::Page {
+                                offset: (index as usize * self.page_bytes) as u64,
+                            }
+                        })
+                        .collect();
+                    drop(pages);
+                    self.publish();
+                    return Message::Allocated {
+                        req_id: req_id.into(),
+                        slots,
+                    };
+                }
+            }
+            if tokio::time::timeout_at(deadline, space).await.is_err() {
+                let needed = chunks.len();
+                return Message::AllocFailed {
+                    req_id: req_id.into(),
+                    failure: AllocFailure::Timeout,
+                    needed_bytes: (needed * self.page_bytes) as u64,
+                    buffer_bytes: (self.total_pages * self.page_bytes) as u64,
+                };
+            }
+        }
+    }
+
+    fn commit(&self, req_id: &str, keys: &[ChunkKey]) -> Message {
+        let mut pages = self.pages.lock().expect("lock");
+        for key in keys {
+            match pages.held.get_mut(key) {
+                Some(p) if p.req_id == req_id => {
+                    p.committed = true;
+                    p.since = Instant::now();
+                }
+                Some(_) => {}
+                None => {
+                    return Message::Error {
+                        reason: format!(
+                            "commit of chunk {key} for {req_id}: no page allocated (reclaimed?)"
+                        ),
+                    }
+                }
+            }
+        }
+        self.metrics.pd_chunks.inc_by(keys.len() as u64);
+        Message::Committed {
+            req_id: req_id.into(),
+        }
+    }
+}
+
+async fn listen(inner: Arc<Inner>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let conn_id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
+            match ControlConn::accept(stream, inner.secret.as_deref(), inner.timeout).await {
+                Ok(conn) => {
+                    let peer = conn.peer.clone();
+                    if let Err(e) = serve(&inner, conn, conn_id).await {
+                        if !matches!(e, PdError::Closed { .. }) {
+                            tracing::error!("P/D receiver {}: {peer}: {e}; closing", inner.name);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("P/D receiver {}: {e}", inner.name),
+            }
+            // A sender that leaves takes its unfinished allocations with it.
+            let n = inner.reclaim(|p| p.conn == conn_id && !p.committed);
+            if n > 0 {
+                tracing::warn!(
+                    "P/D receiver {}: reclaimed {n} uncommitted pages of a closed sender",
+                    inner.name
+                );
+            }
+        });
+    }
+}
+
+async fn serve(inner: &Inner, mut conn: ControlConn, conn_id: u64) -> Result<(), PdError> {
+    loop {
+        let answer = match conn.recv().await? {
+            Message::GetDescriptor => match inner.transport.local_descriptor() {
+                Ok(descriptor) => Message::Descriptor {
+                    transport: inner.transport.kind().into(),
+                    page_bytes: inner.page_bytes as u64,
+                    descriptor,
+                },
+                Err(e) => Message::Error {
+                    reason: e.to_string(),
+                },
+            },
+            Message::Alloc { req_id, chunks } => inner.alloc(conn_id, &req_id, &chunks).await,
+            Message::Commit { req_id, keys } => inner.commit(&req_id, &keys),
+            Message::Abort { req_id } => {
+                inner.reclaim(|p| p.req_id == req_id && !p.committed);
+                Message::Committed { req_id }
+            }
+            other => return Err(conn.unexpected(&other)),
+        };
+        conn.send(&answer).await?;
+    }
+}
+
+/// Frees pages of senders that went silent and, with `pd_enable_gc`, committed pages no
+/// one retrieved within `pd_ttl_sec`.
+async fn collect_garbage(inner: Arc<Inner>) {
+    let stale_uncommitted = inner.alloc_timeout + inner.timeout;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let ttl = inner.ttl;
+        let n = inner.reclaim(|p| {
+            let age = p.since.elapsed();
+            (!p.committed && age > stale_uncommitted)
+                || (p.committed && ttl.is_some_and(|t| age > t))
+        });
+        if n > 0 {
+            tracing::warn!("P/D receiver {}: reclaimed {n} stale pages", inner.name);
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! The sender (prefiller) side: stages chunks in a registered buffer, writes them
+//! one-sided into the receiver's pages, commits, and tells the proxy.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvtier_transport::{
+    Connection, Descriptor, HostBuffer, RegionId, RegistrationHandle, RemoteIov, Transport,
+};
+use rayon::prelude::*;
+
+use super::control::ControlConn;
+use super::notify::{ProxyNotifier, TransferDone};
+use super::protocol::{AllocFailure, ChunkRequest, Message, Slot};
+use super::PdError;
+use crate::config::Config;
+use crate::engine::{gb_per_s, ModelSpec};
+use crate::error::{Error, Result};
+use crate::keys::{ChunkHasher, ChunkSpan};
+use crate::metrics::Metrics;
+use crate::transport;
+
+/// Where a receiver listens.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ReceiverSpec {
+    /// Host of the receiver's control ports.
+    pub host: String,
+    /// Its init (handshake) port.
+    pub init_port: u16,
+    /// Its allocation port.
+    pub alloc_port: u16,
+}
+
+/// What a send did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SendReport {
+    /// Tokens whose chunks were written.
+    pub tokens: usize,
+    /// Tokens whose chunks the receiver already held.
+    pub skipped_tokens: usize,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Wall time, allocation to commit.
+    pub elapsed: Duration,
+}
+
+/// An open link to one receiver.
+struct Link {
+    data: Box<dyn Connection>,
+    control: tokio::sync::Mutex<ControlConn>,
+    region: RegionId,
+}
+
+/// A P/D sender. Cheap to share (`Arc`); sends to any number of receivers.
+pub struct PdSender {
+    name: String,
+    model: ModelSpec,
+    hasher: ChunkHasher,
+    transport: Box<dyn Transport>,
+    staging: Arc<HostBuffer>,
+    staging_reg: Option<RegistrationHandle>,
+    staging_pages: usize,
+    page_bytes: usize,
+    /// One send uses the staging buffer at a time.
+    staging_lock: tokio::sync::Mutex<()>,
+    links: tokio::sync::Mutex<HashMap<ReceiverSpec, Arc<Link>>>,
+    proxy: Option<ProxyNotifier>,
+    secret: Option<String>,
+    timeout: Duration,
+    metrics: Metrics,
+}
+
+impl Drop for PdSender {
+    fn drop(&mut self) {
+        self.staging_reg.take();
+    }
+}
+
+impl PdSender {
+    /// A sender with a staging buffer of `pd_buffer_size` bytes registered with the
+    /// transport `transfer_channel` names; it notifies `pd_proxy_host:pd_proxy_port` if set.
+    pub async fn new(config: &Config, model: ModelSpec) -> Result<PdSender> {
+        let page_bytes = model.bytes_per_token() * config.chunk_size;
+        let staging_pages = (config.pd_buffer_size as usize / page_bytes).max(1);
+        let transport = transport::open(
+            config.transfer_channel,
+            transport::transport_config(config, "127.0.0.1"),
+        )?;
+        let staging = Arc::new(HostBuffer::new(staging_pages * page_bytes));
+        let staging_reg = transport.register(staging.clone())?;
+        let timeout = Duration::from_secs_f64(config.transport_timeout_sec);
+        let name = format!("prefiller-{}-{}", std::process::id(), model.tp_rank);
+        let proxy = match (&config.pd_proxy_host, config.pd_proxy_port) {
+            (Some(host), Some(port)) => Some(ProxyNotifier::new(
+                format!("{host}:{port}"),
+                name.clone(),
+                config.transport_auth_token.clone(),
+                timeout,
+            )),
+            _ => None,
+        };
+        Ok(PdSender {
+            name,
+            hasher: ChunkHasher::new(&model.namespace(config.chunk_size), config.hash_seed, true),
+            model,
+            transport,
+            staging,
+            staging_reg: Some(staging_reg),
+            staging_pages,
+            page_bytes,
+            staging_lock: tokio::sync::Mutex::new(()),
+            links: tokio::sync::Mutex::new(HashMap::new()),
+            proxy,
+            secret: config.transport_auth_token.clone(),
+            timeout,
+            metrics: Metrics::new(),
+        })
+    }
+
+    /// The sender's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    async fn link(&self, to: &ReceiverSpec) -> Result<Arc<Link>> {
+        if let Some(l) = self.links.lock().await.get(to) {
+            return Ok(l.clone());
+        }
+        let init_addr = format!("{}:{}", to.host, to.init_port);
+        let mut init =
+            ControlConn::connect(&init_addr, &self.name, self.secret.as_deref(), self.timeout)
+                .await?;
+        let (kind, page_bytes, descriptor) =
+            match init.request(&Message::GetDescriptor, self.timeout).await? {
+                Message::Descriptor {
+                    transport,
+                    page_bytes,
+                    descriptor,
+                } => (transport, page_bytes, descriptor),
+                other => return Err(init.unexpected(&other).into()),
+            };
+        if kind != self.transport.kind() {
+            return Err(PdError::Mismatch(format!(
+                "receiver {init_addr} uses transfer_channel `{kind}`, this sender `{}`",
+                self.transport.kind()
+            ))
+            .into());
+        }
+        if page_bytes as usize != self.page_bytes {
+            return Err(PdError::Mismatch(format!(
+                "receiver {init_addr} has {page_bytes}-byte pages, this sender {} (chunk_size or model differ)",
+                self.page_bytes
+            ))
+            .into());
+        }
+        let region = Descriptor::decode(&descriptor, self.transport.kind())?
+            .regions
+            .first()
+            .map(|r| r.id)
+            .ok_or_else(|| PdError::Mismatch(format!("receiver {init_addr} offers no buffer")))?;
+        let data = self.transport.connect(&descriptor).await?;
+        let control = if to.alloc_port == to.init_port {
+            init
+        } else {
+            let addr = format!("{}:{}", to.host, to.alloc_port);
+            ControlConn::connect(&addr, &self.name, self.secret.as_deref(), self.timeout).await?
+        };
+        let link = Arc::new(Link {
+            data,
+            control: tokio::sync::Mutex::new(control),
+            region,
+        });
+        self.links.lock().await.insert(to.clone(), link.clone());
+        Ok(link)
+    }
+
+    /// Pushes the KV of `tokens` (laid out as for [`crate::Engine::store`]) into the
+    /// receiver's buffer, skipping chunks it already holds, and notifies the proxy that
+    /// `req_id` is done (or failed).
+    pub async fn send(
+        &self,
+        req_id: &str,
+        tokens: &[u32],
+        kv: &[u8],
+        to: &ReceiverSpec,
+    ) -> Result<SendReport> {
+        let start = Instant::now();
+        let result = self.send_inner(req_id, tokens, kv, to, start).await;
+        if result.is_err() {
+            // A broken link is rebuilt on the next send.
+            self.links.lock().await.remove(to);
+        }
+        if let Some(proxy) = &self.proxy {
+            let done = match &result {
+                Ok(r) => TransferDone {
+                    req_id: req_id.into(),
+                    ok: true,
+                    error: None,
+                    tokens: (r.tokens + r.skipped_tokens) as u64,
+                    bytes: r.bytes,
+                    elapsed_us: r.elapsed.as_micros() as u64,
+                },
+                Err(e) => TransferDone {
+                    req_id: req_id.into(),
+                    ok: false,
+                    error: Some(e.to_string()),
+                    tokens: 0,
+                    bytes: 0,
+                    elapsed_us: start.elapsed().as_micros() as u64,
+                },
+            };
+            if let Err(e) = proxy.send(&done).await {
+                tracing::error!("P/D sender: cannot notify the proxy of {req_id}: {e}");
+            }
+        }
+        result
+    }
+
+    async fn send_inner(
+        &self,
+        req_id: &str,
+        tokens: &[u32],
+        kv: &[u8],
+        to: &ReceiverSpec,
+        start: Instant,
+    ) -> Result<SendReport> {
+        let bpt = self.model.bytes_per_token();
+        if kv.len() != tokens.len() * bpt {
+            return Err(Error::Shape(format!(
+                "P/D send {req_id}: {} bytes for {} tokens; model needs {bpt} per token",
+                kv.len(),
+                tokens.len()
+            )));
+        }
+        let spans = self.hasher.spans(tokens);
+        let link = self.link(to).await?;
+        let _staging = self.staging_lock.lock().await;
+        let mut report = SendReport::default();
+        for wave in spans.chunks(self.staging_pages) {
+            let chunks: Vec<ChunkRequest> = wave
+                .iter()
+                .map(|s| ChunkRequest {
+                    key: s.key,
+                    tokens: s.tokens() as u32,
+                })
+                .collect();
+            let mut control = link.control.lock().await;
+            // The receiver waits for room itself, bounded by its pd_allocation_timeout_sec.
+            let answer = control
+                .request(
+                    &Message::Alloc {
+                        req_id: req_id.into(),
+                        chunks,
+                    },
+                    self.timeout * 4,
+                )
+                .await?;
+            let slots = match answer {
+                Message::Allocated { slots, .. } if slots.len() == wave.len() => slots,
+                Message::AllocFailed {
+                    failure: AllocFailure::NeverFits,
+                    needed_bytes,
+                    buffer_bytes,
+                    ..
+                } => {
+                    return Err(PdError::NeverFits {
+                        req_id: req_id.into(),
+                        needed_bytes,
+                        buffer_bytes,
+                    }
+                    .into())
+                }
+                Message::AllocFailed {
+                    failure: AllocFailure::Timeout,
+                    ..
+                } => {
+                    return Err(PdError::BufferFull {
+                        req_id: req_id.into(),
+                        after: self.timeout,
+                    }
+                    .into())
+                }
+                other => return Err(control.unexpected(&other).into()),
+            };
+            let todo: Vec<(&ChunkSpan, u64)> = wave
+                .iter()
+                .zip(&slots)
+                .filter_map(|(s, slot)| match slot {
+                    Slot::Page { offset } => Some((s, *offset)),
+                    Slot::Held => None,
+                })
+                .collect();
+            report.skipped_tokens += wave
+                .iter()
+                .zip(&slots)
+                .filter(|(_, s)| **s == Slot::Held)
+                .map(|(s, _)| s.tokens())
+                .sum::<usize>();
+            self.stage(&todo, tokens.len(), kv);
+            let reg = self.staging_reg.as_ref().expect("registered while alive");
+            let local = todo
+                .iter()
+                .enumerate()
+                .map(|(i, (s, _))| reg.iov(i * self.page_bytes, s.tokens() * bpt))
+                .collect::<Result<Vec<_>, _>>()?;
+            let remote: Vec<RemoteIov> = todo
+                .iter()
+                .map(|(s, offset)| RemoteIov {
+                    region: link.region,
+                    offset: *offset,
+                    len: (s.tokens() * bpt) as u64,
+                })
+                .collect();
+            if let Err(e) = link.data.write(&local, &remote).await {
+                let _ = control
+                    .request(
+                        &Message::Abort {
+                            req_id: req_id.into(),
+                        },
+                        self.timeout,
+                    )
+                    .await;
+                return Err(e.into());
+            }
+            let keys = todo.iter().map(|(s, _)| s.key).collect();
+            match control
+                .request(
+                    &Message::Commit {
+                        req_id: req_id.into(),
+                        keys,
+                    },
+                    self.timeout,
+                )
+                .await?
+            {
+                Message::Committed { .. } => {}
+                other => return Err(control.unexpected(&other).into()),
+            }
+            report.tokens += todo.iter().map(|(s, _)| s.tokens()).sum::<usize>();
+            report.bytes += remote.iter().map(|r| r.len).sum::<u64>();
+            self.metrics.pd_chunks.inc_by(todo.len() as u64);
+        }
+        report.elapsed = start.elapsed();
+        tracing::info!(
+            "P/D sent {req_id}: {} tokens ({} already at the receiver) to {}:{} in {:.2} ms ({:.2} GB/s)",
+            report.tokens,
+            report.skipped_tokens,
+            to.host,
+            to.init_port,
+            report.elapsed.as_secs_f64() * 1e3,
+            gb_per_s(report.bytes, report.elapsed)
+        );
+        Ok(report)
+    }
+
+    /// Gathers each chunk of `todo` from the `[kv, layers, tokens, hidden]` KV of the whole
+    /// sequence into consecutive staging pages (chunk layout), on all cores.
+    fn stage(&self, todo: &[(&ChunkSpan, u64)], total_tokens: usize, kv: &[u8]) {
+        let row = self.model.chunk_shape(1).row_bytes();
+        let planes = self.model.layout.kv_factor() * self.model.layers as usize;
+        let staging = &self.staging;
+        let page_bytes = self.page_bytes;
+        todo.par_iter().enumerate().for_each(|(i, (span, _))| {
+            let seg = span.tokens() * row;
+            for plane in 0..planes {
+                let src = (plane * total_tokens + span.start) * row;
+                staging.write_at(i * page_bytes + plane * seg, &kv[src..src + seg]);
+            }
+        });
+    }
+}

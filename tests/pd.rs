@@ -1,0 +1,306 @@
+//! The P/D backend in one process over real sockets: a receiver and senders on
+//! 127.0.0.1, KV verified byte for byte, buffer accounting, faults.
+
+use std::time::Duration;
+
+use kvtier::config::{PdRole, TransferChannel};
+use kvtier::pd::{PdError, PdReceiver, PdSender, ProxyListener, ReceiverSpec};
+use kvtier::{Config, Error, ModelSpec};
+
+/// A small model: 16 KiB per token (synthetic KV: test bytes, not a model's).
+fn model() -> ModelSpec {
+    let mut m = ModelSpec::llama_3_1_8b();
+    m.layers = 4;
+    m.kv_heads = 2;
+    m
+}
+
+fn kv_for(m: &ModelSpec, tokens: &[u32]) -> Vec<u8> {
+    let row = m.chunk_shape(1).row_bytes();
+    let mut kv = vec![0u8; m.bytes_per_token() * tokens.len()];
+    for (plane, p) in kv.chunks_mut(row * tokens.len().max(1)).enumerate() {
+        for (i, b) in p.iter_mut().enumerate() {
+            *b = (tokens[i / row] as usize * 13 + plane * 5 + i % 251) as u8;
+        }
+    }
+    kv
+}
+
+fn receiver_config(channel: TransferChannel, pages: u64, token: Option<&str>) -> Config {
+    let m = model();
+    Config {
+        enable_pd: true,
+        pd_role: Some(PdRole::Receiver),
+        transfer_channel: channel,
+        pd_peer_host: Some("127.0.0.1".into()),
+        pd_peer_init_port: vec![0],
+        pd_peer_alloc_port: vec![0],
+        pd_buffer_size: pages * (m.bytes_per_token() * 256) as u64,
+        pd_allocation_timeout_sec: 1.0,
+        transport_auth_token: token.map(str::to_string),
+        transport_timeout_sec: 5.0,
+        ..Config::default()
+    }
+}
+
+fn sender_config(channel: TransferChannel, proxy_port: Option<u16>, token: Option<&str>) -> Config {
+    Config {
+        enable_pd: true,
+        pd_role: Some(PdRole::Sender),
+        transfer_channel: channel,
+        pd_proxy_host: proxy_port.map(|_| "127.0.0.1".into()),
+        pd_proxy_port: proxy_port,
+        pd_buffer_size: 64 << 20,
+        transport_auth_token: token.map(str::to_string),
+        transport_timeout_sec: 5.0,
+        ..Config::default()
+    }
+}
+
+fn spec(r: &PdReceiver) -> ReceiverSpec {
+    let (init_port, alloc_port) = r.ports();
+    ReceiverSpec {
+        host: "127.0.0.1".into(),
+        init_port,
+        alloc_port,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_commit_retrieve_frees_pages_and_notifies_proxy() {
+    let m = model();
+    let proxy = ProxyListener::bind("127.0.0.1", 0, None).await.unwrap();
+    let receiver = PdReceiver::start(&receiver_config(TransferChannel::Tcp, 16, None), m.clone())
+        .await
+        .unwrap();
+    let sender = PdSender::new(
+        &sender_config(TransferChannel::Tcp, Some(proxy.local_addr().port()), None),
+        m.clone(),
+    )
+    .await
+    .unwrap();
+    let tokens: Vec<u32> = (0..1000).collect();
+    let kv = kv_for(&m, &tokens);
+    let r = sender
+        .send("req-1", &tokens, &kv, &spec(&receiver))
+        .await
+        .unwrap();
+    assert_eq!((r.tokens, r.skipped_tokens), (1000, 0));
+    assert_eq!(r.bytes, kv.len() as u64);
+    let done = proxy.wait("req-1", Duration::from_secs(5)).await.unwrap();
+    assert!(
+        done.ok && done.tokens == 1000 && done.bytes == kv.len() as u64,
+        "{done:?}"
+    );
+    assert_eq!(receiver.usage().used_pages, 4);
+    assert_eq!(receiver.lookup(&tokens), 1000);
+    // Sending the same prefix again skips what the receiver holds.
+    let r = sender
+        .send(
+            "req-2",
+            &tokens[..800],
+            &kv_for(&m, &tokens[..800]),
+            &spec(&receiver),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.tokens, r.skipped_tokens), (32, 768));
+    let mut out = vec![0u8; kv.len()];
+    assert_eq!(
+        receiver.retrieve("req-1", &tokens, &mut out).await.unwrap(),
+        1000
+    );
+    assert_eq!(out, kv, "decoder KV differs from the prefiller's");
+    // Pages are freed after retrieve (the 800-token request's last chunk is still held).
+    assert_eq!(receiver.usage().used_pages, 1);
+    let text = receiver.metrics().encode_text();
+    assert!(text.contains("kvtier_pd_buffer_used_bytes"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_can_never_fit_fails_at_once_naming_the_size() {
+    let m = model();
+    let receiver = PdReceiver::start(&receiver_config(TransferChannel::Tcp, 2, None), m.clone())
+        .await
+        .unwrap();
+    let sender = PdSender::new(&sender_config(TransferChannel::Tcp, None, None), m.clone())
+        .await
+        .unwrap();
+    let tokens: Vec<u32> = (0..1000).collect();
+    let t = std::time::Instant::now();
+    let err = sender
+        .send("big", &tokens, &kv_for(&m, &tokens), &spec(&receiver))
+        .await
+        .unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "did not fail fast"
+    );
+    assert!(matches!(err, Error::Pd(PdError::NeverFits { .. })), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("pd_buffer_size")
+            && msg.contains(&(4 * 256 * m.bytes_per_token()).to_string()),
+        "{msg}"
+    );
+    assert_eq!(receiver.usage().used_pages, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_makes_the_sender_wait_then_proceed_or_time_out() {
+    let m = model();
+    let receiver = PdReceiver::start(&receiver_config(TransferChannel::Tcp, 2, None), m.clone())
+        .await
+        .unwrap();
+    let sender = PdSender::new(&sender_config(TransferChannel::Tcp, None, None), m.clone())
+        .await
+        .unwrap();
+    let a: Vec<u32> = (0..512).collect();
+    let b: Vec<u32> = (10_000..10_512).collect();
+    sender
+        .send("a", &a, &kv_for(&m, &a), &spec(&receiver))
+        .await
+        .unwrap();
+    assert_eq!(receiver.usage().used_pages, 2);
+    // Full: b waits; nobody frees within pd_allocation_timeout_sec (1 s) → error.
+    let err = sender
+        .send("b", &b, &kv_for(&m, &b), &spec(&receiver))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Pd(PdError::BufferFull { .. })),
+        "{err}"
+    );
+    // Retrieving a while b waits lets b through.
+    let waiting = {
+        let (b, kv, to) = (b.clone(), kv_for(&m, &b), spec(&receiver));
+        let sender = std::sync::Arc::new(sender);
+        let s = sender.clone();
+        tokio::spawn(async move { s.send("b2", &b, &kv, &to).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut out = vec![0u8; a.len() * m.bytes_per_token()];
+    assert_eq!(receiver.retrieve("a", &a, &mut out).await.unwrap(), 512);
+    waiting.await.unwrap().unwrap();
+    assert_eq!(receiver.lookup(&b), 512);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_senders_one_receiver_and_one_sender_two_receivers() {
+    let m = model();
+    let r1 = PdReceiver::start(&receiver_config(TransferChannel::Tcp, 16, None), m.clone())
+        .await
+        .unwrap();
+    let r2 = PdReceiver::start(&receiver_config(TransferChannel::Tcp, 16, None), m.clone())
+        .await
+        .unwrap();
+    let s1 = PdSender::new(&sender_config(TransferChannel::Tcp, None, None), m.clone())
+        .await
+        .unwrap();
+    let s2 = PdSender::new(&sender_config(TransferChannel::Tcp, None, None), m.clone())
+        .await
+        .unwrap();
+    let x: Vec<u32> = (0..600).collect();
+    let y: Vec<u32> = (5000..5600).collect();
+    let (kx, ky) = (kv_for(&m, &x), kv_for(&m, &y));
+    let to1 = spec(&r1);
+    let (a, b) = tokio::join!(s1.send("x", &x, &kx, &to1), s2.send("y", &y, &ky, &to1));
+    a.unwrap();
+    b.unwrap();
+    s1.send("y2", &y, &ky, &spec(&r2)).await.unwrap();
+    for (r, t, k) in [(&r1, &x, &kx), (&r1, &y, &ky), (&r2, &y, &ky)] {
+        let mut out = vec![0u8; k.len()];
+        assert_eq!(r.retrieve("check", t, &mut out).await.unwrap(), t.len());
+        assert_eq!(&out, k);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_ports_refuse_a_sender_without_the_secret() {
+    let m = model();
+    let receiver = PdReceiver::start(
+        &receiver_config(TransferChannel::Tcp, 4, Some("k")),
+        m.clone(),
+    )
+    .await
+    .unwrap();
+    for token in [None, Some("nope")] {
+        let sender = PdSender::new(&sender_config(TransferChannel::Tcp, None, token), m.clone())
+            .await
+            .unwrap();
+        let tokens: Vec<u32> = (0..10).collect();
+        let err = sender
+            .send("r", &tokens, &kv_for(&m, &tokens), &spec(&receiver))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Pd(PdError::Refused { .. })),
+            "{token:?}: {err}"
+        );
+    }
+    let sender = PdSender::new(
+        &sender_config(TransferChannel::Tcp, None, Some("k")),
+        m.clone(),
+    )
+    .await
+    .unwrap();
+    let tokens: Vec<u32> = (0..10).collect();
+    sender
+        .send("r", &tokens, &kv_for(&m, &tokens), &spec(&receiver))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_sender_s_allocations_are_reclaimed() {
+    use kvtier::pd::protocol::{encode, ChunkRequest, Message};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = model();
+    let receiver = PdReceiver::start(&receiver_config(TransferChannel::Tcp, 4, None), m.clone())
+        .await
+        .unwrap();
+    // A raw sender: handshake, allocate two pages, then disappear without committing.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", receiver.ports().1))
+        .await
+        .unwrap();
+    let read_msg = async |s: &mut tokio::net::TcpStream| {
+        let mut p = [0u8; 4];
+        s.read_exact(&mut p).await.unwrap();
+        let mut b = vec![0u8; u32::from_le_bytes(p) as usize];
+        s.read_exact(&mut b).await.unwrap();
+        kvtier::pd::protocol::decode(&b).unwrap()
+    };
+    let Message::Challenge { nonce, .. } = read_msg(&mut s).await else {
+        panic!("no challenge")
+    };
+    let mac = kvtier_transport::auth::respond(None, b"kvtier-pd-control-v1", &nonce);
+    s.write_all(&encode(&Message::Hello {
+        version: 1,
+        name: "raw".into(),
+        mac,
+    }))
+    .await
+    .unwrap();
+    assert_eq!(read_msg(&mut s).await, Message::Welcome);
+    let chunks = (0..2)
+        .map(|i| ChunkRequest {
+            key: kvtier::ChunkKey(i + 1),
+            tokens: 256,
+        })
+        .collect();
+    s.write_all(&encode(&Message::Alloc {
+        req_id: "ghost".into(),
+        chunks,
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(read_msg(&mut s).await, Message::Allocated { .. }));
+    assert_eq!(receiver.usage().used_pages, 2);
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while receiver.usage().used_pages != 0 {
+        assert!(std::time::Instant::now() < deadline, "pages leaked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(receiver.metrics().pd_reclaimed_pages.get(), 2);
+}
