@@ -159,8 +159,10 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// Waits between polls of NIXL: spins briefly (small transfers complete in microseconds),
-/// then sleeps with growing pauses so long waits leave the CPU to NIXL's progress thread.
+/// Waits between polls of NIXL. Polling progresses the UCX worker, which performs
+/// same-host copies itself, so for the first second it only yields (measured: sleeping
+/// between polls cut 30 × 32 MiB writes from ~8 to ~4.6 GiB/s); after that it sleeps
+/// with growing pauses so a stalled peer does not burn a core until the timeout.
 struct Backoff {
     start: Instant,
     pause: Duration,
@@ -168,7 +170,7 @@ struct Backoff {
 }
 
 impl Backoff {
-    const SPIN: Duration = Duration::from_micros(50);
+    const SPIN: Duration = Duration::from_secs(1);
 
     fn new(max_pause: Duration) -> Self {
         Backoff {

@@ -140,7 +140,8 @@ fn raw_sink(size: usize) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     println!("raw {}", listener.local_addr()?.port());
     std::io::stdout().flush()?;
-    let mut region = vec![1u8; size.max(1)];
+    // The same kind of memory the transports land bytes in (pre-faulted huge pages).
+    let mut region = kvtier::memory::BufferPool::new(0).alloc(size.max(1));
     for stream in listener.incoming() {
         let mut s = stream?;
         let mut total = 0u64;
@@ -277,7 +278,8 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         .strip_prefix("raw ")
         .context("raw peer greeting")?
         .parse()?;
-    let src = vec![3u8; size];
+    let mut src = kvtier::memory::BufferPool::new(0).alloc(size);
+    src.fill(3);
     let mut raw = Vec::new();
     for i in 0..iters {
         let t = Instant::now();
