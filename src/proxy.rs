@@ -928,7 +928,7 @@ async fn serve(
             Ok(done) if done.ok => {
                 shared.metrics.kv_tokens.inc_by(done.tokens);
                 shared.metrics.kv_bytes.inc_by(done.bytes);
-                Ok(Some(Instant::now()))
+                Ok(Some((Instant::now(), done)))
             }
             Ok(done) => Err(Failure::new(
                 StatusCode::BAD_GATEWAY,
@@ -955,9 +955,9 @@ async fn serve(
             )),
         }
     };
-    let (answered_at, transferred_at) = tokio::try_join!(prefill, transfer)?;
+    let (answered_at, transferred) = tokio::try_join!(prefill, transfer)?;
     // Arrival to transfer-done (to the prefiller's answer when not waiting for KV).
-    let prefill_time = transferred_at.unwrap_or(answered_at) - arrival;
+    let prefill_time = transferred.as_ref().map_or(answered_at, |(at, _)| *at) - arrival;
     shared
         .metrics
         .prefill_seconds
@@ -1043,6 +1043,20 @@ async fn serve(
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Ok(v) = HeaderValue::from_str(req_id) {
         out.headers_mut().insert("x-request-id", v);
+    }
+    // What the KV transfer took, as the prefiller reported it, and the prefill time.
+    let h = out.headers_mut();
+    h.insert(
+        "x-kvtier-prefill-ms",
+        HeaderValue::from(prefill_time.as_millis() as u64),
+    );
+    if let Some((_, done)) = &transferred {
+        h.insert("x-kvtier-kv-tokens", HeaderValue::from(done.tokens));
+        h.insert("x-kvtier-kv-bytes", HeaderValue::from(done.bytes));
+        h.insert(
+            "x-kvtier-kv-transfer-us",
+            HeaderValue::from(done.elapsed_us),
+        );
     }
     Ok(out)
 }

@@ -3,6 +3,8 @@
 
 mod demo;
 mod keys;
+mod pd_cluster;
+mod pd_run;
 mod proxy;
 mod transfer;
 
@@ -25,9 +27,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Store, look up, retrieve and verify synthetic Llama-3.1-8B KV on local tiers, evict,
-    /// restart from disk, and print throughput.
-    Demo(demo::DemoArgs),
+    /// `kvtier demo`: store, look up, retrieve and verify synthetic Llama-3.1-8B KV on local
+    /// tiers, evict, restart from disk, print throughput. `kvtier demo pd`: LMCache's 1p1d
+    /// example (proxy, prefiller, decoder) on this machine.
+    Demo {
+        #[command(subcommand)]
+        mode: Option<DemoMode>,
+        #[command(flatten)]
+        args: demo::DemoArgs,
+    },
     /// Configuration files.
     Config {
         #[command(subcommand)]
@@ -53,10 +61,20 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum DemoMode {
+    /// Proxy, prefiller and decoder as processes on 127.0.0.1 (the reference 1p1d layout),
+    /// a few requests through the proxy, TTFT and KV transfer GB/s, then a clean stop.
+    Pd(pd_run::PdDemoArgs),
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// Move data between two processes through a transport; compare with memcpy and a raw
     /// loopback socket measured in the same run.
     Transfer(transfer::BenchArgs),
+    /// The reference P/D benchmark shape through proxy, prefiller and decoder processes:
+    /// per-request KV transfer time, GB/s and TTFT.
+    Pd(pd_run::PdBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -83,7 +101,11 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo(args) => demo::run(args),
+        Command::Demo { mode: None, args } => demo::run(args),
+        Command::Demo {
+            mode: Some(DemoMode::Pd(args)),
+            ..
+        } => pd_run::run_demo(args),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check(&file),
@@ -91,6 +113,9 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Transfer(args),
         } => transfer::run_bench(args),
+        Command::Bench {
+            command: BenchCommand::Pd(args),
+        } => pd_run::run_bench(args),
         Command::TransferPeer(args) => transfer::run_peer(args),
         Command::Proxy(args) => proxy::run_proxy(args),
         Command::TestServer(args) => proxy::run_test_server(args),

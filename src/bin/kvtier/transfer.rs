@@ -39,7 +39,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
-fn parse_channel(s: &str) -> Result<TransferChannel, String> {
+pub fn parse_channel(s: &str) -> Result<TransferChannel, String> {
     match s {
         "tcp" => Ok(TransferChannel::Tcp),
         "ucx" => Ok(TransferChannel::Ucx),
