@@ -92,3 +92,34 @@ fn demo_runs_end_to_end() {
     );
     assert!(stdout.contains("retrieve after restart"), "{stdout}");
 }
+
+#[test]
+fn demo_pd_runs_the_1p1d_example_and_stops_every_process() {
+    let out = kvtier(&[
+        "demo",
+        "pd",
+        "--free-ports",
+        "--requests",
+        "2",
+        "--input-len",
+        "600",
+        "--output-len",
+        "4",
+        "--layers",
+        "2",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert_eq!(
+        stdout.matches("decoder verified: true").count(),
+        2,
+        "{stdout}"
+    );
+    assert!(stdout.contains("Prefill node TTFT stats"), "{stdout}");
+    for who in ["decoder", "prefiller", "proxy"] {
+        assert!(
+            stdout.contains(&format!("{who}: stopped (exit status: 0)")),
+            "{stdout}"
+        );
+    }
+}

@@ -2,8 +2,11 @@
 //! streaming and non-streaming answers, chat, the exact prefill/decode requests, failure
 //! stages with their time bounds, the TTFT report, `/metrics`, and shutdown on Ctrl+C.
 //!
-//! These tests run without P/D (`--no-kv-wait`, or a proxy whose prefiller never notifies);
-//! the P/D end-to-end tests live with the P/D code.
+//! The first tests run without P/D (`--no-kv-wait`, or a proxy whose prefiller never
+//! notifies); the `pd_*` tests run the whole P/D path end to end, over each transport
+//! built in, and its faults: prefiller killed mid-transfer, decoder killed and restarted,
+//! proxy restarted, P/D buffer too small. Each fault ends in a clear error or a recovery,
+//! and the decoder's P/D buffer usage returns to zero.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
@@ -744,16 +747,56 @@ struct PdSetup {
 }
 
 async fn pd_setup(init_port_for_proxy: Option<u16>) -> PdSetup {
+    pd_setup_with(PdOptions {
+        init_port_for_proxy,
+        ..PdOptions::default()
+    })
+    .await
+}
+
+/// Knobs of a P/D setup.
+struct PdOptions {
+    transport: &'static str,
+    init_port_for_proxy: Option<u16>,
+    decoder_buffer: u64,
+    /// Extra YAML lines for the decoder.
+    decoder_extra: &'static str,
+}
+
+impl Default for PdOptions {
+    fn default() -> Self {
+        PdOptions {
+            transport: "tcp",
+            init_port_for_proxy: None,
+            decoder_buffer: 32 << 20,
+            decoder_extra: "",
+        }
+    }
+}
+
+/// What the processes of a P/D setup are started with (to restart one).
+struct PdArgs {
+    prefiller: Vec<String>,
+    decoder: Vec<String>,
+    proxy: Vec<String>,
+}
+
+async fn pd_setup_with(o: PdOptions) -> PdSetup {
+    pd_setup_full(o).await.0
+}
+
+async fn pd_setup_full(o: PdOptions) -> (PdSetup, PdArgs) {
     let p = free_ports(6);
     let (http_pre, http_dec, init, alloc, proxy_port, notify) =
         (p[0], p[1], p[2], p[3], p[4], p[5]);
     let dir = tempfile::tempdir().unwrap();
     let pre_cfg = dir.path().join("prefiller.yaml");
     let dec_cfg = dir.path().join("decoder.yaml");
+    let transport = o.transport;
     std::fs::write(
         &pre_cfg,
         format!(
-            "enable_pd: True\ntransfer_channel: tcp\npd_role: sender\npd_proxy_host: 127.0.0.1\n\
+            "enable_pd: True\ntransfer_channel: {transport}\npd_role: sender\npd_proxy_host: 127.0.0.1\n\
              pd_proxy_port: {notify}\npd_buffer_size: 16777216\npd_buffer_device: cpu\n\
              transport_timeout_sec: 3\n"
         ),
@@ -762,14 +805,22 @@ async fn pd_setup(init_port_for_proxy: Option<u16>) -> PdSetup {
     std::fs::write(
         &dec_cfg,
         format!(
-            "local_cpu: False\nmax_local_cpu_size: 0\nenable_pd: True\ntransfer_channel: tcp\n\
+            "local_cpu: False\nmax_local_cpu_size: 0\nenable_pd: True\ntransfer_channel: {transport}\n\
              pd_role: receiver\npd_peer_host: 127.0.0.1\npd_peer_init_port: {init}\n\
-             pd_peer_alloc_port: {alloc}\npd_buffer_size: 33554432\npd_buffer_device: cpu\n"
+             pd_peer_alloc_port: {alloc}\npd_buffer_size: {}\npd_buffer_device: cpu\n{}",
+            o.decoder_buffer, o.decoder_extra
         ),
     )
     .unwrap();
-    let prefiller = test_server(http_pre, &["--config", pre_cfg.to_str().unwrap()]);
-    let decoder = test_server(http_dec, &["--config", dec_cfg.to_str().unwrap()]);
+    let server_args = |port: u16, cfg: &std::path::Path| {
+        let mut a = args(&["test-server", "--port", &port.to_string(), "--layers", "2"]);
+        a.extend(args(&["--config", cfg.to_str().unwrap()]));
+        a
+    };
+    let pre_args = server_args(http_pre, &pre_cfg);
+    let dec_args = server_args(http_dec, &dec_cfg);
+    let prefiller = Proc::spawn(&pre_args);
+    let decoder = Proc::spawn(&dec_args);
     let mut a = proxy_args(
         proxy_port,
         http_pre,
@@ -777,7 +828,7 @@ async fn pd_setup(init_port_for_proxy: Option<u16>) -> PdSetup {
         notify,
         &["--timeout-sec", "5"],
     );
-    let init_for_proxy = init_port_for_proxy.unwrap_or(init);
+    let init_for_proxy = o.init_port_for_proxy.unwrap_or(init);
     for (flag, value) in [
         ("--decoder-init-port", init_for_proxy),
         ("--decoder-alloc-port", alloc),
@@ -798,7 +849,14 @@ async fn pd_setup(init_port_for_proxy: Option<u16>) -> PdSetup {
     wait_healthy(&s.prefiller_base, &[&s._prefiller]).await;
     wait_healthy(&s.decoder_base, &[&s._decoder]).await;
     wait_healthy(&s.base, &[&s.proxy]).await;
-    s
+    (
+        s,
+        PdArgs {
+            prefiller: pre_args,
+            decoder: dec_args,
+            proxy: a,
+        },
+    )
 }
 
 async fn metrics_text(base: &str) -> String {
@@ -812,9 +870,55 @@ async fn metrics_text(base: &str) -> String {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pd_end_to_end_kv_arrives_verified() {
-    let s = pd_setup(None).await;
+/// The P/D end-to-end and fault tests for one transport.
+macro_rules! pd_tests {
+    ($module:ident, $transport:literal) => {
+        mod $module {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn end_to_end_kv_arrives_verified() {
+                super::pd_end_to_end($transport).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn prefiller_killed_mid_transfer_fails_the_request_and_leaks_no_pages() {
+                super::pd_prefiller_killed_mid_transfer_fails_the_request_and_leaks_no_pages(
+                    $transport,
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn decoder_killed_then_restarted_recovers() {
+                super::pd_decoder_killed_then_restarted_recovers($transport).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn proxy_restarted_serves_again() {
+                super::pd_proxy_restarted_serves_again($transport).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn buffer_too_small_says_how_big_it_must_be() {
+                super::pd_buffer_too_small_says_how_big_it_must_be($transport).await;
+            }
+        }
+    };
+}
+
+pd_tests!(pd_tcp, "tcp");
+#[cfg(feature = "ucx")]
+pd_tests!(pd_ucx, "ucx");
+#[cfg(feature = "nixl")]
+pd_tests!(pd_nixl, "nixl");
+
+/// Completions, streamed completions and chat through the proxy; the decoder's KV for
+/// every chunk is byte-identical to the prefiller's, and no page stays allocated.
+async fn pd_end_to_end(transport: &'static str) {
+    let s = pd_setup_with(PdOptions {
+        transport,
+        ..PdOptions::default()
+    })
+    .await;
     // 600 words: two full 256-token chunks and a partial one.
     let prompt: String = (0..600).map(|i| format!("w{i} ")).collect();
 
@@ -866,6 +970,146 @@ async fn pd_end_to_end_kv_arrives_verified() {
         m.contains("kvtier_testserver_kv_sent_tokens_total 1204"),
         "{m}"
     );
+    wait_buffer_empty(&s.decoder_base).await;
+}
+
+/// Waits until the decoder's P/D buffer holds nothing (at most 15 s).
+async fn wait_buffer_empty(decoder_base: &str) {
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = metrics_text(decoder_base).await;
+        if m.contains("kvtier_pd_buffer_used_bytes 0") {
+            return;
+        }
+        assert!(Instant::now() < until, "P/D pages leaked: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn pd_used_bytes(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kvtier_pd_buffer_used_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn pd_prefiller_killed_mid_transfer_fails_the_request_and_leaks_no_pages(
+    transport: &'static str,
+) {
+    let (mut s, _) = pd_setup_full(PdOptions {
+        transport,
+        decoder_buffer: 512 << 20,
+        decoder_extra: "pd_ttl_sec: 2\n",
+        ..PdOptions::default()
+    })
+    .await;
+    // 40 000 tokens: 320 MiB of KV with 2 layers, long enough to land a kill in.
+    let prompt: String = (0..40_000).map(|i| format!("k{i} ")).collect();
+    let url = format!("{}/v1/completions", s.base);
+    let request =
+        tokio::spawn(async move { post(&url, json!({"prompt": prompt, "max_tokens": 2})).await });
+    // Kill the prefiller as soon as the decoder has pages allocated for it.
+    let until = Instant::now() + Duration::from_secs(60);
+    while pd_used_bytes(&metrics_text(&s.decoder_base).await) == 0 {
+        assert!(Instant::now() < until, "the transfer never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s._prefiller.child.kill().unwrap();
+    let killed = Instant::now();
+    let r = request.await.unwrap();
+    assert!(r.status().is_server_error(), "{}", r.status());
+    let v: Value = r.json().await.unwrap();
+    let stage = v["error"]["stage"].as_str().unwrap_or_default().to_string();
+    assert!(stage == "prefill" || stage == "kv_transfer", "{v}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(6),
+        "error after {:?}",
+        killed.elapsed()
+    );
+    wait_buffer_empty(&s.decoder_base).await;
+}
+
+async fn pd_decoder_killed_then_restarted_recovers(transport: &'static str) {
+    let (mut s, a) = pd_setup_full(PdOptions {
+        transport,
+        ..PdOptions::default()
+    })
+    .await;
+    let url = format!("{}/v1/completions", s.base);
+    let ok = post(&url, json!({"prompt": "one two three", "max_tokens": 2})).await;
+    assert_eq!(ok.status(), 200);
+    s._decoder.child.kill().unwrap();
+    let _ = s._decoder.child.wait();
+    let t = Instant::now();
+    let r = post(&url, json!({"prompt": "four five six", "max_tokens": 2})).await;
+    assert!(r.status().is_server_error(), "{}", r.status());
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().is_some(), "{v}");
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    // A new decoder on the same ports: the prefiller reconnects, requests succeed again.
+    s._decoder = Proc::spawn(&a.decoder);
+    wait_healthy(&s.decoder_base, &[&s._decoder]).await;
+    let r = post(
+        &url,
+        json!({"prompt": "seven eight nine ten", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["kvtier"]["kv_verified"], true, "{v}");
+    wait_buffer_empty(&s.decoder_base).await;
+}
+
+async fn pd_proxy_restarted_serves_again(transport: &'static str) {
+    let (mut s, a) = pd_setup_full(PdOptions {
+        transport,
+        ..PdOptions::default()
+    })
+    .await;
+    let url = format!("{}/v1/completions", s.base);
+    assert_eq!(
+        post(&url, json!({"prompt": "a b", "max_tokens": 1}))
+            .await
+            .status(),
+        200
+    );
+    s.proxy.child.kill().unwrap();
+    let _ = s.proxy.child.wait();
+    s.proxy = Proc::spawn(&a.proxy);
+    wait_healthy(&s.base, &[&s.proxy]).await;
+    // The prefiller's notification connection went with the old proxy: it reconnects.
+    let r = post(&url, json!({"prompt": "c d e", "max_tokens": 1})).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["kvtier"]["kv_verified"], true, "{v}");
+    wait_buffer_empty(&s.decoder_base).await;
+}
+
+async fn pd_buffer_too_small_says_how_big_it_must_be(transport: &'static str) {
+    // Two pages of 256 tokens (4 MiB with 2 layers); the prompt needs four.
+    let s = pd_setup_with(PdOptions {
+        transport,
+        decoder_buffer: 4 << 20,
+        ..PdOptions::default()
+    })
+    .await;
+    let prompt: String = (0..1000).map(|i| format!("b{i} ")).collect();
+    let t = Instant::now();
+    let r = post(
+        &format!("{}/v1/completions", s.base),
+        json!({"prompt": prompt, "max_tokens": 1}),
+    )
+    .await;
+    assert!(r.status().is_server_error(), "{}", r.status());
+    let v: Value = r.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("pd_buffer_size") && msg.contains("8388608"),
+        "{v}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    wait_buffer_empty(&s.decoder_base).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -134,11 +134,16 @@ async fn accept_loop(listener: TcpListener, board: Arc<Board>, secret: Option<St
                             bytes,
                             elapsed_us,
                         };
-                        let mut map = board.done.lock().expect("lock");
-                        map.retain(|_, (_, at)| at.elapsed() < KEEP);
-                        map.insert(req_id, (done, Instant::now()));
-                        drop(map);
+                        {
+                            let mut map = board.done.lock().expect("lock");
+                            map.retain(|_, (_, at)| at.elapsed() < KEEP);
+                            map.insert(req_id.clone(), (done, Instant::now()));
+                        }
                         board.posted.notify_waiters();
+                        if let Err(e) = conn.send(&Message::Received { req_id }).await {
+                            tracing::warn!("proxy notifications: cannot acknowledge: {e}");
+                            return;
+                        }
                     }
                     Ok(other) => {
                         tracing::error!(
@@ -178,7 +183,9 @@ impl ProxyNotifier {
         }
     }
 
-    /// Sends `done`, reconnecting once if the connection broke.
+    /// Sends `done` and waits for the proxy's acknowledgement, reconnecting once if the
+    /// connection broke (a write into a connection the proxy already closed can succeed
+    /// locally: only the acknowledgement proves delivery).
     pub async fn send(&self, done: &TransferDone) -> Result<(), PdError> {
         let msg = Message::TransferDone {
             req_id: done.req_id.clone(),
@@ -202,7 +209,12 @@ impl ProxyNotifier {
                 );
             }
             let conn = slot.as_mut().expect("just connected");
-            match conn.send(&msg).await {
+            let acked = match conn.request(&msg, self.timeout).await {
+                Ok(Message::Received { req_id }) if req_id == done.req_id => Ok(()),
+                Ok(other) => Err(conn.unexpected(&other)),
+                Err(e) => Err(e),
+            };
+            match acked {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt == 0 => {
                     tracing::debug!("proxy connection broke ({e}); reconnecting");

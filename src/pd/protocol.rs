@@ -135,6 +135,11 @@ pub enum Message {
         /// What went wrong.
         reason: String,
     },
+    /// Proxy → sender: the `TransferDone` for `req_id` arrived.
+    Received {
+        /// The request.
+        req_id: String,
+    },
     /// Sender → proxy: the request's KV has reached the receiver (or failed to).
     TransferDone {
         /// The request.
@@ -199,6 +204,7 @@ const COMMITTED: u8 = 11;
 const ABORT: u8 = 12;
 const ERROR: u8 = 13;
 const TRANSFER_DONE: u8 = 14;
+const RECEIVED: u8 = 15;
 
 struct W(Vec<u8>);
 
@@ -321,6 +327,10 @@ pub fn encode(msg: &Message) -> Vec<u8> {
         Message::Error { reason } => {
             w.u8(ERROR);
             w.str(reason);
+        }
+        Message::Received { req_id } => {
+            w.u8(RECEIVED);
+            w.str(req_id);
         }
         Message::TransferDone {
             req_id,
@@ -460,6 +470,7 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
         ABORT => "abort",
         ERROR => "error",
         TRANSFER_DONE => "transfer-done",
+        RECEIVED => "received",
         other => return Err(ProtocolError::UnknownType(other)),
     };
     let mut r = R { b: rest, what };
@@ -528,6 +539,7 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
         COMMITTED => Message::Committed { req_id: r.str()? },
         ABORT => Message::Abort { req_id: r.str()? },
         ERROR => Message::Error { reason: r.str()? },
+        RECEIVED => Message::Received { req_id: r.str()? },
         _ => Message::TransferDone {
             req_id: r.str()?,
             ok: match r.u8()? {
