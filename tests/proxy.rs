@@ -776,7 +776,6 @@ impl Default for PdOptions {
 
 /// What the processes of a P/D setup are started with (to restart one).
 struct PdArgs {
-    prefiller: Vec<String>,
     decoder: Vec<String>,
     proxy: Vec<String>,
 }
@@ -852,7 +851,6 @@ async fn pd_setup_full(o: PdOptions) -> (PdSetup, PdArgs) {
     (
         s,
         PdArgs {
-            prefiller: pre_args,
             decoder: dec_args,
             proxy: a,
         },
