@@ -459,10 +459,12 @@ impl Shared {
     fn print_report_if_new(&self) {
         let block = {
             let mut stats = self.stats.lock();
-            if stats.count == stats.reported {
+            // New samples of either kind: end-to-end TTFTs land after their prefill.
+            let now = (stats.count, stats.e2e_count);
+            if now == stats.reported {
                 return;
             }
-            stats.reported = stats.count;
+            stats.reported = now;
             stats.report()
         };
         use std::io::Write;
@@ -571,8 +573,10 @@ impl ProxyMetrics {
 struct TtftStats {
     /// Requests whose prefill finished (all time).
     count: u64,
-    /// `count` at the last printed report.
-    reported: u64,
+    /// End-to-end TTFT samples taken (all time).
+    e2e_count: u64,
+    /// `(count, e2e_count)` at the last printed report.
+    reported: (u64, u64),
     prefill: Window,
     e2e: Window,
 }
@@ -1089,7 +1093,9 @@ impl Relay {
                     self.first = false;
                     let ttft = self.arrival.elapsed();
                     self.shared.metrics.ttft_seconds.observe(ttft.as_secs_f64());
-                    self.shared.stats.lock().e2e.push(ttft.as_secs_f64() * 1e3);
+                    let mut stats = self.shared.stats.lock();
+                    stats.e2e.push(ttft.as_secs_f64() * 1e3);
+                    stats.e2e_count += 1;
                 }
                 return Some(Ok(bytes));
             }
