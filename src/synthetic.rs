@@ -33,12 +33,7 @@ pub fn fill_kv(model: &ModelSpec, tokens: &[u32], out: &mut [u8]) {
     if tokens.is_empty() {
         return;
     }
-    let mut seeds = Vec::with_capacity(tokens.len());
-    let mut h = 0x6b76_7469_6572u64;
-    for &t in tokens {
-        h = xxh3_64_with_seed(&t.to_le_bytes(), h);
-        seeds.push(h);
-    }
+    let seeds = chained_seeds(tokens);
     let row = model.chunk_shape(1).row_bytes();
     if row == 0 {
         return;
@@ -47,18 +42,34 @@ pub fn fill_kv(model: &ModelSpec, tokens: &[u32], out: &mut [u8]) {
         .enumerate()
         .for_each(|(plane, dst)| {
             for (seed, out) in seeds.iter().zip(dst.chunks_exact_mut(row)) {
-                let mut s = seed ^ (plane as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                for word in out.chunks_mut(8) {
-                    // splitmix64
-                    s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                    let mut z = s;
-                    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                    let bytes = (z ^ (z >> 31)).to_le_bytes();
-                    word.copy_from_slice(&bytes[..word.len()]);
-                }
+                fill_row(*seed, plane, out);
             }
         });
+}
+
+/// One token's row of one (kv, layer) plane: splitmix64 output seeded by the token's
+/// chained hash and the plane.
+fn fill_row(seed: u64, plane: usize, out: &mut [u8]) {
+    let mut s = seed ^ (plane as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for word in out.chunks_mut(8) {
+        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        let bytes = (z ^ (z >> 31)).to_le_bytes();
+        word.copy_from_slice(&bytes[..word.len()]);
+    }
+}
+
+fn chained_seeds(tokens: &[u32]) -> Vec<u64> {
+    let mut h = 0x6b76_7469_6572u64;
+    tokens
+        .iter()
+        .map(|&t| {
+            h = xxh3_64_with_seed(&t.to_le_bytes(), h);
+            h
+        })
+        .collect()
 }
 
 /// Whether the first `loaded` tokens of `kv` — KV laid out for all of `tokens`, as
@@ -73,11 +84,18 @@ pub fn matches_kv_prefix(model: &ModelSpec, tokens: &[u32], kv: &[u8], loaded: u
     if loaded == 0 || plane == 0 {
         return true;
     }
-    let expected = kv_for_tokens(model, &tokens[..loaded]);
-    let want = row * loaded;
-    kv.chunks(plane)
-        .zip(expected.chunks(want))
-        .all(|(got, exp)| got.get(..want) == Some(exp))
+    // Row by row into a small scratch buffer: no gigabyte-sized expected copy.
+    let seeds = chained_seeds(&tokens[..loaded]);
+    kv.par_chunks(plane).enumerate().all(|(p, got)| {
+        let mut scratch = vec![0u8; row];
+        seeds
+            .iter()
+            .zip(got.chunks_exact(row))
+            .all(|(seed, got_row)| {
+                fill_row(*seed, p, &mut scratch);
+                scratch == got_row
+            })
+    })
 }
 
 /// `n` reproducible pseudo-random token ids (below [`VOCAB_SIZE`]) for `seed`.

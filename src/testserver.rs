@@ -21,6 +21,7 @@
 //! Without P/D in its configuration the server ignores `kv_transfer_params` and just
 //! answers (`kv_tokens: 0`).
 
+use crate::memory::BufferPool;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,6 +126,11 @@ struct Shared {
     token_delay: Duration,
     counter: AtomicU64,
     metrics: ServerMetrics,
+    /// KV buffers (generated, retrieved): recycled, pre-faulted huge pages.
+    pool: BufferPool,
+    /// Requests generating or checking KV at once (a GPU prefills a batch at a time):
+    /// the rest wait here, holding no KV memory.
+    kv_slots: tokio::sync::Semaphore,
 }
 
 struct ServerMetrics {
@@ -251,6 +257,8 @@ impl TestServer {
                 token_delay: options.token_delay,
                 counter: AtomicU64::new(0),
                 metrics: ServerMetrics::new(),
+                pool: BufferPool::new(4 << 30),
+                kv_slots: tokio::sync::Semaphore::new(2),
             }),
         })
     }
@@ -706,14 +714,24 @@ async fn send_kv(
 ) -> Result<crate::pd::SendReport, Reject> {
     let model = shared.model.clone();
     let owned = tokens.to_vec();
-    let kv = tokio::task::spawn_blocking(move || synthetic::kv_for_tokens(&model, &owned))
-        .await
-        .map_err(|e| {
-            Reject(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("KV generation failed: {e}"),
-            )
-        })?;
+    let _slot = shared.kv_slots.acquire().await.map_err(|e| {
+        Reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("shutting down: {e}"),
+        )
+    })?;
+    let mut kv = shared.pool.alloc(model.bytes_per_token() * tokens.len());
+    let kv = tokio::task::spawn_blocking(move || {
+        synthetic::fill_kv(&model, &owned, &mut kv);
+        kv
+    })
+    .await
+    .map_err(|e| {
+        Reject(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("KV generation failed: {e}"),
+        )
+    })?;
     match sender.send(req_id, tokens, &kv, to).await {
         Ok(report) => {
             shared.metrics.kv_sent_tokens.inc_by(report.tokens as u64);
@@ -746,7 +764,11 @@ async fn load_kv(
     tokens: &[u32],
 ) -> (usize, bool, Option<String>) {
     let bpt = shared.model.bytes_per_token();
-    let mut out = vec![0u8; bpt * tokens.len()];
+    let Ok(_slot) = shared.kv_slots.acquire().await else {
+        return (0, false, Some("shutting down".into()));
+    };
+    // Pooled, pre-faulted memory: the stand-in engine should not spend its time faulting.
+    let mut out = shared.pool.alloc(bpt * tokens.len());
     let started = Instant::now();
     let loaded = match receiver.retrieve(req_id, tokens, &mut out).await {
         Ok(n) => n,

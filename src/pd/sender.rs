@@ -41,7 +41,8 @@ pub struct SendReport {
     pub skipped_tokens: usize,
     /// Bytes written.
     pub bytes: u64,
-    /// Wall time, allocation to commit.
+    /// Time the transfer took: allocation, staging, one-sided writes and commit (not the
+    /// wait for a connection or for another send using the staging buffer).
     pub elapsed: Duration,
 }
 
@@ -186,7 +187,7 @@ impl PdSender {
         to: &ReceiverSpec,
     ) -> Result<SendReport> {
         let start = Instant::now();
-        let result = self.send_inner(req_id, tokens, kv, to, start).await;
+        let result = self.send_inner(req_id, tokens, kv, to).await;
         if result.is_err() {
             // A broken link is rebuilt on the next send.
             self.links.lock().await.remove(to);
@@ -223,7 +224,6 @@ impl PdSender {
         tokens: &[u32],
         kv: &[u8],
         to: &ReceiverSpec,
-        start: Instant,
     ) -> Result<SendReport> {
         let bpt = self.model.bytes_per_token();
         if kv.len() != tokens.len() * bpt {
@@ -236,6 +236,8 @@ impl PdSender {
         let spans = self.hasher.spans(tokens);
         let link = self.link(to).await?;
         let _staging = self.staging_lock.lock().await;
+        // The transfer proper: from here (connected, staging buffer ours) to the commit.
+        let start = Instant::now();
         let mut report = SendReport::default();
         for wave in spans.chunks(self.staging_pages) {
             let chunks: Vec<ChunkRequest> = wave
