@@ -10,6 +10,8 @@
 //! `Hello` (HMAC of the nonce with `transport_auth_token`, see
 //! [`kvtier_transport::auth`]) and `Welcome` or `Reject`.
 
+use kvtier_transport::wire::{Reader, WireError, Writer};
+
 use crate::keys::ChunkKey;
 
 /// Protocol version of this build.
@@ -206,58 +208,34 @@ const ERROR: u8 = 13;
 const TRANSFER_DONE: u8 = 14;
 const RECEIVED: u8 = 15;
 
-struct W(Vec<u8>);
+/// A string field: `u32` length, at most [`MAX_STR`] bytes.
+fn put_str(w: &mut Writer, v: &str) {
+    w.str(v, MAX_STR, true);
+}
 
-impl W {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn key(&mut self, k: ChunkKey) {
-        self.0.extend_from_slice(&k.to_le_bytes());
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        self.u32(b.len() as u32);
-        self.0.extend_from_slice(b);
-    }
-    fn str(&mut self, s: &str) {
-        let b = &s.as_bytes()[..s.len().min(MAX_STR)];
-        // Cut on a character boundary so the field stays valid UTF-8.
-        let mut n = b.len();
-        while !s.is_char_boundary(n) {
-            n -= 1;
-        }
-        self.bytes(&s.as_bytes()[..n]);
-    }
+fn put_key(w: &mut Writer, k: ChunkKey) {
+    w.raw(&k.to_le_bytes());
 }
 
 /// The message as it goes on the wire, length prefix included.
 pub fn encode(msg: &Message) -> Vec<u8> {
-    let mut w = W(Vec::with_capacity(64));
+    let mut w = Writer(Vec::with_capacity(64));
     match msg {
         Message::Challenge { version, nonce } => {
             w.u8(CHALLENGE);
             w.u16(*version);
-            w.0.extend_from_slice(nonce);
+            w.raw(nonce);
         }
         Message::Hello { version, name, mac } => {
             w.u8(HELLO);
             w.u16(*version);
-            w.str(name);
-            w.0.extend_from_slice(mac);
+            put_str(&mut w, name);
+            w.raw(mac);
         }
         Message::Welcome => w.u8(WELCOME),
         Message::Reject { reason } => {
             w.u8(REJECT);
-            w.str(reason);
+            put_str(&mut w, reason);
         }
         Message::GetDescriptor => w.u8(GET_DESCRIPTOR),
         Message::Descriptor {
@@ -266,22 +244,22 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             descriptor,
         } => {
             w.u8(DESCRIPTOR);
-            w.str(transport);
+            put_str(&mut w, transport);
             w.u64(*page_bytes);
-            w.bytes(descriptor);
+            w.bytes32(descriptor);
         }
         Message::Alloc { req_id, chunks } => {
             w.u8(ALLOC);
-            w.str(req_id);
+            put_str(&mut w, req_id);
             w.u32(chunks.len() as u32);
             for c in chunks {
-                w.key(c.key);
+                put_key(&mut w, c.key);
                 w.u32(c.tokens);
             }
         }
         Message::Allocated { req_id, slots } => {
             w.u8(ALLOCATED);
-            w.str(req_id);
+            put_str(&mut w, req_id);
             w.u32(slots.len() as u32);
             for s in slots {
                 match s {
@@ -300,7 +278,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             buffer_bytes,
         } => {
             w.u8(ALLOC_FAILED);
-            w.str(req_id);
+            put_str(&mut w, req_id);
             w.u8(match failure {
                 AllocFailure::NeverFits => 0,
                 AllocFailure::Timeout => 1,
@@ -310,27 +288,27 @@ pub fn encode(msg: &Message) -> Vec<u8> {
         }
         Message::Commit { req_id, keys } => {
             w.u8(COMMIT);
-            w.str(req_id);
+            put_str(&mut w, req_id);
             w.u32(keys.len() as u32);
             for k in keys {
-                w.key(*k);
+                put_key(&mut w, *k);
             }
         }
         Message::Committed { req_id } => {
             w.u8(COMMITTED);
-            w.str(req_id);
+            put_str(&mut w, req_id);
         }
         Message::Abort { req_id } => {
             w.u8(ABORT);
-            w.str(req_id);
+            put_str(&mut w, req_id);
         }
         Message::Error { reason } => {
             w.u8(ERROR);
-            w.str(reason);
+            put_str(&mut w, reason);
         }
         Message::Received { req_id } => {
             w.u8(RECEIVED);
-            w.str(req_id);
+            put_str(&mut w, req_id);
         }
         Message::TransferDone {
             req_id,
@@ -341,91 +319,33 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             elapsed_us,
         } => {
             w.u8(TRANSFER_DONE);
-            w.str(req_id);
+            put_str(&mut w, req_id);
             w.u8(*ok as u8);
-            w.str(error);
+            put_str(&mut w, error);
             w.u64(*tokens);
             w.u64(*bytes);
             w.u64(*elapsed_us);
         }
     }
-    let mut out = Vec::with_capacity(4 + w.0.len());
-    out.extend_from_slice(&(w.0.len() as u32).to_le_bytes());
-    out.extend_from_slice(&w.0);
-    out
+    w.into_frame()
 }
 
-struct R<'a> {
-    b: &'a [u8],
-    what: &'static str,
+fn get_str(r: &mut Reader<'_>) -> Result<String, ProtocolError> {
+    Ok(r.str(MAX_STR, true)?)
 }
 
-impl<'a> R<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
-        if self.b.len() < n {
-            return Err(ProtocolError::Truncated(self.what));
+fn get_key(r: &mut Reader<'_>) -> Result<ChunkKey, ProtocolError> {
+    Ok(ChunkKey::from_le_bytes(r.array()?))
+}
+
+impl From<WireError> for ProtocolError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Truncated(what) => ProtocolError::Truncated(what),
+            WireError::Trailing(n) => ProtocolError::Trailing(n),
+            WireError::TooLong { what, len, cap } => ProtocolError::TooLong { what, len, cap },
+            WireError::BadUtf8 => ProtocolError::BadUtf8,
         }
-        let (h, t) = self.b.split_at(n);
-        self.b = t;
-        Ok(h)
-    }
-    fn u8(&mut self) -> Result<u8, ProtocolError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, ProtocolError> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32, ProtocolError> {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(self.take(4)?);
-        Ok(u32::from_le_bytes(a))
-    }
-    fn u64(&mut self) -> Result<u64, ProtocolError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn key(&mut self) -> Result<ChunkKey, ProtocolError> {
-        let mut a = [0u8; 16];
-        a.copy_from_slice(self.take(16)?);
-        Ok(ChunkKey::from_le_bytes(a))
-    }
-    fn arr32(&mut self) -> Result<[u8; 32], ProtocolError> {
-        let mut a = [0u8; 32];
-        a.copy_from_slice(self.take(32)?);
-        Ok(a)
-    }
-    fn bytes(&mut self, cap: usize) -> Result<&'a [u8], ProtocolError> {
-        let n = self.u32()? as usize;
-        if n > cap {
-            return Err(ProtocolError::TooLong {
-                what: "field",
-                len: n,
-                cap,
-            });
-        }
-        self.take(n)
-    }
-    fn str(&mut self) -> Result<String, ProtocolError> {
-        std::str::from_utf8(self.bytes(MAX_STR)?)
-            .map(str::to_string)
-            .map_err(|_| ProtocolError::BadUtf8)
-    }
-    /// A list count whose items take at least `min_item` bytes each.
-    fn count(&mut self, min_item: usize) -> Result<usize, ProtocolError> {
-        let n = self.u32()? as usize;
-        if n > MAX_CHUNKS {
-            return Err(ProtocolError::TooLong {
-                what: "list",
-                len: n,
-                cap: MAX_CHUNKS,
-            });
-        }
-        if n * min_item > self.b.len() {
-            return Err(ProtocolError::Truncated(self.what));
-        }
-        Ok(n)
     }
 }
 
@@ -473,40 +393,42 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
         RECEIVED => "received",
         other => return Err(ProtocolError::UnknownType(other)),
     };
-    let mut r = R { b: rest, what };
+    let mut r = Reader::new(rest, what);
     let msg = match t {
         CHALLENGE => Message::Challenge {
             version: r.u16()?,
-            nonce: r.arr32()?,
+            nonce: r.array()?,
         },
         HELLO => Message::Hello {
             version: r.u16()?,
-            name: r.str()?,
-            mac: r.arr32()?,
+            name: get_str(&mut r)?,
+            mac: r.array()?,
         },
         WELCOME => Message::Welcome,
-        REJECT => Message::Reject { reason: r.str()? },
+        REJECT => Message::Reject {
+            reason: get_str(&mut r)?,
+        },
         GET_DESCRIPTOR => Message::GetDescriptor,
         DESCRIPTOR => Message::Descriptor {
-            transport: r.str()?,
+            transport: get_str(&mut r)?,
             page_bytes: r.u64()?,
-            descriptor: r.bytes(MAX_FRAME)?.to_vec(),
+            descriptor: r.bytes32(MAX_FRAME)?.to_vec(),
         },
         ALLOC => {
-            let req_id = r.str()?;
-            let n = r.count(20)?;
+            let req_id = get_str(&mut r)?;
+            let n = r.count(MAX_CHUNKS, 20)?;
             let mut chunks = Vec::with_capacity(n);
             for _ in 0..n {
                 chunks.push(ChunkRequest {
-                    key: r.key()?,
+                    key: get_key(&mut r)?,
                     tokens: r.u32()?,
                 });
             }
             Message::Alloc { req_id, chunks }
         }
         ALLOCATED => {
-            let req_id = r.str()?;
-            let n = r.count(1)?;
+            let req_id = get_str(&mut r)?;
+            let n = r.count(MAX_CHUNKS, 1)?;
             let mut slots = Vec::with_capacity(n);
             for _ in 0..n {
                 slots.push(match r.u8()? {
@@ -518,7 +440,7 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
             Message::Allocated { req_id, slots }
         }
         ALLOC_FAILED => Message::AllocFailed {
-            req_id: r.str()?,
+            req_id: get_str(&mut r)?,
             failure: match r.u8()? {
                 0 => AllocFailure::NeverFits,
                 1 => AllocFailure::Timeout,
@@ -528,34 +450,40 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
             buffer_bytes: r.u64()?,
         },
         COMMIT => {
-            let req_id = r.str()?;
-            let n = r.count(16)?;
+            let req_id = get_str(&mut r)?;
+            let n = r.count(MAX_CHUNKS, 16)?;
             let mut keys = Vec::with_capacity(n);
             for _ in 0..n {
-                keys.push(r.key()?);
+                keys.push(get_key(&mut r)?);
             }
             Message::Commit { req_id, keys }
         }
-        COMMITTED => Message::Committed { req_id: r.str()? },
-        ABORT => Message::Abort { req_id: r.str()? },
-        ERROR => Message::Error { reason: r.str()? },
-        RECEIVED => Message::Received { req_id: r.str()? },
+        COMMITTED => Message::Committed {
+            req_id: get_str(&mut r)?,
+        },
+        ABORT => Message::Abort {
+            req_id: get_str(&mut r)?,
+        },
+        ERROR => Message::Error {
+            reason: get_str(&mut r)?,
+        },
+        RECEIVED => Message::Received {
+            req_id: get_str(&mut r)?,
+        },
         _ => Message::TransferDone {
-            req_id: r.str()?,
+            req_id: get_str(&mut r)?,
             ok: match r.u8()? {
                 0 => false,
                 1 => true,
                 _ => return Err(ProtocolError::BadCode("ok")),
             },
-            error: r.str()?,
+            error: get_str(&mut r)?,
             tokens: r.u64()?,
             bytes: r.u64()?,
             elapsed_us: r.u64()?,
         },
     };
-    if !r.b.is_empty() {
-        return Err(ProtocolError::Trailing(r.b.len()));
-    }
+    r.finish()?;
     Ok(msg)
 }
 

@@ -12,6 +12,8 @@
 //!
 //! [`decode`] is total: any input gives a frame or a [`FrameError`], never a panic.
 
+use kvtier_transport::wire::{Reader, WireError, Writer};
+
 /// Protocol version spoken by this build.
 pub const VERSION: u16 = 1;
 /// Largest control-frame body.
@@ -149,46 +151,40 @@ const T_NOTIFY: u8 = 7;
 const T_ACK: u8 = 8;
 const T_DATA: u8 = 9;
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    let s = &s.as_bytes()[..s.len().min(MAX_NAME)];
-    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
-    out.extend_from_slice(s);
-}
-
-fn put_status(out: &mut Vec<u8>, s: Status) {
+fn put_status(w: &mut Writer, s: Status) {
     match s {
-        Status::Ok => out.push(0),
+        Status::Ok => w.u8(0),
         Status::OutOfBounds { region_len } => {
-            out.push(1);
-            out.extend_from_slice(&region_len.to_le_bytes());
+            w.u8(1);
+            w.u64(region_len);
         }
     }
 }
 
 /// The frame as it goes on the wire (length prefix included).
 pub fn encode(frame: &Frame) -> Vec<u8> {
-    let mut b = Vec::with_capacity(48);
+    let mut w = Writer(Vec::with_capacity(48));
     match frame {
         Frame::Challenge {
             version,
             name,
             nonce,
         } => {
-            b.push(T_CHALLENGE);
-            b.extend_from_slice(&version.to_le_bytes());
-            put_str(&mut b, name);
-            b.extend_from_slice(nonce);
+            w.u8(T_CHALLENGE);
+            w.u16(*version);
+            w.str(name, MAX_NAME, false);
+            w.raw(nonce);
         }
         Frame::Hello { version, name, mac } => {
-            b.push(T_HELLO);
-            b.extend_from_slice(&version.to_le_bytes());
-            put_str(&mut b, name);
-            b.extend_from_slice(mac);
+            w.u8(T_HELLO);
+            w.u16(*version);
+            w.str(name, MAX_NAME, false);
+            w.raw(mac);
         }
-        Frame::Welcome => b.push(T_WELCOME),
+        Frame::Welcome => w.u8(T_WELCOME),
         Frame::Reject { reason } => {
-            b.push(T_REJECT);
-            put_str(&mut b, reason);
+            w.u8(T_REJECT);
+            w.str(reason, MAX_NAME, false);
         }
         Frame::Write {
             req,
@@ -202,91 +198,52 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
             offset,
             len,
         } => {
-            b.push(if matches!(frame, Frame::Write { .. }) {
+            w.u8(if matches!(frame, Frame::Write { .. }) {
                 T_WRITE
             } else {
                 T_READ
             });
             for v in [req, region, offset, len] {
-                b.extend_from_slice(&v.to_le_bytes());
+                w.u64(*v);
             }
         }
         Frame::Notify { req, message } => {
-            b.push(T_NOTIFY);
-            b.extend_from_slice(&req.to_le_bytes());
-            b.extend_from_slice(message);
+            w.u8(T_NOTIFY);
+            w.u64(*req);
+            w.raw(message);
         }
         Frame::Ack { req, status } => {
-            b.push(T_ACK);
-            b.extend_from_slice(&req.to_le_bytes());
-            put_status(&mut b, *status);
+            w.u8(T_ACK);
+            w.u64(*req);
+            put_status(&mut w, *status);
         }
         Frame::Data { req, status, len } => {
-            b.push(T_DATA);
-            b.extend_from_slice(&req.to_le_bytes());
-            put_status(&mut b, *status);
-            b.extend_from_slice(&len.to_le_bytes());
+            w.u8(T_DATA);
+            w.u64(*req);
+            put_status(&mut w, *status);
+            w.u64(*len);
         }
     }
-    let mut out = Vec::with_capacity(4 + b.len());
-    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-    out.extend_from_slice(&b);
-    out
+    w.into_frame()
 }
 
-struct Cursor<'a> {
-    b: &'a [u8],
-    what: &'static str,
+fn status(r: &mut Reader<'_>) -> Result<Status, FrameError> {
+    match r.u8()? {
+        0 => Ok(Status::Ok),
+        1 => Ok(Status::OutOfBounds {
+            region_len: r.u64()?,
+        }),
+        s => Err(FrameError::BadStatus(s)),
+    }
 }
 
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
-        if self.b.len() < n {
-            return Err(FrameError::Truncated(self.what));
-        }
-        let (h, t) = self.b.split_at(n);
-        self.b = t;
-        Ok(h)
-    }
-    fn u16(&mut self) -> Result<u16, FrameError> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u64(&mut self) -> Result<u64, FrameError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn arr32(&mut self) -> Result<[u8; 32], FrameError> {
-        let mut a = [0u8; 32];
-        a.copy_from_slice(self.take(32)?);
-        Ok(a)
-    }
-    fn str(&mut self) -> Result<String, FrameError> {
-        let n = self.u16()? as usize;
-        if n > MAX_NAME {
-            return Err(FrameError::TooLong {
-                what: "name",
-                len: n,
-                cap: MAX_NAME,
-            });
-        }
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| FrameError::BadName)
-    }
-    fn status(&mut self) -> Result<Status, FrameError> {
-        match self.take(1)?[0] {
-            0 => Ok(Status::Ok),
-            1 => Ok(Status::OutOfBounds {
-                region_len: self.u64()?,
-            }),
-            s => Err(FrameError::BadStatus(s)),
-        }
-    }
-    fn end(self) -> Result<(), FrameError> {
-        if self.b.is_empty() {
-            Ok(())
-        } else {
-            Err(FrameError::Trailing(self.b.len()))
+impl From<WireError> for FrameError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Truncated(what) => FrameError::Truncated(what),
+            WireError::Trailing(n) => FrameError::Trailing(n),
+            WireError::TooLong { what, len, cap } => FrameError::TooLong { what, len, cap },
+            WireError::BadUtf8 => FrameError::BadName,
         }
     }
 }
@@ -329,23 +286,22 @@ pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
         T_DATA => "data",
         other => return Err(FrameError::UnknownType(other)),
     };
-    let mut c = Cursor {
-        b: rest,
-        what: name,
-    };
+    let mut c = Reader::new(rest, name);
     let frame = match t {
         T_CHALLENGE => Frame::Challenge {
             version: c.u16()?,
-            name: c.str()?,
-            nonce: c.arr32()?,
+            name: c.str(MAX_NAME, false)?,
+            nonce: c.array()?,
         },
         T_HELLO => Frame::Hello {
             version: c.u16()?,
-            name: c.str()?,
-            mac: c.arr32()?,
+            name: c.str(MAX_NAME, false)?,
+            mac: c.array()?,
         },
         T_WELCOME => Frame::Welcome,
-        T_REJECT => Frame::Reject { reason: c.str()? },
+        T_REJECT => Frame::Reject {
+            reason: c.str(MAX_NAME, false)?,
+        },
         T_WRITE | T_READ => {
             let (req, region, offset, len) = (c.u64()?, c.u64()?, c.u64()?, c.u64()?);
             if t == T_WRITE {
@@ -366,20 +322,20 @@ pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
         }
         T_NOTIFY => {
             let req = c.u64()?;
-            let message = std::mem::take(&mut c.b).to_vec();
+            let message = c.rest().to_vec();
             Frame::Notify { req, message }
         }
         T_ACK => Frame::Ack {
             req: c.u64()?,
-            status: c.status()?,
+            status: status(&mut c)?,
         },
         _ => Frame::Data {
             req: c.u64()?,
-            status: c.status()?,
+            status: status(&mut c)?,
             len: c.u64()?,
         },
     };
-    c.end()?;
+    c.finish()?;
     Ok(frame)
 }
 

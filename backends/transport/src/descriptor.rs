@@ -11,6 +11,7 @@
 //! Decoding checks every length against the input and the caps below: it never panics
 //! and never allocates more than the input justifies.
 
+use crate::wire::{Reader, WireError, Writer};
 use crate::{RegionId, Result, TransportError};
 
 const MAGIC: &[u8; 4] = b"KVTD";
@@ -49,71 +50,73 @@ pub struct Descriptor {
 impl Descriptor {
     /// The descriptor's bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + self.body.len() + self.regions.len() * 32);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.push(self.kind.len() as u8);
-        out.extend_from_slice(self.kind.as_bytes());
-        out.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
-        out.extend_from_slice(self.name.as_bytes());
-        out.extend_from_slice(&(self.regions.len() as u32).to_le_bytes());
+        let mut w = Writer(Vec::with_capacity(
+            64 + self.body.len() + self.regions.len() * 32,
+        ));
+        w.raw(MAGIC);
+        w.u16(VERSION);
+        w.u8(self.kind.len() as u8);
+        w.raw(&self.kind.as_bytes()[..self.kind.len().min(255)]);
+        w.bytes16(self.name.as_bytes());
+        w.u32(self.regions.len() as u32);
         for r in &self.regions {
-            out.extend_from_slice(&r.id.0.to_le_bytes());
-            out.extend_from_slice(&r.addr.to_le_bytes());
-            out.extend_from_slice(&r.len.to_le_bytes());
-            out.extend_from_slice(&(r.key.len() as u32).to_le_bytes());
-            out.extend_from_slice(&r.key);
+            w.u64(r.id.0);
+            w.u64(r.addr);
+            w.u64(r.len);
+            w.bytes32(&r.key);
         }
-        out.extend_from_slice(&(self.body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&self.body);
-        out
+        w.bytes32(&self.body);
+        w.0
     }
 
     /// Decodes and validates `bytes`, expecting transport `kind`.
     pub fn decode(bytes: &[u8], kind: &str) -> Result<Descriptor> {
+        Self::decode_wire(bytes, kind).map_err(|e| match e {
+            DecodeError::Wire(e) => bad(e.to_string()),
+            DecodeError::Other(msg) => bad(msg),
+        })
+    }
+
+    fn decode_wire(bytes: &[u8], kind: &str) -> Result<Descriptor, DecodeError> {
         if bytes.len() > MAX_DESCRIPTOR {
-            return Err(bad(format!(
+            return Err(DecodeError::Other(format!(
                 "{} bytes exceeds the {MAX_DESCRIPTOR}-byte cap",
                 bytes.len()
             )));
         }
-        let mut r = Reader { buf: bytes, at: 0 };
+        let mut r = Reader::new(bytes, "descriptor");
         if r.take(4)? != MAGIC {
-            return Err(bad("not a kvtier endpoint descriptor (bad magic)".into()));
+            return Err(DecodeError::Other(
+                "not a kvtier endpoint descriptor (bad magic)".into(),
+            ));
         }
         let version = r.u16()?;
         if version != VERSION {
-            return Err(bad(format!(
+            return Err(DecodeError::Other(format!(
                 "descriptor version {version}, this build reads {VERSION}"
             )));
         }
         let klen = r.u8()? as usize;
-        let found = r.str(klen)?;
+        let found = std::str::from_utf8(r.take(klen)?)
+            .map_err(|_| WireError::BadUtf8)?
+            .to_string();
         if found != kind {
-            return Err(bad(format!(
+            return Err(DecodeError::Other(format!(
                 "descriptor is for transport `{found}`, not `{kind}`"
             )));
         }
-        let nlen = r.u16()? as usize;
-        let name = r.str(nlen)?;
-        let count = r.u32()? as usize;
-        if count > MAX_REGIONS || count * 28 > r.remaining() {
-            return Err(bad(format!("{count} regions do not fit the descriptor")));
-        }
+        let name = r.str(u16::MAX as usize, false)?;
+        let count = r.count(MAX_REGIONS, 28)?;
         let mut regions = Vec::with_capacity(count);
         for _ in 0..count {
             let id = RegionId(r.u64()?);
             let addr = r.u64()?;
             let len = r.u64()?;
-            let key_len = r.u32()? as usize;
-            let key = r.take(key_len)?.to_vec();
+            let key = r.bytes32(MAX_DESCRIPTOR)?.to_vec();
             regions.push(RegionInfo { id, addr, len, key });
         }
-        let body_len = r.u32()? as usize;
-        let body = r.take(body_len)?.to_vec();
-        if r.remaining() != 0 {
-            return Err(bad(format!("{} trailing bytes", r.remaining())));
-        }
+        let body = r.bytes32(MAX_DESCRIPTOR)?.to_vec();
+        r.finish()?;
         Ok(Descriptor {
             kind: found,
             name,
@@ -143,50 +146,19 @@ impl Descriptor {
     }
 }
 
+enum DecodeError {
+    Wire(WireError),
+    Other(String),
+}
+
+impl From<WireError> for DecodeError {
+    fn from(e: WireError) -> Self {
+        DecodeError::Wire(e)
+    }
+}
+
 fn bad(msg: String) -> TransportError {
     TransportError::Protocol(format!("descriptor: {msg}"))
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
-        self.buf.len() - self.at
-    }
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if n > self.remaining() {
-            return Err(bad(format!(
-                "truncated: needs {n} more bytes, {} left",
-                self.remaining()
-            )));
-        }
-        let s = &self.buf[self.at..self.at + n];
-        self.at += n;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32> {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(self.take(4)?);
-        Ok(u32::from_le_bytes(a))
-    }
-    fn u64(&mut self) -> Result<u64> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn str(&mut self, n: usize) -> Result<String> {
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| bad("name is not UTF-8".into()))
-    }
 }
 
 #[cfg(test)]

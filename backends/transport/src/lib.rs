@@ -21,6 +21,7 @@ pub mod auth;
 pub mod conformance;
 pub mod descriptor;
 mod memory;
+pub mod wire;
 
 pub use descriptor::{Descriptor, RegionInfo};
 pub use memory::{region_slice, region_slice_mut, HostBuffer, RegionMemory, RegionTable};
