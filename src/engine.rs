@@ -229,9 +229,7 @@ impl Engine {
                 let (tier, report) =
                     tokio::task::spawn_blocking(move || DiskTier::open(dir, cap, depth, pool))
                         .await
-                        .map_err(|e| {
-                            Error::Unsupported(format!("disk tier open panicked: {e}"))
-                        })??;
+                        .map_err(|e| Error::Task(format!("opening the disk tier: {e}")))??;
                 tracing::info!(
                     dir = %tier.dir().display(),
                     "disk tier: {} chunks ({:.2} GB) recovered, {} discarded, {} evicted",
@@ -505,7 +503,7 @@ impl Engine {
         let engine = self.clone();
         tokio::task::spawn_blocking(move || engine.inner.storage.fetch(plan))
             .await
-            .map_err(|e| Error::Unsupported(format!("retrieve task failed: {e}")))
+            .map_err(|e| Error::Task(format!("retrieve: {e}")))
     }
 
     /// Loads the KV of the longest cached prefix of `tokens` into `out` (laid out as for
@@ -583,6 +581,6 @@ impl Engine {
         let engine = self.clone();
         tokio::task::spawn_blocking(move || engine.inner.storage.flush())
             .await
-            .map_err(|e| Error::Unsupported(format!("flush task failed: {e}")))
+            .map_err(|e| Error::Task(format!("flush: {e}")))
     }
 }

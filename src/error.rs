@@ -65,6 +65,9 @@ pub enum Error {
     /// A data-plane transfer failed.
     #[error("transport: {0}")]
     Transport(kvtier_transport::TransportError),
+    /// A background task (blocking I/O off the async runtime) failed or panicked.
+    #[error("background task failed: {0}")]
+    Task(String),
     /// A feature this build or configuration does not provide.
     #[error("unsupported: {0}")]
     Unsupported(String),
