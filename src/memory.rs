@@ -1,12 +1,15 @@
 //! Host memory for KV chunks: page-aligned buffers from a recycling pool.
 //!
 //! Copying into freshly mapped memory costs page faults (about 3× a copy into touched
-//! memory), so buffers are pre-faulted when first allocated and go back to a
-//! [`BufferPool`] when dropped, to be handed out again without faulting. The pool keeps
-//! at most `max_idle_bytes` of idle buffers; beyond that they are freed.
+//! memory), so buffers go back to a [`BufferPool`] when dropped, to be handed out again
+//! already faulted in; [`BufferPool::prefault`] faults buffers in ahead of time, off the
+//! hot path. The pool keeps at most `max_idle_bytes` of idle buffers; beyond that they
+//! are freed.
 //!
-//! Buffers of 2 MiB and more are 2 MiB-aligned and, on Linux, advised as transparent huge
-//! pages: first-touch faults then cost about 1/7 of what 4 KiB pages cost.
+//! Buffers of 2 MiB and more are, on Linux, mapped straight from the kernel (zero pages,
+//! no memset pass: the first copy into them is the only pass), 2 MiB-aligned and advised
+//! as transparent huge pages: first-touch faults then cost about 1/7 of what 4 KiB pages
+//! cost. Smaller buffers come from the allocator, zeroed.
 //!
 //! This module and the backend crates are the only places with `unsafe`.
 
@@ -24,10 +27,12 @@ pub const BUFFER_ALIGN: usize = 4096;
 /// Alignment and size granularity of large buffers (a huge page).
 pub const HUGE_ALIGN: usize = 2 << 20;
 
-/// A page-aligned, initialised allocation. Owns its memory.
+/// A page-aligned, initialised (zeroed) allocation. Owns its memory.
 struct RawBuf {
     ptr: NonNull<u8>,
     cap: usize,
+    /// From `mmap` (freed with `munmap`) rather than the allocator.
+    mapped: bool,
 }
 
 // SAFETY: RawBuf uniquely owns its allocation; moving it between threads moves ownership.
@@ -36,31 +41,90 @@ unsafe impl Send for RawBuf {}
 unsafe impl Sync for RawBuf {}
 
 impl RawBuf {
-    /// Allocates `cap` bytes (a non-zero value from [`size_class`]) and writes zeros to
-    /// all of them, which both initialises and pre-faults the pages.
-    fn new_prefaulted(cap: usize) -> RawBuf {
+    /// `cap` zeroed bytes (`cap` a non-zero value from [`size_class`]).
+    fn new(cap: usize) -> RawBuf {
+        #[cfg(target_os = "linux")]
+        if cap >= HUGE_ALIGN {
+            return Self::mapped(cap);
+        }
         let layout = layout_of(cap);
         // SAFETY: layout has non-zero size (cap > 0 is guaranteed by size_class).
-        let ptr = unsafe { alloc::alloc(layout) };
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(ptr) else {
             alloc::handle_alloc_error(layout)
         };
-        #[cfg(target_os = "linux")]
-        if layout.align() == HUGE_ALIGN {
-            // SAFETY: the range is exactly our fresh allocation; MADV_HUGEPAGE is advice
-            // and changes no contents. Failure (THP disabled) is harmless.
-            unsafe { libc::madvise(ptr.as_ptr().cast(), cap, libc::MADV_HUGEPAGE) };
+        RawBuf {
+            ptr,
+            cap,
+            mapped: false,
         }
-        // SAFETY: ptr is valid for writes of cap bytes, freshly allocated.
-        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, cap) };
-        RawBuf { ptr, cap }
+    }
+
+    /// `cap` bytes of fresh anonymous memory, 2 MiB-aligned, advised as huge pages.
+    #[cfg(target_os = "linux")]
+    fn mapped(cap: usize) -> RawBuf {
+        let len = cap + HUGE_ALIGN;
+        // SAFETY: an anonymous private mapping of `len` bytes; no file, no fixed address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            alloc::handle_alloc_error(layout_of(cap));
+        }
+        let start = p as usize;
+        let aligned = start.div_ceil(HUGE_ALIGN) * HUGE_ALIGN;
+        let head = aligned - start;
+        let tail = len - head - cap;
+        // SAFETY: the head and tail trimmed off lie inside the mapping just made, outside
+        // [aligned, aligned + cap); MADV_HUGEPAGE is advice on our own range (failure, e.g.
+        // THP disabled, is harmless).
+        unsafe {
+            if head > 0 {
+                libc::munmap(p, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + cap) as *mut libc::c_void, tail);
+            }
+            libc::madvise(aligned as *mut libc::c_void, cap, libc::MADV_HUGEPAGE);
+        }
+        RawBuf {
+            ptr: NonNull::new(aligned as *mut u8).expect("mmap never returns null"),
+            cap,
+            mapped: true,
+        }
+    }
+
+    /// Faults every page in (writing the zero it already holds).
+    fn touch(&self) {
+        let mut at = 0;
+        while at < self.cap {
+            // SAFETY: at < cap, inside the allocation; the buffer is not shared yet. A
+            // volatile write so the store of a value already there is not elided.
+            unsafe { self.ptr.as_ptr().add(at).write_volatile(0) };
+            at += BUFFER_ALIGN;
+        }
     }
 }
 
 impl Drop for RawBuf {
     fn drop(&mut self) {
+        if self.mapped {
+            #[cfg(target_os = "linux")]
+            // SAFETY: exactly the range mapped (and trimmed to) in `mapped`.
+            unsafe {
+                libc::munmap(self.ptr.as_ptr().cast(), self.cap);
+            }
+            return;
+        }
         let layout = layout_of(self.cap);
-        // SAFETY: ptr was allocated by alloc::alloc with exactly this layout.
+        // SAFETY: ptr was allocated by alloc::alloc_zeroed with exactly this layout.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
     }
 }
@@ -121,8 +185,8 @@ impl BufferPool {
     }
 
     /// A buffer of `len` bytes. Its contents are unspecified (zeros or a previous user's
-    /// bytes), never uninitialised. Reuses an idle buffer of the same page-rounded size
-    /// when there is one.
+    /// bytes), never uninitialised. Reuses an idle (already faulted-in) buffer of the same
+    /// size class when there is one.
     pub fn alloc(&self, len: usize) -> KvBuffer {
         let cap = size_class(len);
         let recycled = {
@@ -136,7 +200,7 @@ impl BufferPool {
             }
             None => {
                 self.inner.allocated_bytes.fetch_add(cap, Ordering::Relaxed);
-                RawBuf::new_prefaulted(cap)
+                RawBuf::new(cap)
             }
         };
         KvBuffer {
@@ -146,10 +210,16 @@ impl BufferPool {
         }
     }
 
-    /// Allocates and returns to the pool `count` buffers of `len` bytes, so that the next
-    /// `count` allocations of that size copy into touched memory.
+    /// Allocates, faults in and returns to the pool `count` buffers of `len` bytes, so
+    /// that the next `count` allocations of that size copy into touched memory. Call it
+    /// off the hot path (at start-up, or from a background thread).
     pub fn prefault(&self, len: usize, count: usize) {
         let bufs: Vec<KvBuffer> = (0..count).map(|_| self.alloc(len)).collect();
+        for b in &bufs {
+            if let Some(raw) = &b.raw {
+                raw.touch();
+            }
+        }
         drop(bufs);
     }
 
@@ -187,7 +257,7 @@ pub struct KvBuffer {
 impl KvBuffer {
     /// A buffer outside any pool (freed on drop), filled with a copy of `bytes`.
     pub fn copy_from(bytes: &[u8]) -> KvBuffer {
-        let raw = RawBuf::new_prefaulted(size_class(bytes.len()));
+        let raw = RawBuf::new(size_class(bytes.len()));
         let mut buf = KvBuffer {
             raw: Some(raw),
             len: bytes.len(),
