@@ -10,10 +10,15 @@ use super::protocol::{self, Message, VERSION};
 use super::PdError;
 
 const AUTH_CONTEXT: &[u8] = b"kvtier-pd-control-v1";
+/// Largest message before `Welcome` (a `Hello` is well under 5 KiB).
+const HANDSHAKE_FRAME: usize = 8 * 1024;
 
 /// One control connection.
 pub(crate) struct ControlConn {
     stream: TcpStream,
+    /// Largest message accepted now: small until the handshake is done, so an
+    /// unauthenticated peer cannot make us allocate much.
+    max_frame: usize,
     /// The other side's name (address and, for accepted connections, its `Hello` name).
     pub peer: String,
 }
@@ -40,6 +45,7 @@ impl ControlConn {
         let _ = stream.set_nodelay(true);
         let mut conn = ControlConn {
             stream,
+            max_frame: HANDSHAKE_FRAME,
             peer: addr.to_string(),
         };
         let nonce = match conn.recv_within(timeout).await? {
@@ -60,7 +66,10 @@ impl ControlConn {
         })
         .await?;
         match conn.recv_within(timeout).await? {
-            Message::Welcome => Ok(conn),
+            Message::Welcome => {
+                conn.max_frame = protocol::MAX_FRAME;
+                Ok(conn)
+            }
             Message::Reject { reason } => Err(PdError::Refused {
                 peer: addr.into(),
                 reason,
@@ -82,6 +91,7 @@ impl ControlConn {
             .unwrap_or_else(|_| "?".into());
         let mut conn = ControlConn {
             stream,
+            max_frame: HANDSHAKE_FRAME,
             peer: addr.clone(),
         };
         let nonce = auth::nonce();
@@ -115,6 +125,7 @@ impl ControlConn {
             });
         }
         conn.send(&Message::Welcome).await?;
+        conn.max_frame = protocol::MAX_FRAME;
         conn.peer = format!("{name} ({addr})");
         Ok(conn)
     }

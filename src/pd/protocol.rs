@@ -543,6 +543,9 @@ mod tests {
             Message::Error {
                 reason: "no".into(),
             },
+            Message::Received {
+                req_id: "r1".into(),
+            },
             Message::TransferDone {
                 req_id: "r1".into(),
                 ok: true,

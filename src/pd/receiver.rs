@@ -237,7 +237,12 @@ impl PdReceiver {
         {
             let mut pages = inner.pages.lock().expect("lock");
             inner.hasher.for_each_span(tokens, |span| {
-                let committed = pages.held.get(&span.key).is_some_and(|p| p.committed);
+                // The page must hold exactly this span's tokens (a sender's `Alloc` said
+                // how many; a disagreeing one is not this span's KV).
+                let committed = pages
+                    .held
+                    .get(&span.key)
+                    .is_some_and(|p| p.committed && p.tokens as usize == span.tokens());
                 if committed {
                     let p = pages.held.remove(&span.key).expect("present");
                     taken.push((p.index, p.tokens));
@@ -399,7 +404,16 @@ impl Inner {
                     p.committed = true;
                     p.since = Instant::now();
                 }
-                Some(_) => {}
+                // Another request's page (the key was re-allocated after a reclaim): this
+                // sender's bytes went somewhere that is not its page.
+                Some(p) => {
+                    return Message::Error {
+                        reason: format!(
+                            "commit of chunk {key} for {req_id}: its page belongs to {}",
+                            p.req_id
+                        ),
+                    }
+                }
                 None => {
                     return Message::Error {
                         reason: format!(
@@ -464,7 +478,7 @@ async fn serve(inner: &Inner, mut conn: ControlConn, conn_id: u64) -> Result<(),
             Message::Alloc { req_id, chunks } => inner.alloc(conn_id, &req_id, &chunks).await,
             Message::Commit { req_id, keys } => inner.commit(&req_id, &keys),
             Message::Abort { req_id } => {
-                inner.reclaim(|p| p.req_id == req_id && !p.committed);
+                inner.reclaim(|p| p.conn == conn_id && p.req_id == req_id && !p.committed);
                 Message::Committed { req_id }
             }
             other => return Err(conn.unexpected(&other)),
@@ -476,7 +490,9 @@ async fn serve(inner: &Inner, mut conn: ControlConn, conn_id: u64) -> Result<(),
 /// Frees pages of senders that went silent and, with `pd_enable_gc`, committed pages no
 /// one retrieved within `pd_ttl_sec`.
 async fn collect_garbage(inner: Arc<Inner>) {
-    let stale_uncommitted = inner.alloc_timeout + inner.timeout;
+    // A sender stages, writes (each bounded by its transport timeout) and commits after
+    // its allocation; only pages far past that are abandoned.
+    let stale_uncommitted = inner.alloc_timeout + 4 * inner.timeout;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let ttl = inner.ttl;

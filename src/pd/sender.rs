@@ -2,6 +2,7 @@
 //! one-sided into the receiver's pages, commits, and tells the proxy.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,24 @@ struct Link {
     data: Box<dyn Connection>,
     control: tokio::sync::Mutex<ControlConn>,
     region: RegionId,
+    /// Set when a send failed or was abandoned midway: answers may still be in flight on
+    /// the control connection, so nothing may use this link again.
+    poisoned: AtomicBool,
+}
+
+/// Poisons a link unless disarmed: a send that errs, or whose future is dropped, leaves
+/// the control stream out of step.
+struct PoisonGuard<'a> {
+    link: &'a Link,
+    armed: bool,
+}
+
+impl Drop for PoisonGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.link.poisoned.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// A P/D sender. Cheap to share (`Arc`); sends to any number of receivers.
@@ -125,8 +144,15 @@ impl PdSender {
     }
 
     async fn link(&self, to: &ReceiverSpec) -> Result<Arc<Link>> {
-        if let Some(l) = self.links.lock().await.get(to) {
-            return Ok(l.clone());
+        {
+            let mut links = self.links.lock().await;
+            match links.get(to) {
+                Some(l) if !l.poisoned.load(Ordering::Acquire) => return Ok(l.clone()),
+                Some(_) => {
+                    links.remove(to);
+                }
+                None => {}
+            }
         }
         let init_addr = format!("{}:{}", to.host, to.init_port);
         let mut init =
@@ -171,6 +197,7 @@ impl PdSender {
             data,
             control: tokio::sync::Mutex::new(control),
             region,
+            poisoned: AtomicBool::new(false),
         });
         self.links.lock().await.insert(to.clone(), link.clone());
         Ok(link)
@@ -234,8 +261,13 @@ impl PdSender {
             )));
         }
         let spans = self.hasher.spans(tokens);
-        let link = self.link(to).await?;
         let _staging = self.staging_lock.lock().await;
+        // Taken after the staging lock: a send that failed meanwhile poisoned the old link.
+        let link = self.link(to).await?;
+        let mut guard = PoisonGuard {
+            link: &link,
+            armed: true,
+        };
         // The transfer proper: from here (connected, staging buffer ours) to the commit.
         let start = Instant::now();
         let mut report = SendReport::default();
@@ -259,7 +291,11 @@ impl PdSender {
                 )
                 .await?;
             let slots = match answer {
-                Message::Allocated { slots, .. } if slots.len() == wave.len() => slots,
+                Message::Allocated { req_id: r, slots }
+                    if r == req_id && slots.len() == wave.len() =>
+                {
+                    slots
+                }
                 Message::AllocFailed {
                     failure: AllocFailure::NeverFits,
                     needed_bytes,
@@ -336,13 +372,14 @@ impl PdSender {
                 )
                 .await?
             {
-                Message::Committed { .. } => {}
+                Message::Committed { req_id: r } if r == req_id => {}
                 other => return Err(control.unexpected(&other).into()),
             }
             report.tokens += todo.iter().map(|(s, _)| s.tokens()).sum::<usize>();
             report.bytes += remote.iter().map(|r| r.len).sum::<u64>();
             self.metrics.pd_chunks.inc_by(todo.len() as u64);
         }
+        guard.armed = false;
         report.elapsed = start.elapsed();
         tracing::info!(
             "P/D sent {req_id}: {} tokens ({} already at the receiver) to {}:{} in {:.2} ms ({:.2} GB/s)",

@@ -432,11 +432,15 @@ struct Shared {
     pending: Mutex<HashMap<u64, Pending>>,
     /// Why the connection is unusable, once it is.
     dead: Mutex<Option<String>>,
+    /// A second handle on the socket, to shut it down when the connection is given up:
+    /// the peer then stops placing bytes of an abandoned write at once.
+    socket: std::net::TcpStream,
 }
 
 impl Shared {
     fn fail_all(&self, reason: &str, peer: &str) {
         *self.dead.lock().expect("lock") = Some(reason.to_string());
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
         let pending: Vec<Pending> = self
             .pending
             .lock()
@@ -492,6 +496,10 @@ impl TcpConnection {
                 reason: format!("connect {addr}: {e}"),
             })?;
         let _ = stream.set_nodelay(true);
+        let gone_io = |e: std::io::Error| TransportError::Io(format!("socket to {peer}: {e}"));
+        let std_stream = stream.into_std().map_err(gone_io)?;
+        let socket = std_stream.try_clone().map_err(gone_io)?;
+        let stream = TcpStream::from_std(std_stream).map_err(gone_io)?;
         let (mut r, mut w) = stream.into_split();
         let gone = |reason: String| TransportError::PeerGone {
             peer: peer.clone(),
@@ -541,6 +549,7 @@ impl TcpConnection {
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             dead: Mutex::new(None),
+            socket,
         });
         let reader = tokio::spawn(read_answers(r, shared.clone(), peer.clone()));
         Ok(TcpConnection {
@@ -625,7 +634,16 @@ impl TcpConnection {
             }
             Ok(())
         };
-        match tokio::time::timeout(self.timeout, work).await {
+        // A caller that drops this future mid-request leaves half a frame on the stream
+        // and a write the peer is still placing: give the connection up.
+        let mut abandoned = Abandoned {
+            shared: &self.shared,
+            peer: &self.peer,
+            armed: true,
+        };
+        let outcome = tokio::time::timeout(self.timeout, work).await;
+        abandoned.armed = false;
+        match outcome {
             Ok(r) => r,
             Err(_) => {
                 // The stream is in an unknown state: no later request may use it.
@@ -635,6 +653,22 @@ impl TcpConnection {
                     after: self.timeout,
                 })
             }
+        }
+    }
+}
+
+/// Fails the connection if dropped while armed (see [`TcpConnection::exchange`]).
+struct Abandoned<'a> {
+    shared: &'a Shared,
+    peer: &'a str,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared
+                .fail_all("request abandoned by its caller", self.peer);
         }
     }
 }
@@ -853,6 +887,52 @@ mod tests {
                 .message,
             b"hi"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_write_gives_the_connection_up() {
+        let (a, b) = (
+            TcpTransport::bind(TransportConfig::default()).unwrap(),
+            TcpTransport::bind(TransportConfig::default()).unwrap(),
+        );
+        let size = 256 << 20;
+        let src = a.register(Arc::new(HostBuffer::new(size))).unwrap();
+        let dst = b.register(Arc::new(HostBuffer::new(size))).unwrap();
+        let conn = a.connect(&b.local_descriptor().unwrap()).await.unwrap();
+        let remote = [RemoteIov {
+            region: dst.id(),
+            offset: 0,
+            len: size as u64,
+        }];
+        // The caller gives up mid-transfer: the future is dropped.
+        let iov = [src.iov(0, size).unwrap()];
+        let r = tokio::time::timeout(Duration::from_millis(1), conn.write(&iov, &remote)).await;
+        assert!(r.is_err(), "256 MiB written in under 1 ms?");
+        // Half a frame may be on the stream: the connection must refuse further use.
+        let small = [src.iov(0, 4096).unwrap()];
+        let r = conn
+            .write(
+                &small,
+                &[RemoteIov {
+                    region: dst.id(),
+                    offset: 0,
+                    len: 4096,
+                }],
+            )
+            .await;
+        assert!(matches!(r, Err(TransportError::PeerGone { .. })), "{r:?}");
+        // A new connection works.
+        let conn = a.connect(&b.local_descriptor().unwrap()).await.unwrap();
+        conn.write(
+            &small,
+            &[RemoteIov {
+                region: dst.id(),
+                offset: 0,
+                len: 4096,
+            }],
+        )
+        .await
+        .unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -180,11 +180,10 @@ impl Inner {
 
     /// Unmaps region `id` (waiting for the progress thread) and forgets it.
     fn deregister(&self, id: RegionId) {
-        let token = match self.keys.lock() {
+        let (token, memory) = match self.keys.lock() {
             Ok(mut keys) => {
                 let token = keys.remove(&id).map_or(0, |(token, _)| token);
-                self.regions.remove(id);
-                token
+                (token, self.regions.remove(id))
             }
             Err(_) => {
                 tracing::error!(
@@ -207,11 +206,17 @@ impl Inner {
         }
         match rx.recv_timeout(self.config.timeout) {
             Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {}
-            Err(mpsc::RecvTimeoutError::Timeout) => tracing::error!(
-                "ucx transport {}: {id:?} not unmapped within {:?}; releasing its memory anyway",
-                self.name,
-                self.config.timeout
-            ),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                tracing::error!(
+                    "ucx transport {}: {id:?} not unmapped within {:?}; leaking its memory \
+                     (peers may still write it)",
+                    self.name,
+                    self.config.timeout
+                );
+                // Still mapped and reachable by peers: freeing it would let a late put
+                // land in reused memory. Leak it instead.
+                std::mem::forget(memory);
+            }
         }
     }
 }
