@@ -65,6 +65,8 @@ struct Inner {
     ttl: Option<Duration>,
     metrics: Metrics,
     next_conn: AtomicU64,
+    /// Set when the receiver is dropped: connection tasks end and release `Inner`.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// A P/D receiver: owns the buffer and answers senders.
@@ -79,6 +81,7 @@ impl Drop for PdReceiver {
         for t in &self.tasks {
             t.abort();
         }
+        let _ = self.inner.closing.send(true);
         // Deregister before the buffer can go.
         self.inner.registration.lock().expect("lock").take();
     }
@@ -171,6 +174,7 @@ impl PdReceiver {
                 .then(|| Duration::from_secs_f64(config.pd_ttl_sec)),
             metrics,
             next_conn: AtomicU64::new(1),
+            closing: tokio::sync::watch::channel(false).0,
         });
         let mut tasks = vec![tokio::spawn(listen(inner.clone(), init))];
         if let Some(alloc) = alloc {
@@ -439,10 +443,15 @@ async fn listen(inner: Arc<Inner>, listener: TcpListener) {
         let inner = inner.clone();
         tokio::spawn(async move {
             let conn_id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
+            let mut closing = inner.closing.subscribe();
             match ControlConn::accept(stream, inner.secret.as_deref(), inner.timeout).await {
                 Ok(conn) => {
                     let peer = conn.peer.clone();
-                    if let Err(e) = serve(&inner, conn, conn_id).await {
+                    let served = tokio::select! {
+                        r = serve(&inner, conn, conn_id) => r,
+                        _ = closing.wait_for(|c| *c) => Ok(()),
+                    };
+                    if let Err(e) = served {
                         if !matches!(e, PdError::Closed { .. }) {
                             tracing::error!("P/D receiver {}: {peer}: {e}; closing", inner.name);
                         }
