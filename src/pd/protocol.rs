@@ -10,7 +10,7 @@
 //! `Hello` (HMAC of the nonce with `transport_auth_token`, see
 //! [`kvtier_transport::auth`]) and `Welcome` or `Reject`.
 
-use kvtier_transport::wire::{Reader, WireError, Writer};
+use kvtier_transport::wire::{self, Reader, WireError, Writer};
 
 use crate::keys::ChunkKey;
 
@@ -162,31 +162,12 @@ pub enum Message {
 /// Why a message did not decode.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
-    /// Empty body.
-    #[error("empty message")]
-    Empty,
+    /// A malformed field, length or framing.
+    #[error(transparent)]
+    Wire(#[from] WireError),
     /// Unknown type byte.
     #[error("unknown message type {0}")]
     UnknownType(u8),
-    /// The body ended inside a field.
-    #[error("truncated {0} message")]
-    Truncated(&'static str),
-    /// Bytes after the last field.
-    #[error("{0} trailing bytes")]
-    Trailing(usize),
-    /// A length over its cap.
-    #[error("{what} of {len} exceeds the cap of {cap}")]
-    TooLong {
-        /// What.
-        what: &'static str,
-        /// Its length.
-        len: usize,
-        /// The cap.
-        cap: usize,
-    },
-    /// A string that is not UTF-8.
-    #[error("string field is not UTF-8")]
-    BadUtf8,
     /// A byte outside its enumeration.
     #[error("bad {0} code")]
     BadCode(&'static str),
@@ -338,43 +319,15 @@ fn get_key(r: &mut Reader<'_>) -> Result<ChunkKey, ProtocolError> {
     Ok(ChunkKey::from_le_bytes(r.array()?))
 }
 
-impl From<WireError> for ProtocolError {
-    fn from(e: WireError) -> Self {
-        match e {
-            WireError::Truncated(what) => ProtocolError::Truncated(what),
-            WireError::Trailing(n) => ProtocolError::Trailing(n),
-            WireError::TooLong { what, len, cap } => ProtocolError::TooLong { what, len, cap },
-            WireError::BadUtf8 => ProtocolError::BadUtf8,
-        }
-    }
-}
-
 /// Checks a length prefix; returns the body length.
 pub fn body_len(prefix: [u8; 4]) -> Result<usize, ProtocolError> {
-    let n = u32::from_le_bytes(prefix) as usize;
-    if n == 0 {
-        return Err(ProtocolError::Empty);
-    }
-    if n > MAX_FRAME {
-        return Err(ProtocolError::TooLong {
-            what: "message",
-            len: n,
-            cap: MAX_FRAME,
-        });
-    }
-    Ok(n)
+    Ok(wire::frame_len(prefix, MAX_FRAME)?)
 }
 
 /// Decodes one message body (without its length prefix).
 pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
-    if body.len() > MAX_FRAME {
-        return Err(ProtocolError::TooLong {
-            what: "message",
-            len: body.len(),
-            cap: MAX_FRAME,
-        });
-    }
-    let (&t, rest) = body.split_first().ok_or(ProtocolError::Empty)?;
+    wire::check_len(body.len(), MAX_FRAME)?;
+    let (&t, rest) = body.split_first().ok_or(WireError::Empty)?;
     let what = match t {
         CHALLENGE => "challenge",
         HELLO => "hello",
@@ -581,7 +534,10 @@ mod tests {
         let mut body = vec![ALLOC];
         body.extend_from_slice(&0u32.to_le_bytes()); // empty req id
         body.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(decode(&body), Err(ProtocolError::TooLong { .. })));
+        assert!(matches!(
+            decode(&body),
+            Err(ProtocolError::Wire(WireError::TooLong { .. }))
+        ));
         assert!(body_len(u32::MAX.to_le_bytes()).is_err());
     }
 }

@@ -12,7 +12,7 @@
 //!
 //! [`decode`] is total: any input gives a frame or a [`FrameError`], never a panic.
 
-use kvtier_transport::wire::{Reader, WireError, Writer};
+use kvtier_transport::wire::{self, Reader, WireError, Writer};
 
 /// Protocol version spoken by this build.
 pub const VERSION: u16 = 1;
@@ -111,31 +111,12 @@ pub enum Status {
 /// Why a frame did not decode.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    /// The body is empty.
-    #[error("empty frame")]
-    Empty,
+    /// A malformed field, length or framing.
+    #[error(transparent)]
+    Wire(#[from] WireError),
     /// Unknown message type.
     #[error("unknown frame type {0:#04x}")]
     UnknownType(u8),
-    /// The body ends early.
-    #[error("truncated {0} frame")]
-    Truncated(&'static str),
-    /// Bytes after the message.
-    #[error("{0} trailing bytes in frame")]
-    Trailing(usize),
-    /// A length over its cap.
-    #[error("{what} of {len} bytes exceeds the cap of {cap}")]
-    TooLong {
-        /// What.
-        what: &'static str,
-        /// Its length.
-        len: usize,
-        /// The cap.
-        cap: usize,
-    },
-    /// A name that is not UTF-8.
-    #[error("name is not UTF-8")]
-    BadName,
     /// An unknown status code.
     #[error("unknown status {0}")]
     BadStatus(u8),
@@ -237,43 +218,15 @@ fn status(r: &mut Reader<'_>) -> Result<Status, FrameError> {
     }
 }
 
-impl From<WireError> for FrameError {
-    fn from(e: WireError) -> Self {
-        match e {
-            WireError::Truncated(what) => FrameError::Truncated(what),
-            WireError::Trailing(n) => FrameError::Trailing(n),
-            WireError::TooLong { what, len, cap } => FrameError::TooLong { what, len, cap },
-            WireError::BadUtf8 => FrameError::BadName,
-        }
-    }
-}
-
 /// Checks a frame's length prefix: the body length to read next.
 pub fn body_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
-    let len = u32::from_le_bytes(prefix) as usize;
-    if len == 0 {
-        return Err(FrameError::Empty);
-    }
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLong {
-            what: "frame",
-            len,
-            cap: MAX_FRAME,
-        });
-    }
-    Ok(len)
+    Ok(wire::frame_len(prefix, MAX_FRAME)?)
 }
 
 /// Decodes one frame body (without its length prefix).
 pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
-    if body.len() > MAX_FRAME {
-        return Err(FrameError::TooLong {
-            what: "frame",
-            len: body.len(),
-            cap: MAX_FRAME,
-        });
-    }
-    let (&t, rest) = body.split_first().ok_or(FrameError::Empty)?;
+    wire::check_len(body.len(), MAX_FRAME)?;
+    let (&t, rest) = body.split_first().ok_or(WireError::Empty)?;
     let name = match t {
         T_CHALLENGE => "challenge",
         T_HELLO => "hello",
@@ -418,6 +371,6 @@ mod tests {
         assert!(body_len([0; 4]).is_err());
         let mut long = encode(&Frame::Welcome)[4..].to_vec();
         long.push(1);
-        assert_eq!(decode(&long), Err(FrameError::Trailing(1)));
+        assert_eq!(decode(&long), Err(FrameError::Wire(WireError::Trailing(1))));
     }
 }

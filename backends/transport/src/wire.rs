@@ -5,6 +5,9 @@
 /// Why a field could not be read.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
+    /// A frame with no body.
+    #[error("empty frame")]
+    Empty,
     /// The input ended inside a field of this message.
     #[error("truncated {0}")]
     Truncated(&'static str),
@@ -195,16 +198,22 @@ impl<'a> Reader<'a> {
 pub fn frame_len(prefix: [u8; 4], cap: usize) -> Result<usize, WireError> {
     let n = u32::from_le_bytes(prefix) as usize;
     if n == 0 {
-        return Err(WireError::Truncated("empty frame"));
+        return Err(WireError::Empty);
     }
-    if n > cap {
+    check_len(n, cap)?;
+    Ok(n)
+}
+
+/// Checks a frame body's length against `cap`.
+pub fn check_len(len: usize, cap: usize) -> Result<(), WireError> {
+    if len > cap {
         return Err(WireError::TooLong {
             what: "frame",
-            len: n,
+            len,
             cap,
         });
     }
-    Ok(n)
+    Ok(())
 }
 
 #[cfg(test)]
