@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvtier_transport::{
-    check_pairs, BoxFuture, Connection, Descriptor, LocalIov, Notification, RegionMemory,
-    RegionTable, RegistrationHandle, RemoteIov, Result, Transport, TransportConfig, TransportError,
+    BoxFuture, Connection, Descriptor, LocalIov, Notification, RegionMemory, RegionTable,
+    RegistrationHandle, RemoteIov, Result, Transport, TransportConfig, TransportError,
     MAX_NOTIFICATION,
 };
 use nixl_sys::{
@@ -472,11 +472,10 @@ impl NixlConnection {
         local: &[LocalIov<'_>],
         remote: &[RemoteIov],
     ) -> Result<()> {
-        check_pairs(local, remote)?;
+        let regions = self.remote.check_transfer(local, remote)?;
         let mut ranges = Vec::with_capacity(local.len());
         let mut memory = Vec::with_capacity(local.len());
-        for (l, r) in local.iter().zip(remote) {
-            let region = self.remote.check_range(r.region, r.offset, r.len)?;
+        for ((l, r), region) in local.iter().zip(remote).zip(regions) {
             if r.len == 0 {
                 continue;
             }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvtier_transport::{
-    auth, check_pairs, region_slice, region_slice_mut, BoxFuture, Connection, Descriptor, LocalIov,
+    auth, region_slice, region_slice_mut, BoxFuture, Connection, Descriptor, LocalIov,
     Notification, RegionMemory, RegionTable, RegistrationHandle, RemoteIov, Result, Transport,
     TransportConfig, TransportError, MAX_NOTIFICATION,
 };
@@ -389,17 +389,10 @@ impl Transport for TcpTransport {
     }
 
     fn recv_notification(&self, timeout: Duration) -> BoxFuture<'_, Result<Notification>> {
-        Box::pin(async move {
-            let mut rx = self.inner.notify_rx.lock().await;
-            match tokio::time::timeout(timeout, rx.recv()).await {
-                Ok(Some(n)) => Ok(n),
-                Ok(None) => Err(TransportError::Io("notification channel closed".into())),
-                Err(_) => Err(TransportError::Timeout {
-                    op: "notification",
-                    after: timeout,
-                }),
-            }
-        })
+        Box::pin(kvtier_transport::recv_queued(
+            &self.inner.notify_rx,
+            timeout,
+        ))
     }
 }
 
@@ -571,6 +564,64 @@ impl TcpConnection {
             }),
             None => Ok(()),
         }
+    }
+
+    /// A pipelined batch of `Write` frames (each followed by its bytes) or `Read` frames,
+    /// after checking every range.
+    async fn transfer(
+        &self,
+        op: &'static str,
+        local: &[LocalIov<'_>],
+        remote: &[RemoteIov],
+    ) -> Result<()> {
+        self.remote.check_transfer(local, remote)?;
+        self.check_alive()?;
+        let mut requests = Vec::with_capacity(local.len());
+        let mut receivers = Vec::with_capacity(local.len());
+        for (l, r) in local.iter().zip(remote) {
+            let (req, region, offset, len) = (
+                self.next_req.fetch_add(1, Ordering::Relaxed),
+                r.region.0,
+                r.offset,
+                r.len,
+            );
+            let (tx, rx) = oneshot::channel();
+            let memory = l.region.memory().clone();
+            requests.push(if op == "write" {
+                Request {
+                    frame: Frame::Write {
+                        req,
+                        region,
+                        offset,
+                        len,
+                    },
+                    payload: Some(Payload {
+                        memory,
+                        offset: l.offset,
+                        len: l.len,
+                    }),
+                    pending: Pending::Ack(tx),
+                }
+            } else {
+                Request {
+                    frame: Frame::Read {
+                        req,
+                        region,
+                        offset,
+                        len,
+                    },
+                    payload: None,
+                    pending: Pending::Read {
+                        memory,
+                        offset: l.offset,
+                        len,
+                        done: tx,
+                    },
+                }
+            });
+            receivers.push(rx);
+        }
+        self.exchange(op, requests, receivers).await
     }
 
     /// Sends `frames` (each with its data, if any) and waits for every answer.
@@ -752,36 +803,7 @@ impl Connection for TcpConnection {
         local: &'a [LocalIov<'a>],
         remote: &'a [RemoteIov],
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            check_pairs(local, remote)?;
-            for r in remote {
-                self.remote.check_range(r.region, r.offset, r.len)?;
-            }
-            self.check_alive()?;
-            let mut requests = Vec::with_capacity(local.len());
-            let mut receivers = Vec::with_capacity(local.len());
-            for (l, r) in local.iter().zip(remote) {
-                let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-                let (tx, rx) = oneshot::channel();
-                let frame = Frame::Write {
-                    req,
-                    region: r.region.0,
-                    offset: r.offset,
-                    len: r.len,
-                };
-                requests.push(Request {
-                    frame,
-                    payload: Some(Payload {
-                        memory: l.region.memory().clone(),
-                        offset: l.offset,
-                        len: l.len,
-                    }),
-                    pending: Pending::Ack(tx),
-                });
-                receivers.push(rx);
-            }
-            self.exchange("write", requests, receivers).await
-        })
+        Box::pin(self.transfer("write", local, remote))
     }
 
     fn read<'a>(
@@ -789,38 +811,7 @@ impl Connection for TcpConnection {
         local: &'a [LocalIov<'a>],
         remote: &'a [RemoteIov],
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            check_pairs(local, remote)?;
-            for r in remote {
-                self.remote.check_range(r.region, r.offset, r.len)?;
-            }
-            self.check_alive()?;
-            let mut requests = Vec::with_capacity(local.len());
-            let mut receivers = Vec::with_capacity(local.len());
-            for (l, r) in local.iter().zip(remote) {
-                let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-                let (tx, rx) = oneshot::channel();
-                let frame = Frame::Read {
-                    req,
-                    region: r.region.0,
-                    offset: r.offset,
-                    len: r.len,
-                };
-                let pending = Pending::Read {
-                    memory: l.region.memory().clone(),
-                    offset: l.offset,
-                    len: r.len,
-                    done: tx,
-                };
-                requests.push(Request {
-                    frame,
-                    payload: None,
-                    pending,
-                });
-                receivers.push(rx);
-            }
-            self.exchange("read", requests, receivers).await
-        })
+        Box::pin(self.transfer("read", local, remote))
     }
 
     fn notify<'a>(&'a self, message: &'a [u8]) -> BoxFuture<'a, Result<()>> {

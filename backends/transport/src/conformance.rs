@@ -196,6 +196,25 @@ pub async fn out_of_bounds(make: &Factory) -> Result<()> {
     ensure(src_reg.iov((1 << 20) - 1, 2).is_err(), || {
         "local iov past the end accepted".into()
     })?;
+    // LocalIov's fields are public: a hand-built one past its region is refused too.
+    let forged = crate::LocalIov {
+        region: &src_reg,
+        offset: (1 << 20) - 1,
+        len: 2,
+    };
+    let remote = RemoteIov {
+        region: dst_reg.id(),
+        offset: 0,
+        len: 2,
+    };
+    for r in [
+        conn.write(&[forged], &[remote]).await,
+        conn.read(&[forged], &[remote]).await,
+    ] {
+        ensure(matches!(r, Err(TransportError::OutOfBounds { .. })), || {
+            format!("forged local range gave {r:?}")
+        })?;
+    }
     // Still usable.
     src.fill_pattern(3);
     let ok = [RemoteIov {

@@ -130,6 +130,36 @@ impl Descriptor {
         self.regions.iter().find(|r| r.id == id)
     }
 
+    /// Checks a transfer before anything is sent: `local` and `remote` pair up, every
+    /// local range lies in its registration (`LocalIov`'s fields are public, so this does
+    /// not trust how it was built), and every remote range lies in a region this
+    /// descriptor lists. Returns the remote regions, in order.
+    pub fn check_transfer(
+        &self,
+        local: &[crate::LocalIov<'_>],
+        remote: &[crate::RemoteIov],
+    ) -> Result<Vec<&RegionInfo>> {
+        crate::check_pairs(local, remote)?;
+        local
+            .iter()
+            .zip(remote)
+            .map(|(l, r)| {
+                if l.offset
+                    .checked_add(l.len)
+                    .is_none_or(|end| end > l.region.len())
+                {
+                    return Err(TransportError::OutOfBounds {
+                        region: l.region.id(),
+                        offset: l.offset as u64,
+                        len: l.len as u64,
+                        region_len: l.region.len() as u64,
+                    });
+                }
+                self.check_range(r.region, r.offset, r.len)
+            })
+            .collect()
+    }
+
     /// Checks `offset..offset+len` against region `id`'s bounds.
     pub fn check_range(&self, id: RegionId, offset: u64, len: u64) -> Result<&RegionInfo> {
         let region = self.region(id);

@@ -317,3 +317,20 @@ pub trait Connection: Send + Sync {
     /// [`Transport::recv_notification`]. Ordered after writes that completed before it.
     fn notify<'a>(&'a self, message: &'a [u8]) -> BoxFuture<'a, Result<()>>;
 }
+
+/// The queue of notifications a transport received, shared by its `recv_notification`.
+pub type NotificationQueue = tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Notification>>;
+
+/// The next notification from `queue`, waiting at most `timeout` (the usual body of
+/// [`Transport::recv_notification`] for transports that queue what they receive).
+pub async fn recv_queued(queue: &NotificationQueue, timeout: Duration) -> Result<Notification> {
+    let mut rx = queue.lock().await;
+    match tokio::time::timeout(timeout, rx.recv()).await {
+        Ok(Some(n)) => Ok(n),
+        Ok(None) => Err(TransportError::Io("notification channel closed".into())),
+        Err(_) => Err(TransportError::Timeout {
+            op: "notification",
+            after: timeout,
+        }),
+    }
+}

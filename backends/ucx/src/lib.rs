@@ -39,9 +39,9 @@ use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use kvtier_transport::{
-    check_pairs, BoxFuture, Connection, Descriptor, LocalIov, Notification, RegionId, RegionInfo,
-    RegionMemory, RegionTable, RegistrationHandle, RemoteIov, Result, Transport, TransportConfig,
-    TransportError, MAX_NOTIFICATION,
+    BoxFuture, Connection, Descriptor, LocalIov, Notification, RegionId, RegionInfo, RegionMemory,
+    RegionTable, RegistrationHandle, RemoteIov, Result, Transport, TransportConfig, TransportError,
+    MAX_NOTIFICATION,
 };
 use tokio::sync::oneshot;
 // Links the static UCX libraries and their constructors into every binary using this
@@ -307,17 +307,10 @@ impl Transport for UcxTransport {
     }
 
     fn recv_notification(&self, timeout: Duration) -> BoxFuture<'_, Result<Notification>> {
-        Box::pin(async move {
-            let mut rx = self.inner.notify_rx.lock().await;
-            match tokio::time::timeout(timeout, rx.recv()).await {
-                Ok(Some(n)) => Ok(n),
-                Ok(None) => Err(TransportError::Io("notification channel closed".into())),
-                Err(_) => Err(TransportError::Timeout {
-                    op: "notification",
-                    after: timeout,
-                }),
-            }
-        })
+        Box::pin(kvtier_transport::recv_queued(
+            &self.inner.notify_rx,
+            timeout,
+        ))
     }
 }
 
@@ -349,23 +342,10 @@ impl UcxConnection {
         local: &[LocalIov<'_>],
         remote: &[RemoteIov],
     ) -> Result<()> {
-        check_pairs(local, remote)?;
+        let infos = self.remote.check_transfer(local, remote)?;
         let mut ranges = Vec::with_capacity(local.len());
         let mut keep: Vec<Arc<dyn RegionMemory>> = Vec::new();
-        for (l, r) in local.iter().zip(remote) {
-            let info = self.remote.check_range(r.region, r.offset, r.len)?;
-            // LocalIov's fields are public: check again rather than trust construction.
-            if l.offset
-                .checked_add(l.len)
-                .is_none_or(|end| end > l.region.len())
-            {
-                return Err(TransportError::OutOfBounds {
-                    region: l.region.id(),
-                    offset: l.offset as u64,
-                    len: l.len as u64,
-                    region_len: l.region.len() as u64,
-                });
-            }
+        for ((l, r), info) in local.iter().zip(remote).zip(infos) {
             if r.len == 0 {
                 continue;
             }
