@@ -122,6 +122,8 @@ pub struct ExtraConfig {
     pub local_buffer_size: Option<u64>,
     /// Mooncake transfer timeout in seconds.
     pub transfer_timeout: Option<f64>,
+    /// Copies of each object in the remote store, on distinct nodes.
+    pub replica_num: Option<u64>,
 }
 
 /// A non-fatal finding while loading: an LMCache key kvtier ignores, or an unknown key inside
@@ -1189,6 +1191,7 @@ pub fn reference_table_markdown() -> String {
             keys::ExtraSlot::Text(_) => "a string",
             keys::ExtraSlot::Bytes(_) => "an integer (bytes)",
             keys::ExtraSlot::Seconds(_) => "a number (seconds)",
+            keys::ExtraSlot::Count(_) => "an integer >= 1",
         };
         let _ = writeln!(out, "| `{}` | {ty} | {} |", extra.name, esc(extra.doc));
     }

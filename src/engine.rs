@@ -21,6 +21,7 @@ use crate::keys::{ChunkHasher, ChunkKey, ChunkSpan, ModelNamespace};
 use crate::memory::{copy_bulk, BufferPool, KvBuffer};
 use crate::metrics::Metrics;
 use crate::pd::{PdReceiver, PdSender};
+use crate::remote::RemoteTier;
 use crate::storage::StorageManager;
 use crate::tier::cpu::CpuTier;
 use crate::tier::disk::{DiskTier, RecoveryReport};
@@ -134,6 +135,114 @@ struct Inner {
     metrics: Metrics,
     recovered: Option<RecoveryReport>,
     pd: Option<PdEndpoint>,
+    remote: Option<RemoteLink>,
+}
+
+/// The remote tier and the bounded queue of chunks waiting to be written to it.
+struct RemoteLink {
+    tier: Arc<RemoteTier>,
+    queue: tokio::sync::mpsc::Sender<ChunkRef>,
+    /// Chunks queued and not yet written (for [`Engine::flush`]).
+    pending: Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>,
+    /// Whether the last call failed (errors are logged once per outage).
+    down: std::sync::atomic::AtomicBool,
+}
+
+/// Chunks queued for the remote tier at most (their memory is shared with the local
+/// tiers; the bound keeps a slow remote from pinning it).
+const REMOTE_QUEUE: usize = 64;
+/// Chunks per remote put.
+const REMOTE_BATCH: usize = 16;
+
+impl RemoteLink {
+    fn open(tier: RemoteTier, metrics: Metrics) -> RemoteLink {
+        let tier = Arc::new(tier);
+        let (queue, mut rx) = tokio::sync::mpsc::channel::<ChunkRef>(REMOTE_QUEUE);
+        let pending = Arc::new((
+            std::sync::atomic::AtomicUsize::new(0),
+            tokio::sync::Notify::new(),
+        ));
+        let (t, p) = (tier.clone(), pending.clone());
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < REMOTE_BATCH {
+                    match rx.try_recv() {
+                        Ok(c) => batch.push(c),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = write_remote(&t, &batch).await {
+                    tracing::warn!(
+                        "remote tier {}: {} chunks not written: {e}",
+                        t.url(),
+                        batch.len()
+                    );
+                    metrics
+                        .offload_skipped
+                        .with_label_values(&["remote"])
+                        .inc_by(batch.len() as u64);
+                }
+                if p.0
+                    .fetch_sub(batch.len(), std::sync::atomic::Ordering::AcqRel)
+                    == batch.len()
+                {
+                    p.1.notify_waiters();
+                }
+            }
+        });
+        RemoteLink {
+            tier,
+            queue,
+            pending,
+            down: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Logs the first failure of an outage and the recovery after it.
+    fn note<T>(
+        &self,
+        what: &str,
+        result: std::result::Result<T, crate::remote::RemoteError>,
+    ) -> Option<T> {
+        use std::sync::atomic::Ordering;
+        match result {
+            Ok(v) => {
+                if self.down.swap(false, Ordering::AcqRel) {
+                    tracing::info!("remote tier {} reachable again", self.tier.url());
+                }
+                Some(v)
+            }
+            Err(e) => {
+                if !self.down.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        "remote tier {} unavailable ({what}: {e}); serving from local tiers",
+                        self.tier.url()
+                    );
+                } else {
+                    tracing::debug!("remote tier {}: {what}: {e}", self.tier.url());
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Writes chunks to the remote tier as self-describing objects (header + payload).
+async fn write_remote(
+    tier: &RemoteTier,
+    chunks: &[ChunkRef],
+) -> std::result::Result<usize, crate::remote::RemoteError> {
+    let headers: Vec<[u8; crate::chunk::HEADER_LEN]> = chunks
+        .iter()
+        .map(|c| crate::chunk::ChunkHeader::for_payload(c.key, c.shape, c.payload()).encode())
+        .collect();
+    let objects: Vec<(u128, Vec<&[u8]>)> = chunks
+        .iter()
+        .zip(&headers)
+        .map(|(c, h)| (c.key.0, vec![&h[..], c.payload()]))
+        .collect();
+    tier.put(&objects).await
 }
 
 /// The P/D role an engine plays (`enable_pd`, `pd_role`).
@@ -193,11 +302,6 @@ impl Engine {
         config.validate()?;
         for warning in config.warnings() {
             tracing::warn!("{warning}");
-        }
-        if let Some(url) = &config.remote_url {
-            return Err(Error::Unsupported(format!(
-                "`remote_url: {url}`: the remote tier is not part of this version of kvtier"
-            )));
         }
         if model.layers == 0 || model.hidden() == 0 {
             return Err(Error::Shape(format!(
@@ -274,6 +378,9 @@ impl Engine {
                 ))
             }
         };
+        let remote = RemoteTier::open(&config)
+            .await?
+            .map(|tier| RemoteLink::open(tier, metrics.clone()));
         Ok(Engine {
             inner: Arc::new(Inner {
                 config,
@@ -284,6 +391,7 @@ impl Engine {
                 metrics,
                 recovered,
                 pd,
+                remote,
             }),
         })
     }
@@ -319,6 +427,12 @@ impl Engine {
             Some(PdEndpoint::Receiver(r)) => Some(r),
             _ => None,
         }
+    }
+
+    /// The kvtier store behind the remote tier, when `remote_url` names one (placement,
+    /// stats and direct object access).
+    pub fn remote_store(&self) -> Option<&crate::remote::client::StoreClient> {
+        self.inner.remote.as_ref()?.tier.store_client()
     }
 
     /// What the disk tier found when the engine opened it.
@@ -387,7 +501,7 @@ impl Engine {
                 })
             })
             .collect();
-        self.finish_store(&spans, chunks, start)
+        self.finish_store(&spans, chunks, start).await
     }
 
     /// Stores chunk buffers the caller filled (one per chunk of `tokens`, each in the
@@ -418,7 +532,7 @@ impl Engine {
                 chunks.push(chunk);
             }
         }
-        self.finish_store(&spans, chunks, start)
+        self.finish_store(&spans, chunks, start).await
     }
 
     fn uncached(&self, spans: &[ChunkSpan]) -> Vec<ChunkSpan> {
@@ -432,13 +546,37 @@ impl Engine {
             .collect()
     }
 
-    fn finish_store(
+    async fn finish_store(
         &self,
         spans: &[ChunkSpan],
         chunks: Vec<ChunkRef>,
         start: Instant,
     ) -> Result<StoreReport> {
-        if self.inner.storage.is_empty() {
+        if let Some(remote) = &self.inner.remote {
+            if self.inner.storage.is_empty() {
+                // The remote tier is the only one: write through before answering.
+                write_remote(&remote.tier, &chunks).await?;
+            } else {
+                for chunk in &chunks {
+                    remote
+                        .pending
+                        .0
+                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    if remote.queue.try_send(chunk.clone()).is_err() {
+                        remote
+                            .pending
+                            .0
+                            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                        self.inner
+                            .metrics
+                            .offload_skipped
+                            .with_label_values(&["remote"])
+                            .inc();
+                    }
+                }
+            }
+        }
+        if self.inner.storage.is_empty() && self.inner.remote.is_none() {
             let hint = if self.pd_sender().is_some() {
                 "; a P/D sender pushes KV with `engine.pd_sender().send(...)`"
             } else {
@@ -448,7 +586,9 @@ impl Engine {
                 "store: no storage tier is configured (`local_cpu` is false and `local_disk` unset){hint}"
             )));
         }
-        self.inner.storage.put_batch(&chunks)?;
+        if !self.inner.storage.is_empty() {
+            self.inner.storage.put_batch(&chunks)?;
+        }
         let stored_tokens: usize = chunks.iter().map(|c| c.shape.tokens as usize).sum();
         let all_tokens: usize = spans.iter().map(|s| s.tokens()).sum();
         let bytes: u64 = chunks.iter().map(|c| c.payload().len() as u64).sum();
@@ -478,7 +618,13 @@ impl Engine {
         let start = Instant::now();
         let spans = self.inner.hasher.spans(tokens);
         let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
-        let hit = self.inner.storage.contains_prefix(&keys);
+        let mut hit = self.inner.storage.contains_prefix(&keys);
+        if let Some(remote) = self.inner.remote.as_ref().filter(|_| hit < keys.len()) {
+            let rest: Vec<u128> = keys[hit..].iter().map(|k| k.0).collect();
+            if let Some(found) = remote.note("lookup", remote.tier.exists(&rest).await) {
+                hit += found.iter().take_while(|&&f| f).count();
+            }
+        }
         let tiers_hit = if hit == 0 { 0 } else { spans[hit - 1].end };
         let pd_hit = self.pd_receiver().map_or(0, |r| r.lookup(tokens));
         let hit_tokens = tiers_hit.max(pd_hit);
@@ -496,14 +642,69 @@ impl Engine {
     pub async fn retrieve_chunks(&self, tokens: &[u32]) -> Result<Vec<ChunkRef>> {
         let keys = self.inner.hasher.keys(tokens);
         let plan = self.inner.storage.plan_prefix(&keys);
-        if plan.reads() == 0 {
+        let mut chunks = if plan.reads() == 0 {
             // Everything is in memory: no I/O, no need to leave this task.
-            return Ok(self.inner.storage.fetch(plan));
+            self.inner.storage.fetch(plan)
+        } else {
+            let engine = self.clone();
+            tokio::task::spawn_blocking(move || engine.inner.storage.fetch(plan))
+                .await
+                .map_err(|e| Error::Task(format!("retrieve: {e}")))?
+        };
+        if chunks.len() < keys.len() {
+            if let Some(remote) = &self.inner.remote {
+                let fetched = self.read_remote(remote, &keys[chunks.len()..]).await;
+                self.inner.storage.promote(&fetched);
+                chunks.extend(fetched);
+            }
         }
-        let engine = self.clone();
-        tokio::task::spawn_blocking(move || engine.inner.storage.fetch(plan))
-            .await
-            .map_err(|e| Error::Task(format!("retrieve: {e}")))
+        Ok(chunks)
+    }
+
+    /// The leading `keys` the remote tier holds, verified (a damaged or foreign object
+    /// ends the prefix like a miss).
+    async fn read_remote(&self, remote: &RemoteLink, keys: &[ChunkKey]) -> Vec<ChunkRef> {
+        use crate::chunk::{ChunkHeader, HEADER_LEN};
+        let ids: Vec<u128> = keys.iter().map(|k| k.0).collect();
+        let pool = &self.inner.pool;
+        let Some(found) = remote.note("retrieve", remote.tier.get(&ids, HEADER_LEN, pool).await)
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (key, item) in keys.iter().zip(found) {
+            let Some((head, body)) = item else { break };
+            let checked = ChunkHeader::decode(&head).and_then(|h| {
+                h.verify_payload(&body)?;
+                Ok(h)
+            });
+            match checked {
+                Ok(h) if h.key == *key => {
+                    self.inner
+                        .metrics
+                        .tier_hits
+                        .with_label_values(&["remote"])
+                        .inc();
+                    out.push(Arc::new(Chunk {
+                        key: h.key,
+                        shape: h.shape,
+                        data: body,
+                    }));
+                }
+                other => {
+                    self.inner
+                        .metrics
+                        .corrupt_chunks
+                        .with_label_values(&["remote"])
+                        .inc();
+                    tracing::error!(
+                        "remote tier: chunk {key} unusable ({other:?}); treated as a miss"
+                    );
+                    break;
+                }
+            }
+        }
+        out
     }
 
     /// Loads the KV of the longest cached prefix of `tokens` into `out` (laid out as for
@@ -567,17 +768,35 @@ impl Engine {
     /// Removes the chunks of `tokens` from every tier; returns how many were held.
     pub async fn remove(&self, tokens: &[u32]) -> Result<usize> {
         let keys = self.inner.hasher.keys(tokens);
-        Ok(self.inner.storage.remove(&keys))
+        let mut removed = self.inner.storage.remove(&keys);
+        if let Some(remote) = &self.inner.remote {
+            let ids: Vec<u128> = keys.iter().map(|k| k.0).collect();
+            if let Some(flags) = remote.note("remove", remote.tier.remove(&ids).await) {
+                removed = removed.max(flags.iter().filter(|&&f| f).count());
+            }
+        }
+        Ok(removed)
     }
 
-    /// Empties every tier.
+    /// Empties every local tier (the remote tier is shared with other engines: use
+    /// [`Engine::remove`] for what should leave it).
     pub async fn clear(&self) -> Result<()> {
         self.inner.storage.clear();
         Ok(())
     }
 
-    /// Waits until every chunk stored so far has reached the disk tier.
+    /// Waits until every chunk stored so far has reached the disk tier and has been
+    /// written to (or given up on by) the remote tier.
     pub async fn flush(&self) -> Result<()> {
+        if let Some(remote) = &self.inner.remote {
+            loop {
+                let notified = remote.pending.1.notified();
+                if remote.pending.0.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    break;
+                }
+                notified.await;
+            }
+        }
         let engine = self.clone();
         tokio::task::spawn_blocking(move || engine.inner.storage.flush())
             .await

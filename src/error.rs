@@ -77,6 +77,9 @@ pub enum Error {
     /// An HTTP client or server (proxy, test server) could not be set up.
     #[error("HTTP: {0}")]
     Http(String),
+    /// The remote tier failed.
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
 }
 
 /// Result with [`Error`].

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod metrics;
 pub mod pd;
 pub mod proxy;
+pub mod remote;
 pub mod storage;
 pub mod synthetic;
 pub mod testserver;

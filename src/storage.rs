@@ -235,6 +235,19 @@ impl StorageManager {
         }
     }
 
+    /// Puts chunks read from a tier below (the remote tier) into the CPU tier.
+    pub fn promote(&self, chunks: &[ChunkRef]) {
+        let Some(cpu) = &self.cpu else { return };
+        for chunk in chunks {
+            if let Err(e) = cpu.put(chunk.clone()) {
+                tracing::debug!("chunk {} not promoted to cpu tier: {e}", chunk.key);
+            }
+        }
+        if !chunks.is_empty() {
+            self.publish_usage();
+        }
+    }
+
     /// Removes `keys` from every tier; returns how many keys some tier held.
     pub fn remove(&self, keys: &[ChunkKey]) -> usize {
         let tiers = self.tiers();

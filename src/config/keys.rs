@@ -362,6 +362,8 @@ pub(crate) enum ExtraSlot {
     Bytes(Field<ExtraConfig, Option<u64>>),
     /// Seconds (int or float > 0).
     Seconds(Field<ExtraConfig, Option<f64>>),
+    /// A count (integer >= 1).
+    Count(Field<ExtraConfig, Option<u64>>),
 }
 
 /// One key inside `extra_config`.
@@ -415,6 +417,11 @@ pub(crate) static EXTRA_KEYS: &[ExtraKey] = &[
         name: "transfer_timeout",
         slot: ExtraSlot::Seconds(field!(transfer_timeout)),
         doc: "Mooncake transfer timeout in seconds.",
+    },
+    ExtraKey {
+        name: "replica_num",
+        slot: ExtraSlot::Count(field!(replica_num)),
+        doc: "Copies of each object in the remote store, on distinct nodes (default 1).",
     },
 ];
 
@@ -1173,6 +1180,19 @@ fn apply_extra(
                     Some(seconds(v, &inner)?)
                 };
             }
+            ExtraSlot::Count(f) => {
+                *(f.set)(extra) = if v.is_null() {
+                    None
+                } else {
+                    let n = integer(v, &inner, "an integer >= 1")?;
+                    Some(
+                        u64::try_from(n)
+                            .ok()
+                            .filter(|&n| n >= 1)
+                            .ok_or_else(|| inner.invalid(v, "must be at least 1"))?,
+                    )
+                };
+            }
         }
     }
     Ok(())
@@ -1183,7 +1203,7 @@ fn render_extra(extra: &ExtraConfig) -> String {
     for spec in EXTRA_KEYS {
         let value = match &spec.slot {
             ExtraSlot::Text(f) => (f.get)(extra).as_deref().map(quote),
-            ExtraSlot::Bytes(f) => (f.get)(extra).map(|n| n.to_string()),
+            ExtraSlot::Bytes(f) | ExtraSlot::Count(f) => (f.get)(extra).map(|n| n.to_string()),
             ExtraSlot::Seconds(f) => (f.get)(extra).map(render_f64),
         };
         if let Some(v) = value {

@@ -6,6 +6,7 @@ mod keys;
 mod pd_cluster;
 mod pd_run;
 mod proxy;
+mod remote;
 mod transfer;
 
 use std::path::PathBuf;
@@ -55,6 +56,14 @@ enum Command {
     /// Synthetic inference engine for tests and demos: derives KV from token ids; no model.
     /// Plays a prefiller (P/D sender) or decoder (P/D receiver, verifies the KV it gets).
     TestServer(proxy::TestServerArgs),
+    /// Remote-store master: object placement, leader election and membership in etcd
+    /// (Mooncake's `mooncake_master`). Without etcd it runs alone with its own segment.
+    Master(remote::MasterArgs),
+    /// Remote-store node: contributes a memory segment to the pool, registered in etcd.
+    StoreNode(remote::StoreNodeArgs),
+    /// An engine driven through stdin, for the remote-store tests.
+    #[command(hide = true)]
+    RemoteProbe(remote::ProbeArgs),
     /// Receiver process for `bench transfer` and the transport tests.
     #[command(hide = true)]
     TransferPeer(transfer::PeerArgs),
@@ -75,6 +84,9 @@ enum BenchCommand {
     /// The reference P/D benchmark shape through proxy, prefiller and decoder processes:
     /// per-request KV transfer time, GB/s and TTFT.
     Pd(pd_run::PdBenchArgs),
+    /// Put and get batches of objects through the kvtier store (per transport, master and
+    /// segment in another process) and through Redis; compare with a raw loopback socket.
+    Remote(remote::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -116,6 +128,12 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Pd(args),
         } => pd_run::run_bench(args),
+        Command::Bench {
+            command: BenchCommand::Remote(args),
+        } => remote::run_bench(args),
+        Command::Master(args) => remote::run_master(args),
+        Command::StoreNode(args) => remote::run_store_node(args),
+        Command::RemoteProbe(args) => remote::run_probe(args),
         Command::TransferPeer(args) => transfer::run_peer(args),
         Command::Proxy(args) => proxy::run_proxy(args),
         Command::TestServer(args) => proxy::run_test_server(args),

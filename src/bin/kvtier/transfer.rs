@@ -240,38 +240,9 @@ fn best_mean(times: &[Duration]) -> (Duration, Duration) {
     (best, mean)
 }
 
-pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
-    let size = args.size as usize;
-    let chunk = args.chunk as usize;
-    if chunk == 0 || size == 0 || size % chunk != 0 {
-        bail!("--size must be a non-zero multiple of --chunk");
-    }
-    let n = size / chunk;
-    let iters = args.iterations.max(1);
-    println!(
-        "kvtier bench transfer: {} moving {} x {} MiB = {:.2} GiB between two processes, {iters} iterations",
-        args.transport,
-        n,
-        chunk >> 20,
-        size as f64 / (1u64 << 30) as f64
-    );
-
-    // memcpy, same bytes, this process.
-    let a = vec![1u8; size];
-    let mut b = vec![2u8; size];
-    let mut memcpy = Vec::new();
-    for _ in 0..iters {
-        let t = Instant::now();
-        b.copy_from_slice(std::hint::black_box(&a));
-        memcpy.push(t.elapsed());
-    }
-    drop((a, b));
-    let (memcpy_best, _) = best_mean(&memcpy);
-    println!(
-        "  memcpy (1 thread)        : {:>6.2} GiB/s",
-        gib_s(size as u64, memcpy_best)
-    );
-
+/// Best time of `iters` raw loopback TCP streams of `size` bytes (written in `chunk`s)
+/// to a peer process: the physical limit transports are compared with.
+fn raw_socket_best(size: usize, chunk: usize, iters: usize) -> anyhow::Result<Duration> {
     // Raw loopback TCP stream to a peer process.
     let (mut raw_peer, first) = Peer::spawn(&["--raw".into(), "--size".into(), size.to_string()])?;
     let port: u16 = first
@@ -306,6 +277,47 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     drop(src);
     drop(raw_peer.stdin.take());
     let (raw_best, _) = best_mean(&raw);
+    Ok(raw_best)
+}
+
+/// GiB/s of the best raw loopback TCP stream to a peer process (see [`raw_socket_best`]).
+pub fn raw_socket_gib_s(size: usize, chunk: usize, iters: usize) -> anyhow::Result<f64> {
+    Ok(gib_s(size as u64, raw_socket_best(size, chunk, iters)?))
+}
+
+pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    let size = args.size as usize;
+    let chunk = args.chunk as usize;
+    if chunk == 0 || size == 0 || size % chunk != 0 {
+        bail!("--size must be a non-zero multiple of --chunk");
+    }
+    let n = size / chunk;
+    let iters = args.iterations.max(1);
+    println!(
+        "kvtier bench transfer: {} moving {} x {} MiB = {:.2} GiB between two processes, {iters} iterations",
+        args.transport,
+        n,
+        chunk >> 20,
+        size as f64 / (1u64 << 30) as f64
+    );
+
+    // memcpy, same bytes, this process.
+    let a = vec![1u8; size];
+    let mut b = vec![2u8; size];
+    let mut memcpy = Vec::new();
+    for _ in 0..iters {
+        let t = Instant::now();
+        b.copy_from_slice(std::hint::black_box(&a));
+        memcpy.push(t.elapsed());
+    }
+    drop((a, b));
+    let (memcpy_best, _) = best_mean(&memcpy);
+    println!(
+        "  memcpy (1 thread)        : {:>6.2} GiB/s",
+        gib_s(size as u64, memcpy_best)
+    );
+
+    let raw_best = raw_socket_best(size, chunk, iters)?;
 
     // The transport.
     let rt = tokio::runtime::Runtime::new()?;

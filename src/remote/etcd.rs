@@ -1,0 +1,286 @@
+//! A small etcd v3 client over etcd's JSON gateway (`/v3/...`, served by etcd ≥ 3.4 on
+//! its client port): leases, puts, ranges, deletes and the compare-and-create
+//! transaction leader election needs. JSON over HTTP keeps the build free of protobuf
+//! tooling; membership traffic is a few small requests per second.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::RemoteError;
+
+/// An etcd endpoint and the key prefix of one kvtier cluster.
+#[derive(Clone, Debug)]
+pub struct Etcd {
+    http: reqwest::Client,
+    base: String,
+    /// `/kvtier/<cluster>/`.
+    prefix: String,
+}
+
+/// An etcd lease id.
+pub type LeaseId = i64;
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn b64(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn unb64(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0);
+    for &ch in s.as_bytes() {
+        if ch == b'=' {
+            break;
+        }
+        let v = B64.iter().position(|&b| b == ch)? as u32;
+        acc = acc << 6 | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// The key just past every key starting with `prefix` (etcd's `range_end` for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_i64(),
+        _ => None,
+    }
+}
+
+impl Etcd {
+    /// A client for `url` (`etcd://host:port[/cluster]`, `http://` accepted; the cluster
+    /// name, `default` if absent, namespaces every key). Connects lazily.
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, RemoteError> {
+        let rest = url
+            .strip_prefix("etcd://")
+            .or_else(|| url.strip_prefix("http://"))
+            .ok_or_else(|| {
+                RemoteError::Config(format!(
+                    "metadata server `{url}`: expected etcd://host:port[/cluster]"
+                ))
+            })?;
+        let (hostport, cluster) = match rest.split_once('/') {
+            Some((h, c)) if !c.trim_matches('/').is_empty() => (h, c.trim_matches('/')),
+            Some((h, _)) => (h, "default"),
+            None => (rest, "default"),
+        };
+        if hostport.is_empty() || !hostport.contains(':') {
+            return Err(RemoteError::Config(format!(
+                "metadata server `{url}`: expected etcd://host:port[/cluster]"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| RemoteError::Etcd(format!("HTTP client: {e}")))?;
+        Ok(Etcd {
+            http,
+            base: format!("http://{hostport}/v3"),
+            prefix: format!("/kvtier/{cluster}/"),
+        })
+    }
+
+    /// The endpoint, for messages.
+    pub fn endpoint(&self) -> &str {
+        &self.base
+    }
+
+    /// `/kvtier/<cluster>/<name>`.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Result<Value, RemoteError> {
+        let url = format!("{}/{path}", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| RemoteError::Etcd(format!("{url}: {e}")))?;
+        let status = resp.status();
+        let value: Value = resp
+            .json()
+            .await
+            .map_err(|e| RemoteError::Etcd(format!("{url}: bad answer: {e}")))?;
+        if !status.is_success() {
+            return Err(RemoteError::Etcd(format!("{url}: {status}: {value}")));
+        }
+        Ok(value)
+    }
+
+    /// Grants a lease of `ttl` seconds.
+    pub async fn grant(&self, ttl: u64) -> Result<LeaseId, RemoteError> {
+        let v = self.post("lease/grant", json!({ "TTL": ttl })).await?;
+        int(&v["ID"]).ok_or_else(|| RemoteError::Etcd(format!("lease grant: no ID in {v}")))
+    }
+
+    /// Refreshes a lease; `false` if it has expired.
+    pub async fn keep_alive(&self, lease: LeaseId) -> Result<bool, RemoteError> {
+        let v = self
+            .post("lease/keepalive", json!({ "ID": lease.to_string() }))
+            .await?;
+        Ok(int(&v["result"]["TTL"]).unwrap_or(0) > 0)
+    }
+
+    /// Revokes a lease (deleting its keys).
+    pub async fn revoke(&self, lease: LeaseId) -> Result<(), RemoteError> {
+        self.post("lease/revoke", json!({ "ID": lease.to_string() }))
+            .await
+            .map(|_| ())
+    }
+
+    /// Puts `key` = `value`, attached to `lease` if given.
+    pub async fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: Option<LeaseId>,
+    ) -> Result<(), RemoteError> {
+        let mut body = json!({ "key": b64(key.as_bytes()), "value": b64(value) });
+        if let Some(l) = lease {
+            body["lease"] = json!(l.to_string());
+        }
+        self.post("kv/put", body).await.map(|_| ())
+    }
+
+    /// The value of `key`, if set.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RemoteError> {
+        let v = self
+            .post("kv/range", json!({ "key": b64(key.as_bytes()) }))
+            .await?;
+        Ok(kvs(&v).into_iter().next().map(|(_, val)| val))
+    }
+
+    /// Every `(key, value)` under `prefix` (relative to the cluster prefix).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, RemoteError> {
+        let full = self.key(prefix);
+        let v = self
+            .post(
+                "kv/range",
+                json!({ "key": b64(full.as_bytes()), "range_end": b64(&prefix_end(full.as_bytes())) }),
+            )
+            .await?;
+        Ok(kvs(&v))
+    }
+
+    /// Deletes `key`.
+    pub async fn delete(&self, key: &str) -> Result<(), RemoteError> {
+        self.post("kv/deleterange", json!({ "key": b64(key.as_bytes()) }))
+            .await
+            .map(|_| ())
+    }
+
+    /// Sets `key` = `value` under `lease` only if `key` does not exist. Returns `Ok(None)`
+    /// when it was set, or `Ok(Some(current))` with the value that is there.
+    pub async fn create(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: LeaseId,
+    ) -> Result<Option<Vec<u8>>, RemoteError> {
+        let k = b64(key.as_bytes());
+        let v = self
+            .post(
+                "kv/txn",
+                json!({
+                    "compare": [{ "key": k, "result": "EQUAL", "target": "CREATE", "create_revision": "0" }],
+                    "success": [{ "requestPut": { "key": k, "value": b64(value), "lease": lease.to_string() } }],
+                    "failure": [{ "requestRange": { "key": k } }],
+                }),
+            )
+            .await?;
+        if v["succeeded"].as_bool() == Some(true) {
+            return Ok(None);
+        }
+        let current = v["responses"][0]["response_range"]["kvs"][0]["value"]
+            .as_str()
+            .and_then(unb64)
+            .unwrap_or_default();
+        Ok(Some(current))
+    }
+}
+
+fn kvs(v: &Value) -> Vec<(String, Vec<u8>)> {
+    v["kvs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|kv| {
+                    let key = unb64(kv["key"].as_str()?)?;
+                    let value = kv["value"].as_str().map_or(Some(Vec::new()), unb64)?;
+                    Some((String::from_utf8_lossy(&key).into_owned(), value))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trips() {
+        for data in [
+            &b""[..],
+            b"f",
+            b"fo",
+            b"foo",
+            b"foob",
+            b"/kvtier/x/master",
+            &[0xff, 0, 7],
+        ] {
+            assert_eq!(unb64(&b64(data)).unwrap(), data);
+        }
+        assert_eq!(b64(b"foobar"), "Zm9vYmFy");
+        assert_eq!(b64(b"fo"), "Zm8=");
+        assert!(unb64("Zm9v!").is_none());
+        assert_eq!(prefix_end(b"/a/"), b"/a0");
+        assert_eq!(prefix_end(&[b'a', 0xff]), b"b");
+    }
+
+    #[test]
+    fn urls_name_the_cluster() {
+        let e = Etcd::new("etcd://h:2379", Duration::from_secs(1)).unwrap();
+        assert_eq!(e.key("master"), "/kvtier/default/master");
+        assert_eq!(e.endpoint(), "http://h:2379/v3");
+        let e = Etcd::new("etcd://h:2379/prod/", Duration::from_secs(1)).unwrap();
+        assert_eq!(e.key("segments/"), "/kvtier/prod/segments/");
+        assert!(Etcd::new("h:2379", Duration::from_secs(1)).is_err());
+        assert!(Etcd::new("etcd://nohost", Duration::from_secs(1)).is_err());
+    }
+}

@@ -1,0 +1,389 @@
+//! The remote tier (`remote_url`): a pool of memory across nodes that every engine can
+//! read, and what runs it.
+//!
+//! - The **kvtier store** (`kvtier://host:port`, `mooncakestore://host:port`): a
+//!   Mooncake-style [`master`] keeps object placement and is elected through etcd;
+//!   [`node`]s contribute memory segments and register in etcd under leases; engines
+//!   ([`client`]) ask the master where objects go or are, then move the bytes directly
+//!   to or from the nodes through a data-plane transport (tcp, ucx, nixl).
+//!   `kvtier://local` runs a master and a segment inside the engine (no etcd).
+//! - **Redis/Valkey** (`redis://host:port[/db]`, [`redis`]).
+//!
+//! [`RemoteTier`] is what the engine holds: one of the two behind the same batched
+//! put/get/exists/remove.
+
+use std::time::Duration;
+
+pub mod alloc;
+pub mod client;
+pub mod etcd;
+pub mod master;
+pub mod node;
+pub mod placement;
+pub mod redis;
+pub mod rpc;
+
+use crate::config::{Config, TransferChannel};
+use crate::memory::{BufferPool, KvBuffer};
+use crate::transport::TransportConfig;
+use client::{ClientConfig, PutOutcome, StoreClient};
+use master::{MasterConfig, MasterServer};
+use node::{NodeConfig, StoreNode};
+use rpc::ObjectKey;
+
+/// Why a remote-store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// Bad settings.
+    #[error("remote store configuration: {0}")]
+    Config(String),
+    /// etcd could not be reached or answered badly.
+    #[error("etcd: {0}")]
+    Etcd(String),
+    /// A control connection failed.
+    #[error("remote store peer {peer}: {reason}")]
+    Rpc {
+        /// The master or node.
+        peer: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Something took too long.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// What we waited for.
+        what: String,
+        /// The bound.
+        after: Duration,
+    },
+    /// No master could be reached.
+    #[error("no remote-store master reachable: {0}")]
+    NoMaster(String),
+    /// A data-plane transfer failed.
+    #[error("remote store transfer: {0}")]
+    Transport(String),
+    /// Redis/Valkey failed.
+    #[error("redis: {0}")]
+    Redis(String),
+}
+
+/// Default `extra_config.local_buffer_size`: staging memory a client registers.
+pub const DEFAULT_STAGING_BYTES: u64 = 512 << 20;
+/// Default segment of `kvtier://local`.
+pub const DEFAULT_EMBEDDED_SEGMENT: u64 = 1 << 30;
+/// Default etcd lease TTL of masters and nodes.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// What `remote_url` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RemoteUrl {
+    /// A kvtier (or Mooncake-configured) store whose master is at this address.
+    Store {
+        /// `host:port` of the master.
+        master: String,
+    },
+    /// A master and segment inside this process.
+    Embedded,
+    /// A Redis/Valkey server (the URL as the `redis` crate takes it).
+    Redis(String),
+}
+
+impl RemoteUrl {
+    /// Parses `remote_url` (`master_server_address`, when set, names the master of a
+    /// `mooncakestore://` URL).
+    pub fn parse(url: &str, master_override: Option<&str>) -> Result<Self, RemoteError> {
+        let bad = |why: &str| {
+            RemoteError::Config(format!(
+                "remote_url `{url}`: {why} (expected kvtier://host:port, kvtier://local, \
+                 mooncakestore://host:port or redis://host:port)"
+            ))
+        };
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
+        let hostport = rest.trim_end_matches('/');
+        match scheme {
+            "kvtier" if hostport == "local" || hostport == "embedded" => Ok(RemoteUrl::Embedded),
+            "kvtier" | "mooncakestore" => {
+                let master = match (scheme, master_override) {
+                    ("mooncakestore", Some(m)) => m.to_string(),
+                    _ => hostport.to_string(),
+                };
+                if !master.contains(':') {
+                    return Err(bad("the master address needs host:port"));
+                }
+                Ok(RemoteUrl::Store { master })
+            }
+            "redis" | "rediss" => Ok(RemoteUrl::Redis(url.to_string())),
+            "valkey" => Ok(RemoteUrl::Redis(format!("redis://{rest}"))),
+            other => Err(bad(&format!("unknown scheme `{other}`"))),
+        }
+    }
+}
+
+/// Data-plane transport named by `extra_config.protocol` (Mooncake's `rdma` maps to UCX).
+pub fn protocol_channel(protocol: Option<&str>) -> Result<TransferChannel, RemoteError> {
+    match protocol.unwrap_or("tcp") {
+        "tcp" => Ok(TransferChannel::Tcp),
+        "ucx" | "rdma" => Ok(TransferChannel::Ucx),
+        "nixl" => Ok(TransferChannel::Nixl),
+        other => Err(RemoteError::Config(format!(
+            "`extra_config.protocol: {other}`: expected tcp, ucx (rdma) or nixl"
+        ))),
+    }
+}
+
+enum Backend {
+    Store(StoreClient),
+    Redis(Box<redis::RedisStore>),
+}
+
+/// The engine's remote tier.
+pub struct RemoteTier {
+    backend: Backend,
+    url: String,
+    timeout: Duration,
+    /// `kvtier://local`: the in-process master and segment.
+    _embedded: Option<(MasterServer, StoreNode)>,
+    /// The segment this engine contributes (`global_segment_size` with etcd).
+    _contributed: Option<StoreNode>,
+}
+
+impl RemoteTier {
+    /// Opens the tier `config.remote_url` names. Contacts no server: the first operation
+    /// does, and operations reconnect after outages.
+    pub async fn open(config: &Config) -> Result<Option<RemoteTier>, RemoteError> {
+        let Some(url) = &config.remote_url else {
+            return Ok(None);
+        };
+        let extra = &config.extra_config;
+        let timeout = Duration::from_secs_f64(
+            extra
+                .transfer_timeout
+                .unwrap_or(config.transport_timeout_sec)
+                .max(0.05),
+        );
+        let host = extra
+            .local_hostname
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let transport = TransportConfig {
+            timeout,
+            auth_token: config.transport_auth_token.clone(),
+            host: host.clone(),
+        };
+        let protocol = protocol_channel(extra.protocol.as_deref())?;
+        let etcd = extra
+            .metadata_server
+            .as_deref()
+            .filter(|m| m.starts_with("etcd://") || m.starts_with("http://"))
+            .map(|m| etcd::Etcd::new(m, timeout))
+            .transpose()?;
+        let client_config = |master: Option<String>, etcd: Option<etcd::Etcd>| ClientConfig {
+            master,
+            etcd,
+            protocol,
+            transport: transport.clone(),
+            staging_bytes: extra.local_buffer_size.unwrap_or(DEFAULT_STAGING_BYTES),
+            replicas: extra
+                .replica_num
+                .unwrap_or(1)
+                .clamp(1, rpc::MAX_REPLICAS as u64) as u8,
+        };
+        let tier = match RemoteUrl::parse(url, extra.master_server_address.as_deref())? {
+            RemoteUrl::Redis(u) => RemoteTier {
+                backend: Backend::Redis(Box::new(redis::RedisStore::new(&u, timeout)?)),
+                url: url.clone(),
+                timeout,
+                _embedded: None,
+                _contributed: None,
+            },
+            RemoteUrl::Embedded => {
+                let node = StoreNode::start(NodeConfig {
+                    name: "embedded".into(),
+                    segment_size: extra
+                        .global_segment_size
+                        .unwrap_or(DEFAULT_EMBEDDED_SEGMENT),
+                    protocol,
+                    transport: TransportConfig {
+                        host: "127.0.0.1".into(),
+                        ..transport.clone()
+                    },
+                    control_port: 0,
+                    etcd: None,
+                    lease_ttl: DEFAULT_LEASE_TTL,
+                })
+                .await?;
+                let master = MasterServer::start(MasterConfig {
+                    listen: "127.0.0.1:0".into(),
+                    advertise: None,
+                    etcd: None,
+                    lease_ttl: DEFAULT_LEASE_TTL,
+                    placement: Default::default(),
+                    auth_token: config.transport_auth_token.clone(),
+                    timeout,
+                    segments: vec![node.info().clone()],
+                })
+                .await?;
+                let client =
+                    StoreClient::new(client_config(Some(master.addr().to_string()), None))?;
+                RemoteTier {
+                    backend: Backend::Store(client),
+                    url: url.clone(),
+                    timeout,
+                    _embedded: Some((master, node)),
+                    _contributed: None,
+                }
+            }
+            RemoteUrl::Store { master } => {
+                let contributed = match (extra.global_segment_size, &etcd) {
+                    (Some(size), Some(etcd)) if size > 0 => Some(
+                        StoreNode::start(NodeConfig {
+                            name: extra
+                                .local_hostname
+                                .clone()
+                                .unwrap_or_else(|| format!("engine-{}", std::process::id())),
+                            segment_size: size,
+                            protocol,
+                            transport: transport.clone(),
+                            control_port: 0,
+                            etcd: Some(etcd.clone()),
+                            lease_ttl: DEFAULT_LEASE_TTL,
+                        })
+                        .await?,
+                    ),
+                    _ => None,
+                };
+                RemoteTier {
+                    backend: Backend::Store(StoreClient::new(client_config(Some(master), etcd))?),
+                    url: url.clone(),
+                    timeout,
+                    _embedded: None,
+                    _contributed: contributed,
+                }
+            }
+        };
+        Ok(Some(tier))
+    }
+
+    /// The URL, for logs.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, RemoteError>>,
+    ) -> Result<T, RemoteError> {
+        let bound = self.timeout * 4;
+        tokio::time::timeout(bound, fut)
+            .await
+            .map_err(|_| RemoteError::Timeout {
+                what: format!("{what} on {}", self.url),
+                after: bound,
+            })?
+    }
+
+    /// Stores objects (each as parts to concatenate); returns how many were written.
+    pub async fn put(&self, objects: &[(ObjectKey, Vec<&[u8]>)]) -> Result<usize, RemoteError> {
+        self.bounded("put", async {
+            match &self.backend {
+                Backend::Store(c) => Ok(c
+                    .put(objects)
+                    .await?
+                    .iter()
+                    .filter(|o| **o == PutOutcome::Stored)
+                    .count()),
+                Backend::Redis(r) => r.put(objects).await.map(|_| objects.len()),
+            }
+        })
+        .await
+    }
+
+    /// Reads objects, each split after `header` bytes; `None` for misses.
+    pub async fn get(
+        &self,
+        keys: &[ObjectKey],
+        header: usize,
+        pool: &BufferPool,
+    ) -> Result<Vec<Option<(Vec<u8>, KvBuffer)>>, RemoteError> {
+        self.bounded("get", async {
+            match &self.backend {
+                Backend::Store(c) => c.get(keys, header, pool).await,
+                Backend::Redis(r) => r.get(keys, header, pool).await,
+            }
+        })
+        .await
+    }
+
+    /// Which objects are stored.
+    pub async fn exists(&self, keys: &[ObjectKey]) -> Result<Vec<bool>, RemoteError> {
+        self.bounded("exists", async {
+            match &self.backend {
+                Backend::Store(c) => c.exists(keys).await,
+                Backend::Redis(r) => r.exists(keys).await,
+            }
+        })
+        .await
+    }
+
+    /// Removes objects; returns which were held.
+    pub async fn remove(&self, keys: &[ObjectKey]) -> Result<Vec<bool>, RemoteError> {
+        self.bounded("remove", async {
+            match &self.backend {
+                Backend::Store(c) => c.remove(keys).await,
+                Backend::Redis(r) => r.remove(keys).await,
+            }
+        })
+        .await
+    }
+
+    /// The kvtier store client (not for Redis).
+    pub fn store_client(&self) -> Option<&StoreClient> {
+        match &self.backend {
+            Backend::Store(c) => Some(c),
+            Backend::Redis(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            RemoteUrl::parse("kvtier://h:1", None).unwrap(),
+            RemoteUrl::Store {
+                master: "h:1".into()
+            }
+        );
+        assert_eq!(
+            RemoteUrl::parse("mooncakestore://storage-server:49999/", Some("m:2")).unwrap(),
+            RemoteUrl::Store {
+                master: "m:2".into()
+            }
+        );
+        assert_eq!(
+            RemoteUrl::parse("mooncakestore://storage-server:49999/", None).unwrap(),
+            RemoteUrl::Store {
+                master: "storage-server:49999".into()
+            }
+        );
+        assert_eq!(
+            RemoteUrl::parse("kvtier://local", None).unwrap(),
+            RemoteUrl::Embedded
+        );
+        assert!(matches!(
+            RemoteUrl::parse("redis://r:6379/0", None).unwrap(),
+            RemoteUrl::Redis(_)
+        ));
+        assert!(RemoteUrl::parse("ftp://x", None).is_err());
+        assert!(RemoteUrl::parse("kvtier://nohost", None).is_err());
+        assert_eq!(
+            protocol_channel(Some("rdma")).unwrap(),
+            TransferChannel::Ucx
+        );
+        assert!(protocol_channel(Some("ib")).is_err());
+    }
+}

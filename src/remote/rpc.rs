@@ -1,0 +1,855 @@
+//! The remote store's control protocol: the requests engines send the master, the
+//! requests the master sends store nodes, their answers, their byte encoding, and the
+//! framed, authenticated TCP connection that carries them. Object bytes never travel
+//! here; they move through the data-plane transports.
+//!
+//! A frame is a `u32` LE length and a body; a body is a tag byte and the fields of that
+//! message (little-endian, length-prefixed lists with caps). Decoding never panics and
+//! never allocates more than the frame holds.
+
+use std::time::Duration;
+
+use kvtier_transport::auth;
+use kvtier_transport::wire::{self, Reader, WireError, Writer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::RemoteError;
+
+/// Protocol version; both ends must speak the same one.
+pub const VERSION: u16 = 1;
+/// Largest frame after the handshake.
+pub const MAX_FRAME: usize = 64 << 20;
+/// Largest frame before the handshake completes.
+const HANDSHAKE_FRAME: usize = 256;
+/// Most objects in one batched request.
+pub const MAX_BATCH: usize = 1 << 16;
+/// Most replicas of one object.
+pub const MAX_REPLICAS: usize = 16;
+const MAX_TEXT: usize = 4096;
+const MAX_DESCRIPTOR: usize = 1 << 20;
+const AUTH_CONTEXT: &[u8] = b"kvtier-remote-store-v1";
+
+/// An object's name: a chunk key, or any 128-bit name a client picks.
+pub type ObjectKey = u128;
+
+/// What the master and nodes know of an object's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Length in bytes.
+    pub len: u64,
+    /// xxh3-64 of the bytes; readers check it, so stale placement reads as a miss.
+    pub checksum: u64,
+}
+
+/// One copy of an object: a range of a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replica {
+    /// The segment's instance id ([`SegmentInfo::id`]).
+    pub segment: u64,
+    /// Start within the segment's registered region.
+    pub offset: u64,
+}
+
+/// A memory segment a store node (or an engine) contributes, as registered in etcd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Random per start of the node: a restarted node is a new segment.
+    pub id: u64,
+    /// The node's name (`local_hostname` or `--name`).
+    pub name: String,
+    /// The node's control address (`host:port`) the master connects to.
+    pub control: String,
+    /// Transport kind clients must use (`tcp`, `ucx`, `nixl`).
+    pub protocol: String,
+    /// The node's transport endpoint descriptor.
+    pub descriptor: Vec<u8>,
+    /// The registered region holding the segment.
+    pub region: u64,
+    /// Segment size in bytes.
+    pub size: u64,
+}
+
+/// A committed object as a node records it (for the master to rebuild placement).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// The object.
+    pub key: ObjectKey,
+    /// Start within the segment.
+    pub offset: u64,
+    /// Length and checksum.
+    pub meta: ObjectMeta,
+}
+
+/// The master's answer for one object of a `PutStart`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PutSlot {
+    /// Write the bytes to each replica, then `PutEnd`.
+    Write(Vec<Replica>),
+    /// Stored already (or being stored by another client): nothing to do.
+    Exists,
+    /// No room even after eviction (or no segments).
+    NoSpace,
+}
+
+/// Where to read one object, and for how long the master keeps it in place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Located {
+    /// Length and checksum.
+    pub meta: ObjectMeta,
+    /// The read lease: the object's ranges are neither freed nor reused for this long.
+    pub lease_ms: u32,
+    /// The copies, any of which may be read.
+    pub replicas: Vec<Replica>,
+}
+
+/// Counters the master reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Segments (nodes) in the pool.
+    pub segments: u64,
+    /// Bytes across all segments.
+    pub capacity: u64,
+    /// Bytes allocated to objects (all replicas, pending puts included).
+    pub used: u64,
+    /// Complete objects.
+    pub objects: u64,
+    /// Puts started and not yet ended.
+    pub pending: u64,
+    /// Objects evicted since this master became leader.
+    pub evicted: u64,
+    /// Unfinished puts reclaimed since this master became leader.
+    pub reclaimed: u64,
+    /// Objects lost with their segments since this master became leader.
+    pub lost: u64,
+}
+
+/// A request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Client → master: reserve room for objects on `replicas` distinct segments.
+    PutStart {
+        /// Copies wanted.
+        replicas: u8,
+        /// The objects.
+        objects: Vec<(ObjectKey, ObjectMeta)>,
+    },
+    /// Client → master: the writes of these puts finished (`ok`) or failed (`!ok`, the
+    /// room is freed).
+    PutEnd {
+        /// Whether the writes succeeded.
+        ok: bool,
+        /// The objects.
+        keys: Vec<ObjectKey>,
+    },
+    /// Client → master: where are these objects (grants read leases).
+    Get(Vec<ObjectKey>),
+    /// Client → master: which of these objects are stored.
+    Exists(Vec<ObjectKey>),
+    /// Client → master: remove these objects.
+    Remove(Vec<ObjectKey>),
+    /// Client → master: the segments in the pool.
+    Segments,
+    /// Anyone → master: counters.
+    Stats,
+    /// Master → node: its segment.
+    NodeInfo,
+    /// Master → node: its committed objects (checksums verified).
+    NodeIndex,
+    /// Master → node: these objects are committed in your segment.
+    NodeCommit(Vec<IndexEntry>),
+    /// Master → node: these objects are gone from your segment (key, offset).
+    NodeDrop(Vec<(ObjectKey, u64)>),
+}
+
+/// An answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    /// To `PutStart`, one per object.
+    PutStart(Vec<PutSlot>),
+    /// To `PutEnd`: whether each object is now stored (false: its put was reclaimed).
+    PutEnd(Vec<bool>),
+    /// To `Get`, one per object (`None`: a miss).
+    Get(Vec<Option<Located>>),
+    /// To `Exists` and `Remove`: one flag per object.
+    Flags(Vec<bool>),
+    /// To `Segments`.
+    Segments(Vec<SegmentInfo>),
+    /// To `Stats`.
+    Stats(StoreStats),
+    /// To `NodeInfo`.
+    NodeInfo(SegmentInfo),
+    /// To `NodeIndex`.
+    NodeIndex(Vec<IndexEntry>),
+    /// Done (to `NodeCommit`, `NodeDrop`).
+    Done,
+    /// This master is not the leader; `leader` is the leader's address if known.
+    NotLeader {
+        /// The leader's address, or empty.
+        leader: String,
+    },
+    /// The request failed.
+    Error(String),
+}
+
+fn put_keys(w: &mut Writer, keys: &[ObjectKey]) {
+    w.u32(keys.len() as u32);
+    for k in keys {
+        w.raw(&k.to_le_bytes());
+    }
+}
+
+fn get_keys(r: &mut Reader<'_>) -> Result<Vec<ObjectKey>, WireError> {
+    let n = r.count(MAX_BATCH, 16)?;
+    (0..n).map(|_| get_key(r)).collect()
+}
+
+fn get_key(r: &mut Reader<'_>) -> Result<ObjectKey, WireError> {
+    Ok(u128::from_le_bytes(r.array()?))
+}
+
+fn put_meta(w: &mut Writer, m: &ObjectMeta) {
+    w.u64(m.len);
+    w.u64(m.checksum);
+}
+
+fn get_meta(r: &mut Reader<'_>) -> Result<ObjectMeta, WireError> {
+    Ok(ObjectMeta {
+        len: r.u64()?,
+        checksum: r.u64()?,
+    })
+}
+
+fn put_replicas(w: &mut Writer, replicas: &[Replica]) {
+    w.u8(replicas.len() as u8);
+    for rep in replicas {
+        w.u64(rep.segment);
+        w.u64(rep.offset);
+    }
+}
+
+fn get_replicas(r: &mut Reader<'_>) -> Result<Vec<Replica>, WireError> {
+    let n = r.u8()? as usize;
+    if n > MAX_REPLICAS {
+        return Err(WireError::TooLong {
+            what: "replica list",
+            len: n,
+            cap: MAX_REPLICAS,
+        });
+    }
+    (0..n)
+        .map(|_| {
+            Ok(Replica {
+                segment: r.u64()?,
+                offset: r.u64()?,
+            })
+        })
+        .collect()
+}
+
+fn put_entry(w: &mut Writer, e: &IndexEntry) {
+    w.raw(&e.key.to_le_bytes());
+    w.u64(e.offset);
+    put_meta(w, &e.meta);
+}
+
+fn get_entry(r: &mut Reader<'_>) -> Result<IndexEntry, WireError> {
+    Ok(IndexEntry {
+        key: get_key(r)?,
+        offset: r.u64()?,
+        meta: get_meta(r)?,
+    })
+}
+
+fn put_segment(w: &mut Writer, s: &SegmentInfo) {
+    w.u64(s.id);
+    w.str(&s.name, MAX_TEXT, false);
+    w.str(&s.control, MAX_TEXT, false);
+    w.str(&s.protocol, MAX_TEXT, false);
+    w.bytes32(&s.descriptor);
+    w.u64(s.region);
+    w.u64(s.size);
+}
+
+fn get_segment(r: &mut Reader<'_>) -> Result<SegmentInfo, WireError> {
+    Ok(SegmentInfo {
+        id: r.u64()?,
+        name: r.str(MAX_TEXT, false)?,
+        control: r.str(MAX_TEXT, false)?,
+        protocol: r.str(MAX_TEXT, false)?,
+        descriptor: r.bytes32(MAX_DESCRIPTOR)?.to_vec(),
+        region: r.u64()?,
+        size: r.u64()?,
+    })
+}
+
+impl SegmentInfo {
+    /// The encoding stored in etcd.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u16(VERSION);
+        put_segment(&mut w, self);
+        w.0
+    }
+
+    /// Decodes [`SegmentInfo::encode`]'s output.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(bytes, "segment info");
+        let version = r.u16()?;
+        if version != VERSION {
+            return Err(WireError::TooLong {
+                what: "segment info version",
+                len: version as usize,
+                cap: VERSION as usize,
+            });
+        }
+        let s = get_segment(&mut r)?;
+        r.finish()?;
+        Ok(s)
+    }
+}
+
+/// Encodes a request body.
+pub fn encode_request(req: &Request) -> Vec<u8> {
+    let mut w = Writer::default();
+    match req {
+        Request::PutStart { replicas, objects } => {
+            w.u8(1);
+            w.u8(*replicas);
+            w.u32(objects.len() as u32);
+            for (k, m) in objects {
+                w.raw(&k.to_le_bytes());
+                put_meta(&mut w, m);
+            }
+        }
+        Request::PutEnd { ok, keys } => {
+            w.u8(2);
+            w.u8(*ok as u8);
+            put_keys(&mut w, keys);
+        }
+        Request::Get(keys) => {
+            w.u8(3);
+            put_keys(&mut w, keys);
+        }
+        Request::Exists(keys) => {
+            w.u8(4);
+            put_keys(&mut w, keys);
+        }
+        Request::Remove(keys) => {
+            w.u8(5);
+            put_keys(&mut w, keys);
+        }
+        Request::Segments => w.u8(6),
+        Request::Stats => w.u8(7),
+        Request::NodeInfo => w.u8(8),
+        Request::NodeIndex => w.u8(9),
+        Request::NodeCommit(entries) => {
+            w.u8(10);
+            w.u32(entries.len() as u32);
+            for e in entries {
+                put_entry(&mut w, e);
+            }
+        }
+        Request::NodeDrop(entries) => {
+            w.u8(11);
+            w.u32(entries.len() as u32);
+            for (k, off) in entries {
+                w.raw(&k.to_le_bytes());
+                w.u64(*off);
+            }
+        }
+    }
+    w.0
+}
+
+/// Decodes a request body.
+pub fn decode_request(body: &[u8]) -> Result<Request, WireError> {
+    let mut r = Reader::new(body, "request");
+    let req = match r.u8()? {
+        1 => {
+            let replicas = r.u8()?;
+            let n = r.count(MAX_BATCH, 32)?;
+            let objects = (0..n)
+                .map(|_| Ok((get_key(&mut r)?, get_meta(&mut r)?)))
+                .collect::<Result<_, WireError>>()?;
+            Request::PutStart { replicas, objects }
+        }
+        2 => Request::PutEnd {
+            ok: r.u8()? != 0,
+            keys: get_keys(&mut r)?,
+        },
+        3 => Request::Get(get_keys(&mut r)?),
+        4 => Request::Exists(get_keys(&mut r)?),
+        5 => Request::Remove(get_keys(&mut r)?),
+        6 => Request::Segments,
+        7 => Request::Stats,
+        8 => Request::NodeInfo,
+        9 => Request::NodeIndex,
+        10 => {
+            let n = r.count(MAX_BATCH, 40)?;
+            Request::NodeCommit(
+                (0..n)
+                    .map(|_| get_entry(&mut r))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+        11 => {
+            let n = r.count(MAX_BATCH, 24)?;
+            Request::NodeDrop(
+                (0..n)
+                    .map(|_| Ok((get_key(&mut r)?, r.u64()?)))
+                    .collect::<Result<_, WireError>>()?,
+            )
+        }
+        _ => return Err(WireError::Truncated("request: unknown tag")),
+    };
+    r.finish()?;
+    Ok(req)
+}
+
+/// Encodes a response body.
+pub fn encode_response(resp: &Response) -> Vec<u8> {
+    let mut w = Writer::default();
+    match resp {
+        Response::PutStart(slots) => {
+            w.u8(1);
+            w.u32(slots.len() as u32);
+            for s in slots {
+                match s {
+                    PutSlot::Write(reps) => {
+                        w.u8(0);
+                        put_replicas(&mut w, reps);
+                    }
+                    PutSlot::Exists => w.u8(1),
+                    PutSlot::NoSpace => w.u8(2),
+                }
+            }
+        }
+        Response::PutEnd(flags) | Response::Flags(flags) => {
+            w.u8(if matches!(resp, Response::PutEnd(_)) {
+                2
+            } else {
+                4
+            });
+            w.u32(flags.len() as u32);
+            for &f in flags {
+                w.u8(f as u8);
+            }
+        }
+        Response::Get(found) => {
+            w.u8(3);
+            w.u32(found.len() as u32);
+            for f in found {
+                match f {
+                    None => w.u8(0),
+                    Some(l) => {
+                        w.u8(1);
+                        put_meta(&mut w, &l.meta);
+                        w.u32(l.lease_ms);
+                        put_replicas(&mut w, &l.replicas);
+                    }
+                }
+            }
+        }
+        Response::Segments(segs) => {
+            w.u8(5);
+            w.u32(segs.len() as u32);
+            for s in segs {
+                put_segment(&mut w, s);
+            }
+        }
+        Response::Stats(s) => {
+            w.u8(6);
+            for v in [
+                s.segments,
+                s.capacity,
+                s.used,
+                s.objects,
+                s.pending,
+                s.evicted,
+                s.reclaimed,
+                s.lost,
+            ] {
+                w.u64(v);
+            }
+        }
+        Response::NodeInfo(s) => {
+            w.u8(7);
+            put_segment(&mut w, s);
+        }
+        Response::NodeIndex(entries) => {
+            w.u8(8);
+            w.u32(entries.len() as u32);
+            for e in entries {
+                put_entry(&mut w, e);
+            }
+        }
+        Response::Done => w.u8(9),
+        Response::NotLeader { leader } => {
+            w.u8(10);
+            w.str(leader, MAX_TEXT, false);
+        }
+        Response::Error(msg) => {
+            w.u8(11);
+            w.str(msg, MAX_TEXT, false);
+        }
+    }
+    w.0
+}
+
+/// Decodes a response body.
+pub fn decode_response(body: &[u8]) -> Result<Response, WireError> {
+    let mut r = Reader::new(body, "response");
+    let flags = |r: &mut Reader<'_>| -> Result<Vec<bool>, WireError> {
+        let n = r.count(MAX_BATCH, 1)?;
+        (0..n).map(|_| Ok(r.u8()? != 0)).collect()
+    };
+    let resp = match r.u8()? {
+        1 => {
+            let n = r.count(MAX_BATCH, 1)?;
+            let slots = (0..n)
+                .map(|_| {
+                    Ok(match r.u8()? {
+                        0 => PutSlot::Write(get_replicas(&mut r)?),
+                        1 => PutSlot::Exists,
+                        2 => PutSlot::NoSpace,
+                        _ => return Err(WireError::Truncated("put slot: unknown kind")),
+                    })
+                })
+                .collect::<Result<_, WireError>>()?;
+            Response::PutStart(slots)
+        }
+        2 => Response::PutEnd(flags(&mut r)?),
+        3 => {
+            let n = r.count(MAX_BATCH, 1)?;
+            let found = (0..n)
+                .map(|_| {
+                    Ok(match r.u8()? {
+                        0 => None,
+                        1 => Some(Located {
+                            meta: get_meta(&mut r)?,
+                            lease_ms: r.u32()?,
+                            replicas: get_replicas(&mut r)?,
+                        }),
+                        _ => return Err(WireError::Truncated("get answer: unknown kind")),
+                    })
+                })
+                .collect::<Result<_, WireError>>()?;
+            Response::Get(found)
+        }
+        4 => Response::Flags(flags(&mut r)?),
+        5 => {
+            let n = r.count(1 << 12, 40)?;
+            Response::Segments(
+                (0..n)
+                    .map(|_| get_segment(&mut r))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+        6 => {
+            let mut v = [0u64; 8];
+            for x in &mut v {
+                *x = r.u64()?;
+            }
+            Response::Stats(StoreStats {
+                segments: v[0],
+                capacity: v[1],
+                used: v[2],
+                objects: v[3],
+                pending: v[4],
+                evicted: v[5],
+                reclaimed: v[6],
+                lost: v[7],
+            })
+        }
+        7 => Response::NodeInfo(get_segment(&mut r)?),
+        8 => {
+            let n = r.count(1 << 24, 40)?;
+            Response::NodeIndex(
+                (0..n)
+                    .map(|_| get_entry(&mut r))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+        9 => Response::Done,
+        10 => Response::NotLeader {
+            leader: r.str(MAX_TEXT, false)?,
+        },
+        11 => Response::Error(r.str(MAX_TEXT, false)?),
+        _ => return Err(WireError::Truncated("response: unknown tag")),
+    };
+    r.finish()?;
+    Ok(resp)
+}
+
+/// One framed, authenticated control connection.
+pub struct RpcConn {
+    stream: TcpStream,
+    max_frame: usize,
+    /// The other side (address).
+    pub peer: String,
+}
+
+fn io_err(peer: &str, e: impl std::fmt::Display) -> RemoteError {
+    RemoteError::Rpc {
+        peer: peer.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+async fn within<T>(
+    peer: &str,
+    timeout: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, RemoteError>>,
+) -> Result<T, RemoteError> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| RemoteError::Timeout {
+            what: format!("{what} {peer}"),
+            after: timeout,
+        })?
+}
+
+impl RpcConn {
+    /// Connects to `addr` and proves knowledge of `secret` (if the server has one).
+    pub async fn connect(
+        addr: &str,
+        secret: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Self, RemoteError> {
+        within(addr, timeout, "connecting to", async {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| io_err(addr, e))?;
+            let _ = stream.set_nodelay(true);
+            let mut conn = RpcConn {
+                stream,
+                max_frame: HANDSHAKE_FRAME,
+                peer: addr.to_string(),
+            };
+            let hello = conn.recv_frame().await?;
+            let mut r = Reader::new(&hello, "remote store challenge");
+            let version = r.u16().map_err(|e| io_err(addr, e))?;
+            let nonce: [u8; 32] = r.array().map_err(|e| io_err(addr, e))?;
+            if version != VERSION {
+                return Err(RemoteError::Rpc {
+                    peer: addr.into(),
+                    reason: format!("speaks remote-store protocol {version}, this build {VERSION}"),
+                });
+            }
+            conn.send_frame(&auth::respond(secret, AUTH_CONTEXT, &nonce))
+                .await?;
+            let verdict = conn.recv_frame().await?;
+            if verdict.first() != Some(&1) {
+                return Err(RemoteError::Rpc {
+                    peer: addr.into(),
+                    reason: "refused: wrong or missing transport_auth_token".into(),
+                });
+            }
+            conn.max_frame = MAX_FRAME;
+            Ok(conn)
+        })
+        .await
+    }
+
+    /// Runs the server side of the handshake; refuses clients without `secret`.
+    pub async fn accept(
+        stream: TcpStream,
+        secret: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Self, RemoteError> {
+        let _ = stream.set_nodelay(true);
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        let mut conn = RpcConn {
+            stream,
+            max_frame: HANDSHAKE_FRAME,
+            peer: peer.clone(),
+        };
+        within(&peer, timeout, "handshake with", async {
+            let nonce = auth::nonce();
+            let mut w = Writer::default();
+            w.u16(VERSION);
+            w.raw(&nonce);
+            conn.send_frame(&w.0).await?;
+            let answer = conn.recv_frame().await?;
+            let ok = <[u8; 32]>::try_from(answer.as_slice())
+                .map(|mac| auth::verify(secret, AUTH_CONTEXT, &nonce, &mac))
+                .unwrap_or(false);
+            conn.send_frame(&[ok as u8]).await?;
+            if !ok {
+                return Err(RemoteError::Rpc {
+                    peer: peer.clone(),
+                    reason: "client refused: wrong or missing transport_auth_token".into(),
+                });
+            }
+            conn.max_frame = MAX_FRAME;
+            Ok(())
+        })
+        .await?;
+        Ok(conn)
+    }
+
+    async fn send_frame(&mut self, body: &[u8]) -> Result<(), RemoteError> {
+        let mut frame = Vec::with_capacity(4 + body.len());
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(body);
+        self.stream
+            .write_all(&frame)
+            .await
+            .map_err(|e| io_err(&self.peer, e))
+    }
+
+    async fn recv_frame(&mut self) -> Result<Vec<u8>, RemoteError> {
+        let mut prefix = [0u8; 4];
+        self.stream
+            .read_exact(&mut prefix)
+            .await
+            .map_err(|e| io_err(&self.peer, e))?;
+        let len = wire::frame_len(prefix, self.max_frame).map_err(|e| io_err(&self.peer, e))?;
+        let mut body = vec![0u8; len];
+        self.stream
+            .read_exact(&mut body)
+            .await
+            .map_err(|e| io_err(&self.peer, e))?;
+        Ok(body)
+    }
+
+    /// Sends `req` and waits at most `timeout` for the answer. An error leaves the
+    /// connection unusable (drop it).
+    pub async fn call(
+        &mut self,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Response, RemoteError> {
+        let peer = self.peer.clone();
+        within(&peer, timeout, "answer from", async {
+            self.send_frame(&encode_request(req)).await?;
+            let body = self.recv_frame().await?;
+            decode_response(&body).map_err(|e| io_err(&self.peer, e))
+        })
+        .await
+    }
+
+    /// The next request (waits as long as it takes; `None` when the peer hung up).
+    pub async fn next_request(&mut self) -> Option<Result<Request, RemoteError>> {
+        match self.recv_frame().await {
+            Ok(body) => Some(decode_request(&body).map_err(|e| io_err(&self.peer, e))),
+            Err(_) => None,
+        }
+    }
+
+    /// Sends an answer.
+    pub async fn reply(&mut self, resp: &Response) -> Result<(), RemoteError> {
+        self.send_frame(&encode_response(resp)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(id: u64) -> SegmentInfo {
+        SegmentInfo {
+            id,
+            name: format!("node-{id}"),
+            control: "127.0.0.1:1".into(),
+            protocol: "tcp".into(),
+            descriptor: vec![1, 2, 3],
+            region: 7,
+            size: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn every_message_round_trips_and_every_truncation_is_an_error() {
+        let meta = ObjectMeta {
+            len: 5,
+            checksum: 9,
+        };
+        let entry = IndexEntry {
+            key: 3,
+            offset: 64,
+            meta,
+        };
+        let reqs = vec![
+            Request::PutStart {
+                replicas: 2,
+                objects: vec![(1, meta), (u128::MAX, meta)],
+            },
+            Request::PutEnd {
+                ok: true,
+                keys: vec![1, 2],
+            },
+            Request::Get(vec![4]),
+            Request::Exists(vec![]),
+            Request::Remove(vec![5, 6]),
+            Request::Segments,
+            Request::Stats,
+            Request::NodeInfo,
+            Request::NodeIndex,
+            Request::NodeCommit(vec![entry]),
+            Request::NodeDrop(vec![(3, 64)]),
+        ];
+        for req in reqs {
+            let body = encode_request(&req);
+            assert_eq!(decode_request(&body).unwrap(), req);
+            for cut in 0..body.len() {
+                assert!(
+                    decode_request(&body[..cut]).is_err(),
+                    "{req:?} cut at {cut}"
+                );
+            }
+        }
+        let replicas = vec![Replica {
+            segment: 1,
+            offset: 128,
+        }];
+        let resps = vec![
+            Response::PutStart(vec![
+                PutSlot::Write(replicas.clone()),
+                PutSlot::Exists,
+                PutSlot::NoSpace,
+            ]),
+            Response::PutEnd(vec![true, false]),
+            Response::Get(vec![
+                None,
+                Some(Located {
+                    meta,
+                    lease_ms: 5000,
+                    replicas,
+                }),
+            ]),
+            Response::Flags(vec![false]),
+            Response::Segments(vec![seg(1), seg(2)]),
+            Response::Stats(StoreStats {
+                segments: 3,
+                used: 4,
+                ..StoreStats::default()
+            }),
+            Response::NodeInfo(seg(3)),
+            Response::NodeIndex(vec![entry]),
+            Response::Done,
+            Response::NotLeader {
+                leader: "h:1".into(),
+            },
+            Response::Error("bad".into()),
+        ];
+        for resp in resps {
+            let body = encode_response(&resp);
+            assert_eq!(decode_response(&body).unwrap(), resp);
+            for cut in 0..body.len() {
+                assert!(
+                    decode_response(&body[..cut]).is_err(),
+                    "{resp:?} cut at {cut}"
+                );
+            }
+        }
+        let s = seg(9);
+        assert_eq!(SegmentInfo::decode(&s.encode()).unwrap(), s);
+        assert!(SegmentInfo::decode(&[]).is_err());
+    }
+}
