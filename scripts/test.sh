@@ -35,6 +35,13 @@ export KVTIER_NIXL_LIB
 # UCX (ours and NIXL's): loopback only, quiet.
 export UCX_NET_DEVICES=lo UCX_LOG_LEVEL=error
 
+step "etcd and redis-server for the remote-store tests (started by the tests themselves)"
+if ! command -v etcd >/dev/null || ! command -v redis-server >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq etcd-server redis-server
+fi
+etcd --version | head -1
+redis-server --version
+
 step "format"
 cargo fmt --all -- --check
 

@@ -408,7 +408,8 @@ async fn lead(shared: Arc<Shared>, etcd: Etcd, addr: String) {
         *shared.role.lock() = Role::Follower {
             leader: String::new(),
         };
-        for id in shared.links.lock().keys().copied().collect::<Vec<_>>() {
+        let linked: Vec<u64> = shared.links.lock().keys().copied().collect();
+        for id in linked {
             shared.unlink(id);
         }
         let _ = etcd.revoke(lease).await;

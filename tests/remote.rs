@@ -1,0 +1,636 @@
+//! The remote store as separate processes on 127.0.0.1, against a real etcd
+//! (`etcd-server`) and a real `redis-server`: store nodes, two masters, engines
+//! (`kvtier remote-probe`: an engine driven through stdin, with synthetic KV).
+//!
+//! Covered: put/get across engines, replicas on distinct nodes, `mooncakestore://` with
+//! the reference `extra_config` keys, an engine contributing a segment, leader failover
+//! with placement rebuilt from the nodes, killed nodes (their sole copies become misses,
+//! never wrong bytes), etcd down and back (engines keep serving locally and reconnect),
+//! eviction, reclaim of an unfinished put, embedded mode (no etcd) over every transport
+//! built in, and the Redis tier.
+//!
+//! The test command installs etcd and redis-server; without them these tests fail, naming
+//! what to install.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kvtier::remote::etcd::Etcd;
+
+/// Chunk of the probes' model (2 layers of Llama-3.1-8B): 2 MiB of KV per 256 tokens.
+const LAYERS: &str = "2";
+const ASK_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn need(program: &str, package: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join(program);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("`{program}` not found: install `{package}` (./scripts/test.sh does)");
+}
+
+/// A child process (killed on drop) whose stdout lines arrive on a channel; stderr is kept
+/// in a file for failure messages.
+struct Proc {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(name: &str, program: &Path, args: &[&str], dir: &Path) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let mut child = Command::new(program)
+            .args(args)
+            .env("KVTIER_LOG", "info")
+            .env_remove("KVTIER_CONFIG_FILE")
+            .env_remove("LMCACHE_CONFIG_FILE")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            name: name.to_string(),
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            log,
+        }
+    }
+
+    fn kvtier(name: &str, args: &[&str], dir: &Path) -> Proc {
+        Proc::spawn(name, Path::new(env!("CARGO_BIN_EXE_kvtier")), args, dir)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn line(&mut self, timeout: Duration) -> String {
+        match self.lines.recv_timeout(timeout) {
+            Ok(l) => l,
+            Err(_) => panic!(
+                "{}: no output within {timeout:?}; its log:\n{}",
+                self.name,
+                self.log()
+            ),
+        }
+    }
+
+    /// The `ready ...` line's words after `ready`.
+    fn ready(&mut self) -> Vec<String> {
+        let line = self.line(Duration::from_secs(60));
+        let rest = line
+            .strip_prefix("ready")
+            .unwrap_or_else(|| panic!("{}: expected `ready`, got `{line}`", self.name));
+        rest.split_whitespace().map(str::to_owned).collect()
+    }
+
+    /// Sends one probe command; returns the answer after `ok ` (panics on `err`).
+    fn ask(&mut self, command: &str) -> String {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+        let line = self.line(ASK_TIMEOUT);
+        match line.strip_prefix("ok") {
+            Some(rest) => rest.trim().to_string(),
+            None => panic!(
+                "{}: `{command}` answered `{line}`; log:\n{}",
+                self.name,
+                self.log()
+            ),
+        }
+    }
+
+    /// A `key=value` field of `ask(command)`.
+    fn field(&mut self, command: &str, key: &str) -> String {
+        let answer = self.ask(command);
+        answer
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_owned))
+            .unwrap_or_else(|| panic!("`{command}` answered `{answer}`: no {key}"))
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real etcd on 127.0.0.1 with its data in `dir`.
+struct EtcdServer {
+    proc: Option<Proc>,
+    client_port: u16,
+    peer_port: u16,
+    dir: PathBuf,
+}
+
+impl EtcdServer {
+    fn start(dir: &Path) -> EtcdServer {
+        let mut e = EtcdServer {
+            proc: None,
+            client_port: free_port(),
+            peer_port: free_port(),
+            dir: dir.to_path_buf(),
+        };
+        e.restart();
+        e
+    }
+
+    fn restart(&mut self) {
+        let etcd = need("etcd", "etcd-server");
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let data = self.dir.join("etcd-data");
+        let args = [
+            "--name",
+            "kvtier-test",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("kvtier-test={peer}"),
+        ];
+        self.proc = Some(Proc::spawn("etcd", &etcd, &args, &self.dir));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let etcd = self.client("probe");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        while rt.block_on(etcd.get(&etcd.key("probe"))).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    fn url(&self, cluster: &str) -> String {
+        format!("etcd://127.0.0.1:{}/{cluster}", self.client_port)
+    }
+
+    fn client(&self, cluster: &str) -> Etcd {
+        Etcd::new(&self.url(cluster), Duration::from_secs(2)).unwrap()
+    }
+
+    /// The current leader's address.
+    fn leader(&self, cluster: &str) -> Option<String> {
+        let etcd = self.client(cluster);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(etcd.get(&etcd.key("master")))
+            .ok()
+            .flatten()
+            .map(|v| String::from_utf8(v).unwrap())
+    }
+}
+
+fn node(name: &str, etcd: &str, size: &str, dir: &Path) -> Proc {
+    let mut p = Proc::kvtier(
+        name,
+        &[
+            "store-node",
+            "--etcd",
+            etcd,
+            "--name",
+            name,
+            "--segment-size",
+            size,
+            "--lease-ttl",
+            "2",
+        ],
+        dir,
+    );
+    p.ready();
+    p
+}
+
+fn master(name: &str, etcd: &str, dir: &Path) -> (Proc, String) {
+    let mut p = Proc::kvtier(
+        name,
+        &[
+            "master",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            etcd,
+            "--lease-ttl",
+            "2",
+        ],
+        dir,
+    );
+    let addr = p.ready().remove(0);
+    (p, addr)
+}
+
+fn probe(name: &str, yaml: &str, dir: &Path) -> Proc {
+    let config = dir.join(format!("{name}.yaml"));
+    std::fs::write(&config, yaml).unwrap();
+    let mut p = Proc::kvtier(
+        name,
+        &[
+            "remote-probe",
+            "--config",
+            config.to_str().unwrap(),
+            "--layers",
+            LAYERS,
+        ],
+        dir,
+    );
+    p.ready();
+    p
+}
+
+/// Polls `f` every 100 ms until it is true; returns how long that took.
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+fn retrieve(p: &mut Proc, seed: u64, tokens: usize) -> usize {
+    let answer = p.ask(&format!("retrieve {seed} {tokens}"));
+    assert!(
+        answer.contains("verified=true"),
+        "{}: wrong bytes: {answer}",
+        p.name
+    );
+    answer
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("tokens="))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn kvtier_engine_yaml(master: &str, etcd: &str, replicas: u32) -> String {
+    format!(
+        "chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 1\nremote_url: kvtier://{master}\n\
+         extra_config:\n  metadata_server: {etcd}\n  replica_num: {replicas}\n  \
+         local_buffer_size: 33554432\n  transfer_timeout: 3\n"
+    )
+}
+
+#[test]
+fn cluster_replicas_failover_and_killed_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let etcd = EtcdServer::start(dir);
+    let url = etcd.url("c1");
+    let mut nodes: Vec<Proc> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| node(n, &url, "64MiB", dir))
+        .collect();
+    let (m1, a1) = master("m1", &url, dir);
+    let (m2, a2) = master("m2", &url, dir);
+    let mut masters = [(m1, a1.clone()), (m2, a2)];
+    // Engine A: kvtier:// naming one master (etcd finds the leader). Engine B: the
+    // reference Mooncake keys, and it contributes a segment of its own.
+    let mut a = probe("engine-a", &kvtier_engine_yaml(&a1, &url, 2), dir);
+    let mut b = probe(
+        "engine-b",
+        &format!(
+            "chunk_size: 256\nlocal_device: \"cpu\"\nremote_url: \"mooncakestore://{a1}/\"\n\
+             remote_serde: \"naive\"\nlocal_cpu: true\nmax_local_cpu_size: 1\nextra_config:\n  \
+             local_hostname: \"127.0.0.1\"\n  metadata_server: \"{url}\"\n  protocol: \"tcp\"\n  \
+             device_name: \"\"\n  master_server_address: \"{a1}\"\n  \
+             global_segment_size: 16777216\n  local_buffer_size: 33554432\n  \
+             transfer_timeout: 3\n  replica_num: 2\n"
+        ),
+        dir,
+    );
+    wait_for("four segments in the pool", Duration::from_secs(30), || {
+        b.field("stats", "segments") == "4"
+    });
+
+    // Put on A, get on B (B has none of it locally).
+    assert_eq!(a.field("store 11 1024", "stored"), "1024");
+    a.ask("flush");
+    assert_eq!(b.field("lookup 11 1024", "hit"), "1024");
+    assert_eq!(retrieve(&mut b, 11, 1024), 1024);
+    assert_eq!(b.field("lookup 11 1100", "hit"), "1024");
+    // Two replicas per chunk, on distinct nodes.
+    for replicas in a.ask("locate 11 1024").split_whitespace() {
+        let names: Vec<&str> = replicas.split(',').collect();
+        assert_eq!(names.len(), 2, "{replicas}");
+        assert_ne!(names[0], names[1]);
+    }
+
+    // Kill the leader: the standby takes over and rebuilds placement from the nodes.
+    let leader = etcd.leader("c1").expect("a leader is published");
+    let i = masters
+        .iter()
+        .position(|(_, addr)| *addr == leader)
+        .unwrap();
+    let killed = Instant::now();
+    masters[i].0.kill();
+    let standby = masters[1 - i].1.clone();
+    wait_for(
+        "the standby takes over",
+        Duration::from_secs(2 + 10),
+        || etcd.leader("c1").as_deref() == Some(standby.as_str()),
+    );
+    wait_for("the new leader serves", Duration::from_secs(10), || {
+        let stats = b.ask("stats");
+        stats.contains("segments=4") && !stats.contains("objects=0 ")
+    });
+    let failover = killed.elapsed();
+    eprintln!("failover: leader killed -> standby serving in {failover:.2?} (lease TTL 2 s)");
+    b.ask("clear");
+    assert_eq!(retrieve(&mut b, 11, 1024), 1024, "objects survive failover");
+    // Writes work through the new leader.
+    assert_eq!(a.field("store 12 512", "stored"), "512");
+    a.ask("flush");
+    assert_eq!(retrieve(&mut b, 12, 512), 512);
+
+    // A fresh prompt, then kill two of the three store nodes.
+    assert_eq!(a.field("store 33 2048", "stored"), "2048");
+    a.ask("flush");
+    let places: Vec<Vec<String>> = a
+        .ask("locate 33 2048")
+        .split_whitespace()
+        .map(|r| r.split(',').map(str::to_owned).collect())
+        .collect();
+    assert_eq!(places.len(), 8);
+    nodes[0].kill();
+    // Every chunk still has a live copy: reads fall back to it.
+    b.ask("clear");
+    assert_eq!(retrieve(&mut b, 33, 2048), 2048);
+    nodes[1].kill();
+    // Engine B's own segment is named after its `local_hostname`.
+    let alive = |p: &Vec<String>| p.iter().any(|n| n == "n3" || n == "127.0.0.1");
+    let expected = places.iter().take_while(|p| alive(p)).count() * 256;
+    let dead_only = places.iter().filter(|p| !alive(p)).count() as u64;
+    // Before the master notices, reads of dead copies fail over or miss: never wrong.
+    b.ask("clear");
+    assert_eq!(retrieve(&mut b, 33, 2048), expected);
+    wait_for(
+        "the master drops the dead nodes",
+        Duration::from_secs(15),
+        || b.field("stats", "segments") == "2",
+    );
+    b.ask("clear");
+    assert_eq!(retrieve(&mut b, 33, 2048), expected);
+    assert_eq!(b.field("lookup 33 2048", "hit"), expected.to_string());
+    let lost: u64 = b.field("stats", "lost").parse().unwrap();
+    assert!(
+        lost >= dead_only,
+        "lost={lost}, chunks only on dead nodes {dead_only}"
+    );
+}
+
+#[test]
+fn etcd_outage_engines_serve_locally_and_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut etcd = EtcdServer::start(dir);
+    let url = etcd.url("c2");
+    let n = node("n1", &url, "64MiB", dir);
+    let (m, addr) = master("m1", &url, dir);
+    let mut a = probe("engine-a", &kvtier_engine_yaml(&addr, &url, 1), dir);
+    let mut b = probe("engine-b", &kvtier_engine_yaml(&addr, &url, 1), dir);
+    wait_for("the node joins", Duration::from_secs(30), || {
+        a.field("stats", "segments") == "1"
+    });
+    a.ask("store 44 512");
+    a.ask("flush");
+    assert_eq!(retrieve(&mut b, 44, 512), 512);
+
+    etcd.stop();
+    // Past the leader lease: the master has stepped down.
+    std::thread::sleep(Duration::from_secs(4));
+    // A keeps serving what it holds locally and stores new prompts locally.
+    assert_eq!(a.field("lookup 44 512", "hit"), "512");
+    assert_eq!(retrieve(&mut a, 44, 512), 512);
+    assert_eq!(a.field("store 45 512", "stored"), "512");
+    a.ask("flush");
+    assert_eq!(retrieve(&mut a, 45, 512), 512);
+    // B has nothing local: a miss, answered, not a hang or an error.
+    assert_eq!(b.field("lookup 45 512", "hit"), "0");
+    assert_eq!(retrieve(&mut b, 45, 512), 0);
+
+    etcd.restart();
+    // B's own tiers hold 44 since it read it: clear them so only the store can answer.
+    let start = Instant::now();
+    loop {
+        b.ask("clear");
+        if b.field("lookup 44 512", "hit") == "512" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the store is not back after 30 s; etcd log:\n{}\nmaster log:\n{}\nnode log:\n{}\nengine log:\n{}",
+            etcd.proc.as_ref().unwrap().log(),
+            m.log(),
+            n.log(),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = start.elapsed();
+    eprintln!("etcd back -> remote tier serving again in {took:.2?}");
+    assert_eq!(retrieve(&mut b, 44, 512), 512);
+    a.ask("store 46 768");
+    a.ask("flush");
+    assert_eq!(retrieve(&mut b, 46, 768), 768);
+}
+
+fn embedded_master(
+    name: &str,
+    protocol: &str,
+    size: &str,
+    dir: &Path,
+    extra: &[&str],
+) -> (Proc, String) {
+    let mut args = vec![
+        "master",
+        "--listen",
+        "127.0.0.1:0",
+        "--segment-size",
+        size,
+        "--protocol",
+        protocol,
+    ];
+    args.extend_from_slice(extra);
+    let mut p = Proc::kvtier(name, &args, dir);
+    let addr = p.ready().remove(0);
+    (p, addr)
+}
+
+fn embedded_engine_yaml(master: &str, protocol: &str) -> String {
+    format!(
+        "chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 1\nremote_url: kvtier://{master}\n\
+         extra_config:\n  protocol: {protocol}\n  local_buffer_size: 33554432\n  transfer_timeout: 5\n"
+    )
+}
+
+#[test]
+fn eviction_and_reclaim_without_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // Room for five 2 MiB chunks; short put timeout and read lease.
+    let (_m, addr) = embedded_master(
+        "master",
+        "tcp",
+        "10MiB",
+        dir,
+        &["--put-timeout", "1", "--read-lease", "1"],
+    );
+    let mut a = probe("engine-a", &embedded_engine_yaml(&addr, "tcp"), dir);
+    let mut b = probe("engine-b", &embedded_engine_yaml(&addr, "tcp"), dir);
+    for seed in 1..=4 {
+        a.ask(&format!("store {seed} 512"));
+        a.ask("flush");
+    }
+    let evicted: u64 = a.field("stats", "evicted").parse().unwrap();
+    assert!(evicted >= 3, "evicted {evicted}");
+    // The newest prompt is there, the oldest is gone; nothing wrong is ever read.
+    assert_eq!(retrieve(&mut b, 4, 512), 512);
+    assert_eq!(b.field("lookup 1 512", "hit"), "0");
+    assert_eq!(retrieve(&mut b, 1, 512), 0);
+
+    // A client that dies between PutStart and PutEnd: its room comes back.
+    let used_before: u64 = a.field("stats", "used").parse().unwrap();
+    a.ask("put-start-only 1048576");
+    assert_eq!(a.field("stats", "pending"), "1");
+    assert!(a.field("stats", "used").parse::<u64>().unwrap() > used_before);
+    wait_for(
+        "the unfinished put is reclaimed",
+        Duration::from_secs(10),
+        || a.field("stats", "pending") == "0",
+    );
+    assert_eq!(a.field("stats", "reclaimed"), "1");
+    assert_eq!(
+        a.field("stats", "used").parse::<u64>().unwrap(),
+        used_before
+    );
+}
+
+fn embedded_round_trip(protocol: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let (_m, addr) = embedded_master("master", protocol, "64MiB", dir, &[]);
+    let mut a = probe("engine-a", &embedded_engine_yaml(&addr, protocol), dir);
+    let mut b = probe("engine-b", &embedded_engine_yaml(&addr, protocol), dir);
+    a.ask("store 7 1280");
+    a.ask("flush");
+    assert_eq!(retrieve(&mut b, 7, 1280), 1280);
+    assert_eq!(b.field("remove 7 1280", "removed"), "5");
+    b.ask("clear");
+    assert_eq!(b.field("lookup 7 1280", "hit"), "0");
+}
+
+#[test]
+fn embedded_master_over_tcp() {
+    embedded_round_trip("tcp");
+}
+
+#[cfg(feature = "ucx")]
+#[test]
+fn embedded_master_over_ucx() {
+    embedded_round_trip("ucx");
+}
+
+#[cfg(feature = "nixl")]
+#[test]
+fn embedded_master_over_nixl() {
+    embedded_round_trip("nixl");
+}
+
+#[test]
+fn in_engine_store_without_any_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // No local CPU tier: the in-process store is the only tier.
+    let mut a = probe(
+        "engine",
+        "chunk_size: 256\nlocal_cpu: false\nremote_url: kvtier://local\n\
+         extra_config:\n  global_segment_size: 33554432\n  local_buffer_size: 16777216\n",
+        dir,
+    );
+    assert_eq!(a.field("store 5 1024", "stored"), "1024");
+    assert_eq!(a.field("lookup 5 1024", "hit"), "1024");
+    assert_eq!(retrieve(&mut a, 5, 1024), 1024);
+}
+
+#[test]
+fn redis_tier_shares_kv_between_engines() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let port = free_port();
+    let redis = need("redis-server", "redis-server");
+    let _server = Proc::spawn(
+        "redis",
+        &redis,
+        &[
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        dir,
+    );
+    wait_for("redis-server starts", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let yaml = format!(
+        "chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 1\nremote_url: redis://127.0.0.1:{port}\n"
+    );
+    let mut a = probe("engine-a", &yaml, dir);
+    let mut b = probe("engine-b", &yaml, dir);
+    a.ask("store 9 1024");
+    a.ask("flush");
+    assert_eq!(b.field("lookup 9 1024", "hit"), "1024");
+    assert_eq!(retrieve(&mut b, 9, 1024), 1024);
+    assert_eq!(b.field("remove 9 1024", "removed"), "4");
+    b.ask("clear");
+    assert_eq!(b.field("lookup 9 1024", "hit"), "0");
+}
