@@ -195,7 +195,9 @@ pub(crate) static KEYS: &[KeySpec] = &[
         Slot::Text(field!(remote_url)),
         "null",
         Lmcache,
-        "URL of the remote tier, e.g. `mooncakestore://host:port/`; `null` disables it.",
+        "URL of the remote tier: `kvtier://MASTER_HOST:PORT` or `mooncakestore://host:port/` \
+         (the kvtier store), `kvtier://local` (master and segment in this process), \
+         `redis://host:port[/db]` (Redis/Valkey); `null` disables it.",
     ),
     key(
         "extra_config",

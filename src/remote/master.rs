@@ -54,6 +54,8 @@ struct Shared {
     role: Mutex<Role>,
     /// Per-segment queues of index updates, drained by one task per node.
     links: Mutex<HashMap<u64, NodeLink>>,
+    /// The etcd lease this master campaigns and leads with.
+    lease: Mutex<Option<super::etcd::LeaseId>>,
 }
 
 /// A running master. Dropping it stops it (and, with etcd, gives up leadership when its
@@ -96,6 +98,7 @@ impl MasterServer {
                 leader: String::new(),
             }),
             links: Mutex::new(HashMap::new()),
+            lease: Mutex::new(None),
             config,
         });
         let mut tasks = vec![
@@ -115,6 +118,21 @@ impl MasterServer {
             shared,
             tasks,
         })
+    }
+
+    /// Stops serving and, with etcd, revokes the lease so a standby takes over at once
+    /// instead of after the lease TTL.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let lease = self.shared.lease.lock().take();
+        if let (Some(etcd), Some(lease)) = (&self.shared.config.etcd, lease) {
+            match etcd.revoke(lease).await {
+                Ok(()) => tracing::info!("master: lease revoked; a standby can take over now"),
+                Err(e) => tracing::warn!("master: could not revoke the lease: {e}"),
+            }
+        }
     }
 
     /// The address clients use.
@@ -357,6 +375,7 @@ async fn lead(shared: Arc<Shared>, etcd: Etcd, addr: String) {
                 continue;
             }
         };
+        *shared.lease.lock() = Some(lease);
         let mut last_ok = Instant::now();
         let won = loop {
             match etcd.create(&master_key, addr.as_bytes(), lease).await {

@@ -184,7 +184,7 @@ pub fn run_master(args: MasterArgs) -> anyhow::Result<()> {
             }
         }
         tracing::info!("master: stopping");
-        drop(master);
+        master.shutdown().await;
         drop(node);
         Ok(())
     })
