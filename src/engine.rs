@@ -21,6 +21,7 @@ use crate::keys::{ChunkHasher, ChunkKey, ChunkSpan, ModelNamespace};
 use crate::memory::{copy_bulk, BufferPool, KvBuffer};
 use crate::metrics::Metrics;
 use crate::pd::{PdReceiver, PdSender};
+use crate::remote::offload::RemoteLink;
 use crate::remote::RemoteTier;
 use crate::storage::StorageManager;
 use crate::tier::cpu::CpuTier;
@@ -136,113 +137,6 @@ struct Inner {
     recovered: Option<RecoveryReport>,
     pd: Option<PdEndpoint>,
     remote: Option<RemoteLink>,
-}
-
-/// The remote tier and the bounded queue of chunks waiting to be written to it.
-struct RemoteLink {
-    tier: Arc<RemoteTier>,
-    queue: tokio::sync::mpsc::Sender<ChunkRef>,
-    /// Chunks queued and not yet written (for [`Engine::flush`]).
-    pending: Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>,
-    /// Whether the last call failed (errors are logged once per outage).
-    down: std::sync::atomic::AtomicBool,
-}
-
-/// Chunks queued for the remote tier at most (their memory is shared with the local
-/// tiers; the bound keeps a slow remote from pinning it).
-const REMOTE_QUEUE: usize = 64;
-/// Chunks per remote put.
-const REMOTE_BATCH: usize = 16;
-
-impl RemoteLink {
-    fn open(tier: RemoteTier, metrics: Metrics) -> RemoteLink {
-        let tier = Arc::new(tier);
-        let (queue, mut rx) = tokio::sync::mpsc::channel::<ChunkRef>(REMOTE_QUEUE);
-        let pending = Arc::new((
-            std::sync::atomic::AtomicUsize::new(0),
-            tokio::sync::Notify::new(),
-        ));
-        let (t, p) = (tier.clone(), pending.clone());
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < REMOTE_BATCH {
-                    match rx.try_recv() {
-                        Ok(c) => batch.push(c),
-                        Err(_) => break,
-                    }
-                }
-                if let Err(e) = write_remote(&t, &batch).await {
-                    tracing::warn!(
-                        "remote tier {}: {} chunks not written: {e}",
-                        t.url(),
-                        batch.len()
-                    );
-                    metrics
-                        .offload_skipped
-                        .with_label_values(&["remote"])
-                        .inc_by(batch.len() as u64);
-                }
-                if p.0
-                    .fetch_sub(batch.len(), std::sync::atomic::Ordering::AcqRel)
-                    == batch.len()
-                {
-                    p.1.notify_waiters();
-                }
-            }
-        });
-        RemoteLink {
-            tier,
-            queue,
-            pending,
-            down: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    /// Logs the first failure of an outage and the recovery after it.
-    fn note<T>(
-        &self,
-        what: &str,
-        result: std::result::Result<T, crate::remote::RemoteError>,
-    ) -> Option<T> {
-        use std::sync::atomic::Ordering;
-        match result {
-            Ok(v) => {
-                if self.down.swap(false, Ordering::AcqRel) {
-                    tracing::info!("remote tier {} reachable again", self.tier.url());
-                }
-                Some(v)
-            }
-            Err(e) => {
-                if !self.down.swap(true, Ordering::AcqRel) {
-                    tracing::warn!(
-                        "remote tier {} unavailable ({what}: {e}); serving from local tiers",
-                        self.tier.url()
-                    );
-                } else {
-                    tracing::debug!("remote tier {}: {what}: {e}", self.tier.url());
-                }
-                None
-            }
-        }
-    }
-}
-
-/// Writes chunks to the remote tier as self-describing objects (header + payload).
-async fn write_remote(
-    tier: &RemoteTier,
-    chunks: &[ChunkRef],
-) -> std::result::Result<usize, crate::remote::RemoteError> {
-    let headers: Vec<[u8; crate::chunk::HEADER_LEN]> = chunks
-        .iter()
-        .map(|c| crate::chunk::ChunkHeader::for_payload(c.key, c.shape, c.payload()).encode())
-        .collect();
-    let objects: Vec<(u128, Vec<&[u8]>)> = chunks
-        .iter()
-        .zip(&headers)
-        .map(|(c, h)| (c.key.0, vec![&h[..], c.payload()]))
-        .collect();
-    tier.put(&objects).await
 }
 
 /// The P/D role an engine plays (`enable_pd`, `pd_role`).
@@ -432,7 +326,7 @@ impl Engine {
     /// The kvtier store behind the remote tier, when `remote_url` names one (placement,
     /// stats and direct object access).
     pub fn remote_store(&self) -> Option<&crate::remote::client::StoreClient> {
-        self.inner.remote.as_ref()?.tier.store_client()
+        self.inner.remote.as_ref()?.tier().store_client()
     }
 
     /// What the disk tier found when the engine opened it.
@@ -555,25 +449,9 @@ impl Engine {
         if let Some(remote) = &self.inner.remote {
             if self.inner.storage.is_empty() {
                 // The remote tier is the only one: write through before answering.
-                write_remote(&remote.tier, &chunks).await?;
+                remote.write_through(&chunks).await?;
             } else {
-                for chunk in &chunks {
-                    remote
-                        .pending
-                        .0
-                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                    if remote.queue.try_send(chunk.clone()).is_err() {
-                        remote
-                            .pending
-                            .0
-                            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                        self.inner
-                            .metrics
-                            .offload_skipped
-                            .with_label_values(&["remote"])
-                            .inc();
-                    }
-                }
+                remote.offload(&chunks);
             }
         }
         if self.inner.storage.is_empty() && self.inner.remote.is_none() {
@@ -621,7 +499,7 @@ impl Engine {
         let mut hit = self.inner.storage.contains_prefix(&keys);
         if let Some(remote) = self.inner.remote.as_ref().filter(|_| hit < keys.len()) {
             let rest: Vec<u128> = keys[hit..].iter().map(|k| k.0).collect();
-            if let Some(found) = remote.note("lookup", remote.tier.exists(&rest).await) {
+            if let Some(found) = remote.call("lookup", remote.tier().exists(&rest)).await {
                 hit += found.iter().take_while(|&&f| f).count();
             }
         }
@@ -667,7 +545,9 @@ impl Engine {
         use crate::chunk::{ChunkHeader, HEADER_LEN};
         let ids: Vec<u128> = keys.iter().map(|k| k.0).collect();
         let pool = &self.inner.pool;
-        let Some(found) = remote.note("retrieve", remote.tier.get(&ids, HEADER_LEN, pool).await)
+        let Some(found) = remote
+            .call("retrieve", remote.tier().get(&ids, HEADER_LEN, pool))
+            .await
         else {
             return Vec::new();
         };
@@ -771,7 +651,7 @@ impl Engine {
         let mut removed = self.inner.storage.remove(&keys);
         if let Some(remote) = &self.inner.remote {
             let ids: Vec<u128> = keys.iter().map(|k| k.0).collect();
-            if let Some(flags) = remote.note("remove", remote.tier.remove(&ids).await) {
+            if let Some(flags) = remote.call("remove", remote.tier().remove(&ids)).await {
                 removed = removed.max(flags.iter().filter(|&&f| f).count());
             }
         }
@@ -789,13 +669,7 @@ impl Engine {
     /// written to (or given up on by) the remote tier.
     pub async fn flush(&self) -> Result<()> {
         if let Some(remote) = &self.inner.remote {
-            loop {
-                let notified = remote.pending.1.notified();
-                if remote.pending.0.load(std::sync::atomic::Ordering::Acquire) == 0 {
-                    break;
-                }
-                notified.await;
-            }
+            remote.flush().await;
         }
         let engine = self.clone();
         tokio::task::spawn_blocking(move || engine.inner.storage.flush())

@@ -19,6 +19,7 @@ pub mod client;
 pub mod etcd;
 pub mod master;
 pub mod node;
+pub(crate) mod offload;
 pub mod placement;
 pub mod redis;
 pub mod rpc;
