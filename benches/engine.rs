@@ -225,6 +225,57 @@ fn bench_lookup(c: &mut Criterion) {
     g.finish();
 }
 
+/// The master's cost per batch: PutStart + PutEnd + Get of 30 objects on 3 segments
+/// holding 100,000 objects (placement only; no bytes move).
+fn bench_placement(c: &mut Criterion) {
+    use kvtier::remote::placement::{NodeUpdate, Placement, PlacementConfig};
+    use kvtier::remote::rpc::{ObjectMeta, SegmentInfo};
+    use std::time::Instant;
+    let mut p = Placement::new(PlacementConfig::default());
+    for id in 1..=3 {
+        p.add_segment(
+            SegmentInfo {
+                id,
+                name: format!("n{id}"),
+                control: String::new(),
+                protocol: "tcp".into(),
+                descriptor: vec![],
+                region: 0,
+                size: 1 << 44,
+            },
+            &[],
+        );
+    }
+    let meta = ObjectMeta {
+        len: 32 << 20,
+        checksum: 0,
+    };
+    let now = Instant::now();
+    let mut updates: Vec<NodeUpdate> = Vec::new();
+    let fill: Vec<_> = (0..100_000u128).map(|k| (k, meta)).collect();
+    p.put_start(&fill, 1, now, &mut updates);
+    let keys: Vec<u128> = fill.iter().map(|o| o.0).collect();
+    p.put_end(&keys, true, &mut updates);
+    assert_eq!(p.stats().objects, 100_000, "placement bench: fill failed");
+    let mut next = 1u128 << 64;
+    let mut g = c.benchmark_group("placement");
+    g.bench_function("put_get_remove_30_objects", |b| {
+        b.iter(|| {
+            let objects: Vec<_> = (0..30).map(|i| (next + i, meta)).collect();
+            let keys: Vec<u128> = objects.iter().map(|o| o.0).collect();
+            next += 30;
+            updates.clear();
+            black_box(p.put_start(&objects, 2, now, &mut updates));
+            black_box(p.put_end(&keys, true, &mut updates));
+            black_box(p.get(&keys, now));
+            // After the read lease: the ranges are freed at once.
+            let later = now + std::time::Duration::from_secs(10);
+            black_box(p.remove(&keys, later, &mut updates));
+        })
+    });
+    g.finish();
+}
+
 /// Mean time of a finished benchmark, from criterion's saved estimates.
 fn mean_ns(group: &str, bench: &str) -> Option<f64> {
     let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
@@ -296,6 +347,11 @@ fn summary() {
             "lookup_30_chunks",
             "30-chunk lookup (hashing included)",
         ),
+        (
+            "placement",
+            "put_get_remove_30_objects",
+            "remote-store master: PutStart+PutEnd+Get+Remove of 30 objects, 100k stored",
+        ),
     ] {
         if let Some(t) = mean_ns(group, bench) {
             println!("{what}: {:.2} µs", t / 1e3);
@@ -310,6 +366,7 @@ fn main() {
     bench_cpu_tier(&mut c);
     bench_disk_tier(&mut c);
     bench_lookup(&mut c);
+    bench_placement(&mut c);
     c.final_summary();
     summary();
 }
