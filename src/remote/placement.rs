@@ -45,7 +45,7 @@ pub enum NodeUpdate {
 
 #[derive(Debug)]
 enum State {
-    Pending { deadline: Instant },
+    Pending,
     Complete,
 }
 
@@ -70,6 +70,8 @@ pub struct Placement {
     config: PlacementConfig,
     segments: HashMap<u64, Segment>,
     objects: HashMap<ObjectKey, Object>,
+    /// Deadlines of pending puts (so sweeping does not scan every object).
+    pending: HashMap<ObjectKey, Instant>,
     /// Ranges of removed objects still under a read lease: freed once it ends.
     deferred: Vec<(Instant, ObjectKey, Vec<Replica>, u64)>,
     clock: u64,
@@ -83,6 +85,7 @@ impl Placement {
             config,
             segments: HashMap::new(),
             objects: HashMap::new(),
+            pending: HashMap::new(),
             deferred: Vec::new(),
             clock: 0,
             stats: StoreStats::default(),
@@ -144,6 +147,7 @@ impl Placement {
         }
         for key in &lost {
             self.objects.remove(key);
+            self.pending.remove(key);
         }
         for (_, _, replicas, _) in &mut self.deferred {
             replicas.retain(|r| r.segment != id);
@@ -208,14 +212,14 @@ impl Placement {
             return PutSlot::NoSpace;
         };
         self.clock += 1;
+        let deadline = now + self.config.put_timeout;
+        self.pending.insert(key, deadline);
         self.objects.insert(
             key,
             Object {
                 meta,
                 replicas: replicas.clone(),
-                state: State::Pending {
-                    deadline: now + self.config.put_timeout,
-                },
+                state: State::Pending,
                 touched: self.clock,
                 leased_until: None,
             },
@@ -259,11 +263,12 @@ impl Placement {
             .map(|key| {
                 let pending = matches!(
                     self.objects.get(key).map(|o| &o.state),
-                    Some(State::Pending { .. })
+                    Some(State::Pending)
                 );
                 if !pending {
                     return false;
                 }
+                self.pending.remove(key);
                 if !ok {
                     let obj = self.objects.remove(key).expect("pending object");
                     self.free_replicas(&obj.replicas, obj.meta.len);
@@ -361,14 +366,16 @@ impl Placement {
     /// Returns how many puts were reclaimed.
     pub fn sweep(&mut self, now: Instant) -> usize {
         let expired: Vec<ObjectKey> = self
-            .objects
+            .pending
             .iter()
-            .filter(|(_, o)| matches!(o.state, State::Pending { deadline } if deadline <= now))
+            .filter(|(_, &deadline)| deadline <= now)
             .map(|(k, _)| *k)
             .collect();
         for key in &expired {
-            let obj = self.objects.remove(key).expect("listed");
-            self.free_replicas(&obj.replicas, obj.meta.len);
+            self.pending.remove(key);
+            if let Some(obj) = self.objects.remove(key) {
+                self.free_replicas(&obj.replicas, obj.meta.len);
+            }
         }
         self.stats.reclaimed += expired.len() as u64;
         let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
@@ -431,11 +438,7 @@ impl Placement {
 
     /// Counters.
     pub fn stats(&self) -> StoreStats {
-        let pending = self
-            .objects
-            .values()
-            .filter(|o| matches!(o.state, State::Pending { .. }))
-            .count() as u64;
+        let pending = self.pending.len() as u64;
         StoreStats {
             segments: self.segments.len() as u64,
             capacity: self.capacity(),
