@@ -46,6 +46,8 @@ struct NodeShared {
 /// lease expires).
 pub struct StoreNode {
     shared: Arc<NodeShared>,
+    /// The registry and the lease the node is registered under.
+    membership: Option<(Etcd, Arc<Mutex<Option<super::etcd::LeaseId>>>)>,
     tasks: Vec<JoinHandle<()>>,
     // Declared last: deregistered, then the transport closes.
     _registration: RegistrationHandle,
@@ -114,13 +116,16 @@ impl StoreNode {
             config.transport.auth_token.clone(),
             config.transport.timeout,
         ))];
-        if let Some(etcd) = config.etcd.clone() {
+        let membership = config.etcd.clone().map(|etcd| {
+            let lease = Arc::new(Mutex::new(None));
             tasks.push(tokio::spawn(register(
-                etcd,
+                etcd.clone(),
                 shared.info.clone(),
                 config.lease_ttl,
+                lease.clone(),
             )));
-        }
+            (etcd, lease)
+        });
         tracing::info!(
             "store node {}: {:.2} GB segment over {}, control {}",
             config.name,
@@ -130,6 +135,7 @@ impl StoreNode {
         );
         Ok(StoreNode {
             shared,
+            membership,
             tasks,
             _registration: registration,
             _transport: transport,
@@ -144,6 +150,25 @@ impl StoreNode {
     /// Objects committed in the segment.
     pub fn objects(&self) -> usize {
         self.shared.index.lock().len()
+    }
+
+    /// Leaves the cluster at once (revokes the membership lease, so the master drops the
+    /// segment now rather than after the lease TTL), then stops.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some((etcd, lease)) = &self.membership {
+            let lease = *lease.lock();
+            if let Some(lease) = lease {
+                if let Err(e) = etcd.revoke(lease).await {
+                    tracing::warn!(
+                        "store node {}: could not leave etcd: {e}",
+                        self.shared.info.name
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -248,7 +273,12 @@ async fn serve(
 
 /// Keeps `segments/<name>` in etcd under a lease for as long as the node runs; re-joins
 /// after etcd outages.
-async fn register(etcd: Etcd, info: SegmentInfo, ttl: Duration) {
+async fn register(
+    etcd: Etcd,
+    info: SegmentInfo,
+    ttl: Duration,
+    current: Arc<Mutex<Option<super::etcd::LeaseId>>>,
+) {
     let key = etcd.key(&format!("segments/{}", info.name));
     let value = info.encode();
     let ttl_s = ttl.as_secs().max(1);
@@ -271,6 +301,7 @@ async fn register(etcd: Etcd, info: SegmentInfo, ttl: Duration) {
                 continue;
             }
         };
+        *current.lock() = Some(lease);
         tracing::info!(
             "store node {}: registered at {key} ({})",
             info.name,

@@ -222,6 +222,7 @@ pub fn run_store_node(args: StoreNodeArgs) -> anyhow::Result<()> {
             "store node {name}: stopping with {} objects",
             node.objects()
         );
+        node.shutdown().await;
         Ok(())
     })
 }
