@@ -253,9 +253,8 @@ fn bench_placement(c: &mut Criterion) {
     let now = Instant::now();
     let mut updates: Vec<NodeUpdate> = Vec::new();
     let fill: Vec<_> = (0..100_000u128).map(|k| (k, meta)).collect();
-    p.put_start(&fill, 1, now, &mut updates);
-    let keys: Vec<u128> = fill.iter().map(|o| o.0).collect();
-    p.put_end(&keys, true, &mut updates);
+    let slots = p.put_start(&fill, 1, now, &mut updates);
+    p.put_end(&puts_of(&fill, &slots), true, &mut updates);
     assert_eq!(p.stats().objects, 100_000, "placement bench: fill failed");
     let mut next = 1u128 << 64;
     let mut g = c.benchmark_group("placement");
@@ -265,8 +264,8 @@ fn bench_placement(c: &mut Criterion) {
             let keys: Vec<u128> = objects.iter().map(|o| o.0).collect();
             next += 30;
             updates.clear();
-            black_box(p.put_start(&objects, 2, now, &mut updates));
-            black_box(p.put_end(&keys, true, &mut updates));
+            let slots = p.put_start(&objects, 2, now, &mut updates);
+            black_box(p.put_end(&puts_of(&objects, &slots), true, &mut updates));
             black_box(p.get(&keys, now));
             // After the read lease: the ranges are freed at once.
             let later = now + std::time::Duration::from_secs(10);
@@ -274,6 +273,21 @@ fn bench_placement(c: &mut Criterion) {
         })
     });
     g.finish();
+}
+
+/// The (key, put id) pairs of the puts `slots` granted.
+fn puts_of(
+    objects: &[(u128, kvtier::remote::rpc::ObjectMeta)],
+    slots: &[kvtier::remote::rpc::PutSlot],
+) -> Vec<(u128, u64)> {
+    objects
+        .iter()
+        .zip(slots)
+        .filter_map(|((k, _), s)| match s {
+            kvtier::remote::rpc::PutSlot::Write { put, .. } => Some((*k, *put)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Mean time of a finished benchmark, from criterion's saved estimates.

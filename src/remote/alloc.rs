@@ -15,8 +15,9 @@ pub struct RangeAllocator {
     used: u64,
 }
 
-fn round_up(len: u64) -> u64 {
-    len.max(1).div_ceil(ALIGN) * ALIGN
+/// Bytes a range of `len` bytes takes (rounded up to [`ALIGN`], at least one unit).
+pub fn round_up(len: u64) -> u64 {
+    len.max(1).div_ceil(ALIGN).saturating_mul(ALIGN)
 }
 
 impl RangeAllocator {

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use xxhash_rust::xxh3::Xxh3;
 
-use super::alloc::RangeAllocator;
+use super::alloc::{round_up, RangeAllocator};
 use super::etcd::Etcd;
 use super::rpc::{
     Located, ObjectKey, ObjectMeta, PutSlot, Request, Response, RpcConn, SegmentInfo, StoreStats,
@@ -57,6 +57,16 @@ pub enum PutOutcome {
     Failed,
 }
 
+/// What reading one object gave.
+enum Fetched {
+    /// The bytes, checked.
+    Hit((Vec<u8>, KvBuffer)),
+    /// Not there or not reachable.
+    Miss,
+    /// Read, but the bytes do not match the checksum.
+    Spoiled,
+}
+
 struct Link {
     info: SegmentInfo,
     conn: Box<dyn Connection>,
@@ -76,7 +86,7 @@ struct Inner {
     master: tokio::sync::Mutex<Option<RpcConn>>,
     leader_hint: Mutex<Option<String>>,
     segments: Mutex<HashMap<u64, SegmentInfo>>,
-    links: tokio::sync::Mutex<HashMap<u64, Arc<Link>>>,
+    links: Mutex<HashMap<u64, Arc<Link>>>,
     // Declared last: dropped after the links.
     registration: RegistrationHandle,
     transport: Box<dyn Transport>,
@@ -123,7 +133,7 @@ impl StoreClient {
                 master: tokio::sync::Mutex::new(None),
                 leader_hint: Mutex::new(None),
                 segments: Mutex::new(HashMap::new()),
-                links: tokio::sync::Mutex::new(HashMap::new()),
+                links: Mutex::new(HashMap::new()),
                 registration,
                 transport,
                 config,
@@ -155,52 +165,82 @@ impl StoreClient {
         addrs
     }
 
-    /// Sends `req` to the leader, finding it again (etcd, redirects) if needed.
+    /// Sends `req` to the leader, finding it again (etcd, redirects) if needed. The
+    /// connection is out of the shared slot while a call is in flight: a call abandoned
+    /// half-way (its future dropped) drops the connection with it, so a later call can
+    /// never read an answer meant for an earlier one.
     async fn call(&self, req: &Request) -> Result<Response, RemoteError> {
         let timeout = self.inner.config.transport.timeout;
         let secret = self.inner.config.transport.auth_token.clone();
         let mut last = RemoteError::NoMaster("no master address configured or published".into());
         let mut guard = self.inner.master.lock().await;
         for _ in 0..3 {
-            if guard.is_none() {
-                for addr in self.master_addrs().await {
-                    match RpcConn::connect(&addr, secret.as_deref(), timeout).await {
-                        Ok(c) => {
-                            *guard = Some(c);
-                            break;
+            let mut conn = match guard.take() {
+                Some(c) => c,
+                None => {
+                    let mut found = None;
+                    for addr in self.master_addrs().await {
+                        match RpcConn::connect(&addr, secret.as_deref(), timeout).await {
+                            Ok(c) => {
+                                found = Some(c);
+                                break;
+                            }
+                            Err(e) => last = e,
                         }
-                        Err(e) => last = e,
+                    }
+                    match found {
+                        Some(c) => c,
+                        None => break,
                     }
                 }
-            }
-            let Some(conn) = guard.as_mut() else {
-                break;
             };
             match conn.call(req, timeout).await {
                 Ok(Response::NotLeader { leader }) => {
-                    *guard = None;
                     last =
                         RemoteError::NoMaster(format!("{} is not the leader", conn_peer(&leader)));
-                    if !leader.is_empty() {
-                        *self.inner.leader_hint.lock() = Some(leader);
-                    } else {
+                    if leader.is_empty() {
                         break;
                     }
+                    *self.inner.leader_hint.lock() = Some(leader);
                 }
                 Ok(Response::Error(reason)) => {
-                    return Err(RemoteError::Rpc {
-                        peer: conn.peer.clone(),
-                        reason,
-                    })
+                    let peer = conn.peer.clone();
+                    *guard = Some(conn);
+                    return Err(RemoteError::Rpc { peer, reason });
                 }
-                Ok(resp) => return Ok(resp),
-                Err(e) => {
-                    *guard = None;
-                    last = e;
+                Ok(resp) => {
+                    *guard = Some(conn);
+                    return Ok(resp);
                 }
+                Err(e) => last = e,
             }
         }
         Err(last)
+    }
+
+    /// Splits `lens` into runs whose staging footprint fits `capacity`.
+    fn waves(lens: &[u64], capacity: u64) -> Vec<std::ops::Range<usize>> {
+        let mut waves = Vec::new();
+        let mut start = 0;
+        while start < lens.len() {
+            let mut end = start;
+            let mut bytes = 0u64;
+            while end < lens.len() {
+                let need = if lens[end] == 0 {
+                    0
+                } else {
+                    round_up(lens[end])
+                };
+                if end > start && bytes.saturating_add(need) > capacity {
+                    break;
+                }
+                bytes = bytes.saturating_add(need);
+                end += 1;
+            }
+            waves.push(start..end);
+            start = end;
+        }
+        waves
     }
 
     /// Stores objects (each given as the parts to concatenate). Objects the store already
@@ -209,29 +249,23 @@ impl StoreClient {
         &self,
         objects: &[(ObjectKey, Vec<&[u8]>)],
     ) -> Result<Vec<PutOutcome>, RemoteError> {
-        let mut out = Vec::with_capacity(objects.len());
         let capacity = self.inner.staging_alloc.lock().capacity();
-        let mut start = 0;
-        while start < objects.len() {
-            // A wave: as many objects as the staging buffer holds at once.
-            let mut end = start;
-            let mut bytes = 0u64;
-            while end < objects.len() {
-                let len = object_len(&objects[end].1);
-                if len > capacity {
-                    return Err(RemoteError::Config(format!(
-                        "object of {len} bytes exceeds the {capacity}-byte staging buffer \
-                         (`extra_config.local_buffer_size`)"
-                    )));
-                }
-                if end > start && bytes + len > capacity {
-                    break;
-                }
-                bytes += len;
-                end += 1;
-            }
-            out.extend(self.put_wave(&objects[start..end]).await?);
-            start = end;
+        let lens: Vec<u64> = objects.iter().map(|(_, p)| object_len(p)).collect();
+        if let Some(i) = lens.iter().position(|&l| l == 0) {
+            return Err(RemoteError::Config(format!(
+                "object {:#x} is empty; the store keeps objects of at least one byte",
+                objects[i].0
+            )));
+        }
+        if let Some(len) = lens.iter().find(|&&l| round_up(l) > capacity) {
+            return Err(RemoteError::Config(format!(
+                "object of {len} bytes exceeds the {capacity}-byte staging buffer \
+                 (`extra_config.local_buffer_size`)"
+            )));
+        }
+        let mut out = Vec::with_capacity(objects.len());
+        for wave in Self::waves(&lens, capacity) {
+            out.extend(self.put_wave(&objects[wave]).await?);
         }
         Ok(out)
     }
@@ -241,7 +275,8 @@ impl StoreClient {
         objects: &[(ObjectKey, Vec<&[u8]>)],
     ) -> Result<Vec<PutOutcome>, RemoteError> {
         let lens: Vec<u64> = objects.iter().map(|(_, p)| object_len(p)).collect();
-        let staged = self.stage(&lens).await;
+        // Every length is non-zero (checked by `put`), so every object gets a range.
+        let staged: Vec<Staged<'_>> = self.stage(&lens).await.into_iter().flatten().collect();
         let staging = &self.inner.staging;
         let metas: Vec<ObjectMeta> = cpu_bound(|| {
             use rayon::prelude::*;
@@ -277,7 +312,7 @@ impl StoreClient {
         };
         let writes = slots.iter().zip(&staged).map(|(slot, s)| async move {
             match slot {
-                PutSlot::Write(replicas) => {
+                PutSlot::Write { replicas, .. } => {
                     let mut ok = !replicas.is_empty();
                     for r in replicas {
                         if let Err(e) = self.transfer(true, r.segment, s, r.offset).await {
@@ -299,35 +334,29 @@ impl StoreClient {
         let mut outcomes = join_all(writes).await;
         drop(staged);
         for ok in [true, false] {
-            let keys: Vec<ObjectKey> = objects
+            let ended: Vec<(usize, (ObjectKey, u64))> = slots
                 .iter()
-                .zip(&slots)
-                .zip(&outcomes)
-                .filter(|((_, slot), outcome)| {
-                    matches!(slot, PutSlot::Write(_)) && (**outcome == PutOutcome::Stored) == ok
+                .enumerate()
+                .filter_map(|(i, slot)| match slot {
+                    PutSlot::Write { put, .. } if (outcomes[i] == PutOutcome::Stored) == ok => {
+                        Some((i, (objects[i].0, *put)))
+                    }
+                    _ => None,
                 })
-                .map(|(((k, _), _), _)| *k)
                 .collect();
-            if keys.is_empty() {
+            if ended.is_empty() {
                 continue;
             }
-            let committed = match self
-                .call(&Request::PutEnd {
-                    ok,
-                    keys: keys.clone(),
-                })
-                .await?
-            {
-                Response::PutEnd(c) if c.len() == keys.len() => c,
+            let puts: Vec<(ObjectKey, u64)> = ended.iter().map(|(_, p)| *p).collect();
+            let committed = match self.call(&Request::PutEnd { ok, puts }).await? {
+                Response::PutEnd(c) if c.len() == ended.len() => c,
                 other => return Err(unexpected("PutEnd", &other)),
             };
             if ok {
                 // A put the master reclaimed (it took too long) did not store anything.
-                for (key, done) in keys.iter().zip(committed) {
+                for ((i, _), done) in ended.iter().zip(committed) {
                     if !done {
-                        if let Some(i) = objects.iter().position(|(k, _)| k == key) {
-                            outcomes[i] = PutOutcome::Failed;
-                        }
+                        outcomes[*i] = PutOutcome::Failed;
                     }
                 }
             }
@@ -344,44 +373,68 @@ impl StoreClient {
             objects: vec![(key, ObjectMeta { len, checksum: 0 })],
         };
         match self.call(&request).await? {
-            Response::PutStart(s) if matches!(s.first(), Some(PutSlot::Write(_))) => Ok(()),
+            Response::PutStart(s) if matches!(s.first(), Some(PutSlot::Write { .. })) => Ok(()),
             other => Err(unexpected("PutStart", &other)),
         }
     }
 
     /// Reads objects; each hit is split after `header` bytes into a small vector and a
     /// pooled buffer. A miss, an unreachable replica, an expired lease or a checksum
-    /// mismatch all read as `None`: never wrong bytes.
+    /// mismatch all read as `None`: never wrong bytes. Objects that fail their checksum
+    /// are removed from the store.
     pub async fn get(
         &self,
         keys: &[ObjectKey],
         header: usize,
         pool: &BufferPool,
     ) -> Result<Vec<Option<(Vec<u8>, KvBuffer)>>, RemoteError> {
+        // The lease runs from before the request: the master granted it no earlier.
+        let asked = Instant::now();
         let located = match self.call(&Request::Get(keys.to_vec())).await? {
             Response::Get(found) if found.len() == keys.len() => found,
             other => return Err(unexpected("Get", &other)),
         };
-        let granted = Instant::now();
         let capacity = self.inner.staging_alloc.lock().capacity();
+        // Misses, and objects that cannot be what was asked for, take no staging.
+        let located: Vec<Option<Located>> = located
+            .into_iter()
+            .map(|l| {
+                l.filter(|l| round_up(l.meta.len) <= capacity && l.meta.len as usize >= header)
+            })
+            .collect();
+        let lens: Vec<u64> = located
+            .iter()
+            .map(|l| l.as_ref().map_or(0, |l| l.meta.len))
+            .collect();
         let mut out = Vec::with_capacity(keys.len());
-        let mut start = 0;
-        while start < located.len() {
-            let mut end = start;
-            let mut bytes = 0u64;
-            while end < located.len() {
-                let len = located[end].as_ref().map_or(0, |l| l.meta.len);
-                if end > start && bytes + len > capacity {
-                    break;
+        let mut spoiled = Vec::new();
+        for wave in Self::waves(&lens, capacity) {
+            let got = self
+                .get_wave(
+                    &located[wave.clone()],
+                    &lens[wave.clone()],
+                    asked,
+                    header,
+                    pool,
+                )
+                .await;
+            for (i, g) in wave.zip(got) {
+                match g {
+                    Fetched::Hit(h) => out.push(Some(h)),
+                    Fetched::Miss => out.push(None),
+                    Fetched::Spoiled => {
+                        spoiled.push(keys[i]);
+                        out.push(None);
+                    }
                 }
-                bytes += len;
-                end += 1;
             }
-            out.extend(
-                self.get_wave(&located[start..end], granted, header, pool)
-                    .await,
+        }
+        if !spoiled.is_empty() {
+            tracing::warn!(
+                "remote store: {} objects failed their checksum; removing them",
+                spoiled.len()
             );
-            start = end;
+            let _ = self.remove(&spoiled).await;
         }
         Ok(out)
     }
@@ -389,26 +442,19 @@ impl StoreClient {
     async fn get_wave(
         &self,
         located: &[Option<Located>],
-        granted: Instant,
+        lens: &[u64],
+        asked: Instant,
         header: usize,
         pool: &BufferPool,
-    ) -> Vec<Option<(Vec<u8>, KvBuffer)>> {
-        let capacity = self.inner.staging_alloc.lock().capacity();
-        let lens: Vec<u64> = located
-            .iter()
-            .map(|l| l.as_ref().map_or(0, |l| l.meta.len).min(capacity))
-            .collect();
-        let staged = self.stage(&lens).await;
+    ) -> Vec<Fetched> {
+        let staged = self.stage(lens).await;
         let reads = located.iter().zip(&staged).map(|(loc, s)| async move {
-            let loc = loc.as_ref()?;
-            if loc.meta.len > capacity || (loc.meta.len as usize) < header {
-                return None;
-            }
+            let (loc, s) = (loc.as_ref()?, s.as_ref()?);
             let lease = Duration::from_millis(loc.lease_ms as u64);
             for r in &loc.replicas {
                 match self.transfer(false, r.segment, s, r.offset).await {
                     // Bytes read after the lease ended may have been reused: discard.
-                    Ok(()) if granted.elapsed() < lease => return Some(()),
+                    Ok(()) if asked.elapsed() < lease => return Some(()),
                     Ok(()) => tracing::warn!("remote store: read finished after its lease; miss"),
                     Err(e) => tracing::warn!("remote store: get: {e}"),
                 }
@@ -424,10 +470,12 @@ impl StoreClient {
                 .zip(&staged)
                 .zip(read)
                 .map(|((loc, s), ok)| {
-                    ok?;
-                    let loc = loc.as_ref()?;
+                    let (Some(loc), Some(s), Some(())) = (loc, s, ok) else {
+                        return Fetched::Miss;
+                    };
                     let (off, len) = (s.offset as usize, s.len as usize);
-                    // Copy out and hash block by block (one pass over memory).
+                    // Copy out and hash what was copied, block by block (one pass over
+                    // memory; a late write into staging cannot slip past the check).
                     let mut hasher = Xxh3::new();
                     let head = staging.to_vec(off, header);
                     hasher.update(&head);
@@ -439,10 +487,9 @@ impl StoreClient {
                         at += block.len();
                     }
                     if hasher.digest() != loc.meta.checksum {
-                        tracing::warn!("remote store: checksum mismatch; treated as a miss");
-                        return None;
+                        return Fetched::Spoiled;
                     }
-                    Some((head, body))
+                    Fetched::Hit((head, body))
                 })
                 .collect()
         })
@@ -509,31 +556,38 @@ impl StoreClient {
         Ok(())
     }
 
-    /// Waits for staging room for every length at once (all or nothing, so concurrent
-    /// batches cannot deadlock holding part of what they need).
-    async fn stage(&self, lens: &[u64]) -> Vec<Staged<'_>> {
+    /// Waits for staging room for every non-zero length at once (all or nothing, so
+    /// concurrent batches cannot deadlock holding part of what they need). Zero lengths
+    /// (misses) get no range.
+    async fn stage(&self, lens: &[u64]) -> Vec<Option<Staged<'_>>> {
         loop {
             let notified = self.inner.staging_freed.notified();
             {
                 let mut alloc = self.inner.staging_alloc.lock();
-                let mut got: Vec<(u64, u64)> = Vec::with_capacity(lens.len());
+                let mut got: Vec<Option<(u64, u64)>> = Vec::with_capacity(lens.len());
                 for &len in lens {
+                    if len == 0 {
+                        got.push(None);
+                        continue;
+                    }
                     match alloc.alloc(len) {
-                        Some(off) => got.push((off, len)),
+                        Some(off) => got.push(Some((off, len))),
                         None => break,
                     }
                 }
                 if got.len() == lens.len() {
                     return got
                         .into_iter()
-                        .map(|(offset, len)| Staged {
-                            inner: &self.inner,
-                            offset,
-                            len,
+                        .map(|g| {
+                            g.map(|(offset, len)| Staged {
+                                inner: &self.inner,
+                                offset,
+                                len,
+                            })
                         })
                         .collect();
                 }
-                for (off, len) in got {
+                for (off, len) in got.into_iter().flatten() {
                     alloc.free(off, len);
                 }
             }
@@ -542,8 +596,7 @@ impl StoreClient {
     }
 
     async fn link(&self, segment: u64) -> Result<Arc<Link>, RemoteError> {
-        let mut links = self.inner.links.lock().await;
-        if let Some(l) = links.get(&segment) {
+        if let Some(l) = self.inner.links.lock().get(&segment) {
             return Ok(l.clone());
         }
         let known = self.inner.segments.lock().get(&segment).cloned();
@@ -571,6 +624,7 @@ impl StoreClient {
                 self.inner.transport.kind()
             )));
         }
+        // Connected without holding the table: a dead node stalls only its own readers.
         let conn = self
             .inner
             .transport
@@ -578,8 +632,13 @@ impl StoreClient {
             .await
             .map_err(|e| RemoteError::Transport(format!("node {}: {e}", info.name)))?;
         let link = Arc::new(Link { info, conn });
-        links.insert(segment, link.clone());
-        Ok(link)
+        Ok(self
+            .inner
+            .links
+            .lock()
+            .entry(segment)
+            .or_insert(link)
+            .clone())
     }
 
     /// Moves one staged object to (`write`) or from a node's segment.
@@ -607,8 +666,12 @@ impl StoreClient {
             link.conn.read(&[local], &[remote]).await
         };
         if let Err(e) = result {
-            // The node may be gone: connect afresh next time.
-            self.inner.links.lock().await.remove(&segment);
+            // The node may be gone: connect afresh next time (unless another task did).
+            let mut links = self.inner.links.lock();
+            if links.get(&segment).is_some_and(|l| Arc::ptr_eq(l, &link)) {
+                links.remove(&segment);
+            }
+            drop(links);
             return Err(RemoteError::Transport(format!(
                 "node {}: {e}",
                 link.info.name
@@ -634,5 +697,23 @@ fn unexpected(what: &str, resp: &Response) -> RemoteError {
     RemoteError::Rpc {
         peer: "master".into(),
         reason: format!("unexpected answer to {what}: {resp:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waves_count_aligned_footprints_and_give_misses_no_room() {
+        // 33-byte objects take 64 bytes each: 4 per 256-byte buffer, not 7.
+        let waves = StoreClient::waves(&[33; 9], 256);
+        assert_eq!(waves, vec![0..4, 4..8, 8..9]);
+        // Misses (0) cost nothing; an object as large as the buffer goes alone.
+        assert_eq!(
+            StoreClient::waves(&[0, 0, 256, 0, 64], 256),
+            vec![0..4, 4..5]
+        );
+        assert!(StoreClient::waves(&[], 256).is_empty());
     }
 }

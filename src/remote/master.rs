@@ -52,6 +52,9 @@ type NodeLink = (mpsc::UnboundedSender<NodeUpdate>, JoinHandle<()>);
 struct Shared {
     config: MasterConfig,
     role: Mutex<Role>,
+    /// Until when this master may act as leader: the end of its etcd lease as last renewed,
+    /// less a margin (`None` without etcd: always).
+    valid_until: Mutex<Option<Instant>>,
     /// Per-segment queues of index updates, drained by one task per node.
     links: Mutex<HashMap<u64, NodeLink>>,
     /// The etcd lease this master campaigns and leads with.
@@ -59,7 +62,7 @@ struct Shared {
 }
 
 /// A running master. Dropping it stops it (and, with etcd, gives up leadership when its
-/// lease expires).
+/// lease expires; [`MasterServer::shutdown`] gives it up at once).
 pub struct MasterServer {
     addr: String,
     shared: Arc<Shared>,
@@ -71,9 +74,7 @@ impl Drop for MasterServer {
         for t in &self.tasks {
             t.abort();
         }
-        for (_, (_, task)) in self.shared.links.lock().drain() {
-            task.abort();
-        }
+        self.shared.step_down(String::new());
     }
 }
 
@@ -97,6 +98,7 @@ impl MasterServer {
             role: Mutex::new(Role::Follower {
                 leader: String::new(),
             }),
+            valid_until: Mutex::new(None),
             links: Mutex::new(HashMap::new()),
             lease: Mutex::new(None),
             config,
@@ -126,6 +128,7 @@ impl MasterServer {
         for t in &self.tasks {
             t.abort();
         }
+        self.shared.step_down(String::new());
         let lease = self.shared.lease.lock().take();
         if let (Some(etcd), Some(lease)) = (&self.shared.config.etcd, lease) {
             match etcd.revoke(lease).await {
@@ -156,40 +159,46 @@ impl MasterServer {
 
 impl Shared {
     fn handle(&self, req: Request) -> Response {
-        let mut updates = Vec::new();
         let now = Instant::now();
-        let resp = {
-            let mut role = self.role.lock();
-            let placement = match &mut *role {
-                Role::Leader(p) => p,
-                Role::Follower { leader } => {
-                    return Response::NotLeader {
-                        leader: leader.clone(),
-                    }
-                }
+        let mut role = self.role.lock();
+        if self.valid_until.lock().is_some_and(|t| now >= t) {
+            // The lease may have expired in etcd: another master may lead by now.
+            return Response::NotLeader {
+                leader: String::new(),
             };
-            match req {
-                Request::PutStart { replicas, objects } => {
-                    Response::PutStart(placement.put_start(&objects, replicas, now, &mut updates))
+        }
+        let placement = match &mut *role {
+            Role::Leader(p) => p,
+            Role::Follower { leader } => {
+                return Response::NotLeader {
+                    leader: leader.clone(),
                 }
-                Request::PutEnd { ok, keys } => {
-                    Response::PutEnd(placement.put_end(&keys, ok, &mut updates))
-                }
-                Request::Get(keys) => Response::Get(placement.get(&keys, now)),
-                Request::Exists(keys) => Response::Flags(placement.exists(&keys)),
-                Request::Remove(keys) => {
-                    Response::Flags(placement.remove(&keys, now, &mut updates))
-                }
-                Request::Segments => Response::Segments(placement.segments()),
-                Request::Stats => Response::Stats(placement.stats()),
-                other => Response::Error(format!("{other:?} is a request for a store node")),
             }
         };
+        let mut updates = Vec::new();
+        let resp = match req {
+            Request::PutStart { replicas, objects } => {
+                Response::PutStart(placement.put_start(&objects, replicas, now, &mut updates))
+            }
+            Request::PutEnd { ok, puts } => {
+                Response::PutEnd(placement.put_end(&puts, ok, &mut updates))
+            }
+            Request::Get(keys) => Response::Get(placement.get(&keys, now)),
+            Request::Exists(keys) => Response::Flags(placement.exists(&keys)),
+            Request::Remove(keys) => Response::Flags(placement.remove(&keys, now, &mut updates)),
+            Request::Segments => Response::Segments(placement.segments()),
+            Request::Stats => Response::Stats(placement.stats()),
+            other => Response::Error(format!("{other:?} is a request for a store node")),
+        };
+        // Queued under the role lock: each node sees updates in placement order.
         self.forward(updates);
         resp
     }
 
     fn forward(&self, updates: Vec<NodeUpdate>) {
+        if updates.is_empty() {
+            return;
+        }
         let links = self.links.lock();
         for u in updates {
             let seg = match &u {
@@ -215,12 +224,27 @@ impl Shared {
             task.abort();
         }
     }
+
+    /// Stops leading (placement is dropped; a new term rebuilds it from the nodes).
+    fn step_down(&self, leader: String) {
+        *self.role.lock() = Role::Follower { leader };
+        let linked: Vec<u64> = self.links.lock().keys().copied().collect();
+        for id in linked {
+            self.unlink(id);
+        }
+    }
 }
 
 async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors and the like: do not spin.
+                tracing::warn!("master: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -259,34 +283,35 @@ async fn sweep(shared: Arc<Shared>) {
     }
 }
 
-/// Sends index updates to one node, batching what has queued up.
+/// Sends index updates to one node in the order placement made them, batching runs of
+/// the same kind.
 async fn mirror(
     shared: Arc<Shared>,
     info: SegmentInfo,
     mut rx: mpsc::UnboundedReceiver<NodeUpdate>,
 ) {
     let mut conn: Option<RpcConn> = None;
+    let mut queued: Vec<NodeUpdate> = Vec::new();
     while let Some(first) = rx.recv().await {
-        let mut commits = Vec::new();
-        let mut drops = Vec::new();
-        let mut next = Some(first);
-        while let Some(u) = next.take() {
-            match u {
-                NodeUpdate::Commit(_, e) => commits.push(e),
-                NodeUpdate::Drop(_, k, o) => drops.push((k, o)),
-            }
-            if commits.len() + drops.len() < 4096 {
-                next = rx.try_recv().ok();
+        queued.push(first);
+        while queued.len() < 4096 {
+            match rx.try_recv() {
+                Ok(u) => queued.push(u),
+                Err(_) => break,
             }
         }
-        // Drops first: a commit may reuse a dropped range.
-        for req in [Request::NodeDrop(drops), Request::NodeCommit(commits)] {
-            if matches!(&req, Request::NodeDrop(v) if v.is_empty())
-                || matches!(&req, Request::NodeCommit(v) if v.is_empty())
-            {
-                continue;
+        let mut requests: Vec<Request> = Vec::new();
+        for u in queued.drain(..) {
+            match (u, requests.last_mut()) {
+                (NodeUpdate::Commit(_, e), Some(Request::NodeCommit(v))) => v.push(e),
+                (NodeUpdate::Drop(_, k, o), Some(Request::NodeDrop(v))) => v.push((k, o)),
+                (NodeUpdate::Commit(_, e), _) => requests.push(Request::NodeCommit(vec![e])),
+                (NodeUpdate::Drop(_, k, o), _) => requests.push(Request::NodeDrop(vec![(k, o)])),
             }
-            for _ in 0..2 {
+        }
+        for req in requests {
+            let mut sent = false;
+            for attempt in 0..3u32 {
                 if conn.is_none() {
                     conn = RpcConn::connect(
                         &info.control,
@@ -296,27 +321,52 @@ async fn mirror(
                     .await
                     .ok();
                 }
-                let Some(c) = conn.as_mut() else { continue };
-                match c.call(&req, shared.config.timeout).await {
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::debug!("master: index update to {}: {e}", info.name);
-                        conn = None;
+                if let Some(c) = conn.as_mut() {
+                    match c.call(&req, shared.config.timeout).await {
+                        Ok(_) => {
+                            sent = true;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!("master: index update to {}: {e}", info.name);
+                            conn = None;
+                        }
                     }
                 }
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            }
+            if !sent {
+                // The node's index now lags placement. Harmless for readers (they verify
+                // checksums); a rebuild may restore an object that was removed.
+                tracing::warn!(
+                    "master: node {} unreachable; its index misses an update",
+                    info.name
+                );
             }
         }
     }
 }
 
-/// Fetches each node's verified index and builds placement from them. Nodes that do not
-/// answer are left out (their segments reappear at the next membership check).
+/// The bound on asking one node for its index: well inside the leader lease, so a dead
+/// node cannot stall an election or a membership check past it.
+fn index_timeout(shared: &Shared) -> Duration {
+    (shared.config.lease_ttl / 3).min(shared.config.timeout)
+}
+
+/// Fetches every node's index concurrently and builds placement from them. Nodes that do
+/// not answer in time are left out (they rejoin at a later membership check).
 async fn rebuild(shared: &Arc<Shared>, segments: Vec<SegmentInfo>) -> Placement {
     let start = Instant::now();
     let mut placement = Placement::new(shared.config.placement);
+    let fetched = futures_util::future::join_all(
+        segments
+            .into_iter()
+            .map(|info| async move { (fetch_index(shared, &info).await, info) }),
+    )
+    .await;
     let (mut nodes, mut objects) = (0, 0);
-    for info in segments {
-        if let Some(index) = fetch_index(shared, &info).await {
+    for (index, info) in fetched {
+        if let Some(index) = index {
             shared.link(&info);
             nodes += 1;
             objects += placement.add_segment(info, &index);
@@ -329,9 +379,9 @@ async fn rebuild(shared: &Arc<Shared>, segments: Vec<SegmentInfo>) -> Placement 
     placement
 }
 
-/// The verified index `info`'s node reports; `None` if it does not answer.
+/// The index `info`'s node reports; `None` if it does not answer in time.
 async fn fetch_index(shared: &Arc<Shared>, info: &SegmentInfo) -> Option<Vec<IndexEntry>> {
-    let timeout = shared.config.timeout;
+    let timeout = index_timeout(shared);
     let index = async {
         let mut conn =
             RpcConn::connect(&info.control, shared.config.auth_token.as_deref(), timeout).await?;
@@ -357,82 +407,113 @@ async fn fetch_index(shared: &Arc<Shared>, info: &SegmentInfo) -> Option<Vec<Ind
     }
 }
 
+/// Renews `lease` every `tick` while this master leads, moving `valid_until` forward on
+/// each success. Ends when the lease is gone.
+async fn keep_leading(
+    shared: Arc<Shared>,
+    etcd: Etcd,
+    lease: super::etcd::LeaseId,
+    tick: Duration,
+) {
+    let ttl = shared.config.lease_ttl;
+    loop {
+        tokio::time::sleep(tick).await;
+        let sent = Instant::now();
+        match tokio::time::timeout(tick, etcd.keep_alive(lease)).await {
+            Ok(Ok(true)) => {
+                // Measured from before the request: etcd renewed no earlier than that.
+                *shared.valid_until.lock() = Some(sent + ttl - tick);
+            }
+            Ok(Ok(false)) => {
+                *shared.valid_until.lock() = Some(sent);
+                return;
+            }
+            Ok(Err(e)) => tracing::debug!("master: keep-alive: {e}"),
+            Err(_) => tracing::debug!("master: keep-alive timed out"),
+        }
+    }
+}
+
 /// Campaigns for leadership; while leading, keeps the lease and follows membership.
 async fn lead(shared: Arc<Shared>, etcd: Etcd, addr: String) {
     let master_key = etcd.key("master");
     let ttl = shared.config.lease_ttl.max(Duration::from_secs(1));
-    let tick = (ttl / 3).min(Duration::from_millis(500));
+    let tick = (ttl / 4).min(Duration::from_millis(500));
     loop {
         // Campaign.
         let lease = match etcd.grant(ttl.as_secs().max(1)).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!("master: etcd unreachable: {e}");
-                *shared.role.lock() = Role::Follower {
-                    leader: String::new(),
-                };
+                shared.step_down(String::new());
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
         *shared.lease.lock() = Some(lease);
-        let mut last_ok = Instant::now();
+        let mut renewed = Instant::now();
         let won = loop {
+            let attempt = Instant::now();
             match etcd.create(&master_key, addr.as_bytes(), lease).await {
-                Ok(None) => break true,
+                Ok(None) => break Some(attempt),
                 Ok(Some(current)) => {
                     let leader = String::from_utf8_lossy(&current).into_owned();
-                    *shared.role.lock() = Role::Follower { leader };
+                    shared.step_down(leader);
                 }
                 Err(e) => tracing::debug!("master: campaign: {e}"),
             }
             tokio::time::sleep(tick).await;
             match etcd.keep_alive(lease).await {
-                Ok(true) => last_ok = Instant::now(),
-                Ok(false) => break false,
-                Err(_) if last_ok.elapsed() < ttl => {}
-                Err(_) => break false,
+                Ok(true) => renewed = Instant::now(),
+                Ok(false) => break None,
+                Err(_) if renewed.elapsed() < ttl => {}
+                Err(_) => break None,
             }
         };
-        if !won {
-            continue;
-        }
+        let Some(won_at) = won else { continue };
+        // Valid until the lease could expire, counted from before the winning request.
+        *shared.valid_until.lock() = Some(renewed.min(won_at) + ttl - tick);
+        let keeper = tokio::spawn(keep_leading(shared.clone(), etcd.clone(), lease, tick));
         let elected = Instant::now();
-        let segments = list_segments(&etcd).await.unwrap_or_default();
+        let segments = match list_segments(&etcd).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("master: elected but cannot list segments ({e}); retrying");
+                keeper.abort();
+                let _ = etcd.revoke(lease).await;
+                continue;
+            }
+        };
         let placement = rebuild(&shared, segments).await;
         *shared.role.lock() = Role::Leader(Box::new(placement));
         tracing::info!(
             "master at {addr}: elected leader ({master_key}), serving after {:.1} ms",
-            elected.elapsed().as_secs_f64() * 1e3
+            elapsed_ms(elected)
         );
-        // Lead until the lease cannot be kept.
+        // Lead while the lease holds.
         loop {
             tokio::time::sleep(tick).await;
-            match etcd.keep_alive(lease).await {
-                Ok(true) => last_ok = Instant::now(),
-                Ok(false) => {
-                    tracing::warn!("master: leader lease expired; stepping down");
-                    break;
-                }
-                Err(e) if last_ok.elapsed() + tick * 2 >= ttl => {
-                    tracing::warn!("master: cannot renew the leader lease ({e}); stepping down");
-                    break;
-                }
-                Err(_) => {}
+            let valid = shared
+                .valid_until
+                .lock()
+                .is_some_and(|t| Instant::now() < t);
+            if !valid || keeper.is_finished() {
+                tracing::warn!("master: leader lease lost or not renewed in time; stepping down");
+                break;
             }
             if let Ok(current) = list_segments(&etcd).await {
                 follow_membership(&shared, current).await;
             }
         }
-        *shared.role.lock() = Role::Follower {
-            leader: String::new(),
-        };
-        let linked: Vec<u64> = shared.links.lock().keys().copied().collect();
-        for id in linked {
-            shared.unlink(id);
-        }
+        keeper.abort();
+        shared.step_down(String::new());
+        *shared.valid_until.lock() = None;
         let _ = etcd.revoke(lease).await;
     }
+}
+
+fn elapsed_ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
 }
 
 async fn list_segments(etcd: &Etcd) -> Result<Vec<SegmentInfo>, RemoteError> {
@@ -455,13 +536,13 @@ async fn follow_membership(shared: &Arc<Shared>, current: Vec<SegmentInfo>) {
     let (joined, left) = {
         let role = shared.role.lock();
         let Role::Leader(p) = &*role else { return };
-        let known = p.segments();
         let joined: Vec<SegmentInfo> = current
             .iter()
             .filter(|s| !p.has_segment(s.id))
             .cloned()
             .collect();
-        let left: Vec<SegmentInfo> = known
+        let left: Vec<SegmentInfo> = p
+            .segments()
             .into_iter()
             .filter(|k| !current.iter().any(|c| c.id == k.id))
             .collect();
@@ -478,10 +559,14 @@ async fn follow_membership(shared: &Arc<Shared>, current: Vec<SegmentInfo>) {
             info.name
         );
     }
-    for info in joined {
-        let Some(index) = fetch_index(shared, &info).await else {
-            continue;
-        };
+    let fetched = futures_util::future::join_all(
+        joined
+            .into_iter()
+            .map(|info| async move { (fetch_index(shared, &info).await, info) }),
+    )
+    .await;
+    for (index, info) in fetched {
+        let Some(index) = index else { continue };
         let name = info.name.clone();
         let mut role = shared.role.lock();
         if let Role::Leader(p) = &mut *role {

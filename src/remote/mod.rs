@@ -172,12 +172,14 @@ impl RemoteTier {
             host: host.clone(),
         };
         let protocol = protocol_channel(extra.protocol.as_deref())?;
-        let etcd = extra
-            .metadata_server
-            .as_deref()
-            .filter(|m| m.starts_with("etcd://") || m.starts_with("http://"))
-            .map(|m| etcd::Etcd::new(m, timeout))
-            .transpose()?;
+        let etcd = || match extra.metadata_server.as_deref() {
+            None => Ok(None),
+            Some(m) if m.starts_with("etcd://") => etcd::Etcd::new(m, timeout).map(Some),
+            Some(m) => Err(RemoteError::Config(format!(
+                "`extra_config.metadata_server: {m}`: kvtier keeps membership in etcd \
+                 (etcd://host:port[/cluster]); Mooncake's HTTP metadata server is not supported"
+            ))),
+        };
         let client_config = |master: Option<String>, etcd: Option<etcd::Etcd>| ClientConfig {
             master,
             etcd,
@@ -235,6 +237,7 @@ impl RemoteTier {
                 }
             }
             RemoteUrl::Store { master } => {
+                let etcd = etcd()?;
                 let contributed = match (extra.global_segment_size, &etcd) {
                     (Some(size), Some(etcd)) if size > 0 => Some(
                         StoreNode::start(NodeConfig {

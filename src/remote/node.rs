@@ -36,7 +36,8 @@ pub struct NodeConfig {
 }
 
 struct NodeShared {
-    buffer: Arc<HostBuffer>,
+    /// The segment's memory (kept alive with the node; transports access it).
+    _buffer: Arc<HostBuffer>,
     /// Committed objects by offset.
     index: Mutex<BTreeMap<u64, IndexEntry>>,
     info: SegmentInfo,
@@ -106,7 +107,7 @@ impl StoreNode {
             size: config.segment_size,
         };
         let shared = Arc::new(NodeShared {
-            buffer,
+            _buffer: buffer,
             index: Mutex::new(BTreeMap::new()),
             info,
         });
@@ -200,28 +201,17 @@ impl NodeShared {
         }
     }
 
-    /// The index, keeping only entries whose bytes still match their checksum.
-    fn verified_index(&self) -> Vec<IndexEntry> {
-        let entries: Vec<IndexEntry> = self.index.lock().values().copied().collect();
-        let size = self.buffer.len() as u64;
-        let good: Vec<IndexEntry> = entries
-            .into_iter()
-            .filter(|e| {
-                e.offset
-                    .checked_add(e.meta.len)
-                    .is_some_and(|end| end <= size)
-                    && self.buffer.digest(e.offset as usize, e.meta.len as usize) == e.meta.checksum
-            })
-            .collect();
-        let mut index = self.index.lock();
-        index.retain(|o, e| good.iter().any(|g| g.offset == *o && g.key == e.key));
-        good
+    /// The committed objects. Not re-hashed here (that would scale with the segment and
+    /// stall a failover): readers check every object's checksum, and an object that fails
+    /// it is removed.
+    fn index_entries(&self) -> Vec<IndexEntry> {
+        self.index.lock().values().copied().collect()
     }
 
     fn handle(&self, req: Request) -> Response {
         match req {
             Request::NodeInfo => Response::NodeInfo(self.info.clone()),
-            Request::NodeIndex => Response::NodeIndex(self.verified_index()),
+            Request::NodeIndex => Response::NodeIndex(self.index_entries()),
             Request::NodeCommit(entries) => {
                 self.commit(&entries);
                 Response::Done
@@ -245,8 +235,14 @@ async fn serve(
     timeout: Duration,
 ) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors and the like: do not spin.
+                tracing::warn!("store node control: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let shared = shared.clone();
         let secret = secret.clone();
@@ -279,7 +275,8 @@ async fn register(
     ttl: Duration,
     current: Arc<Mutex<Option<super::etcd::LeaseId>>>,
 ) {
-    let key = etcd.key(&format!("segments/{}", info.name));
+    // Name and instance: two nodes given the same name do not overwrite each other.
+    let key = etcd.key(&format!("segments/{}/{:016x}", info.name, info.id));
     let value = info.encode();
     let ttl_s = ttl.as_secs().max(1);
     let mut joined = false;

@@ -5,9 +5,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::alloc::RangeAllocator;
+use super::alloc::{round_up, RangeAllocator};
 use super::rpc::{
     IndexEntry, Located, ObjectKey, ObjectMeta, PutSlot, Replica, SegmentInfo, StoreStats,
+    MAX_REPLICAS,
 };
 
 /// Placement policy.
@@ -70,8 +71,10 @@ pub struct Placement {
     config: PlacementConfig,
     segments: HashMap<u64, Segment>,
     objects: HashMap<ObjectKey, Object>,
-    /// Deadlines of pending puts (so sweeping does not scan every object).
-    pending: HashMap<ObjectKey, Instant>,
+    /// Deadline and put id of each pending put (so sweeping does not scan every object).
+    pending: HashMap<ObjectKey, (Instant, u64)>,
+    /// Next put id (starts at a random value: ids of a previous leader do not collide).
+    next_put: u64,
     /// Ranges of removed objects still under a read lease: freed once it ends.
     deferred: Vec<(Instant, ObjectKey, Vec<Replica>, u64)>,
     clock: u64,
@@ -86,6 +89,11 @@ impl Placement {
             segments: HashMap::new(),
             objects: HashMap::new(),
             pending: HashMap::new(),
+            next_put: u64::from_le_bytes(
+                kvtier_transport::auth::nonce()[..8]
+                    .try_into()
+                    .expect("8 bytes"),
+            ),
             deferred: Vec::new(),
             clock: 0,
             stats: StoreStats::default(),
@@ -114,12 +122,15 @@ impl Placement {
                 segment: id,
                 offset: e.offset,
             };
+            // Readers of the previous term may still hold leases we cannot know: treat
+            // every restored object as read-leased for one lease period.
+            let lease = Some(Instant::now() + self.config.read_lease);
             let obj = self.objects.entry(e.key).or_insert_with(|| Object {
                 meta: e.meta,
                 replicas: Vec::new(),
                 state: State::Complete,
                 touched: 0,
-                leased_until: None,
+                leased_until: lease,
             });
             if obj.meta != e.meta || !matches!(obj.state, State::Complete) {
                 seg.alloc.free(e.offset, e.meta.len);
@@ -176,10 +187,14 @@ impl Placement {
         now: Instant,
         updates: &mut Vec<NodeUpdate>,
     ) -> Vec<PutSlot> {
+        let copies = (replicas.max(1) as usize)
+            .min(MAX_REPLICAS)
+            .min(self.segments.len()) as u64;
         let incoming: u64 = objects
             .iter()
-            .map(|(_, m)| m.len * replicas.max(1) as u64)
-            .sum();
+            .filter(|(k, _)| !self.objects.contains_key(k))
+            .map(|(_, m)| round_up(m.len).saturating_mul(copies))
+            .fold(0, u64::saturating_add);
         self.evict_for(incoming, now, updates);
         objects
             .iter()
@@ -198,22 +213,29 @@ impl Placement {
         if self.objects.contains_key(&key) {
             return PutSlot::Exists;
         }
-        let want = (replicas.max(1) as usize).min(self.segments.len());
-        if want == 0 {
+        let want = (replicas.max(1) as usize)
+            .min(MAX_REPLICAS)
+            .min(self.segments.len());
+        // An object larger than `want` segments could ever hold: refuse without evicting.
+        let mut sizes: Vec<u64> = self.segments.values().map(|s| s.alloc.capacity()).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        if want == 0 || sizes.get(want - 1).is_none_or(|&c| c < round_up(meta.len)) {
             return PutSlot::NoSpace;
         }
         let mut placed = self.place(meta.len, want);
         if placed.is_none() {
             // Make room: evict enough for one more copy on `want` segments, then retry.
-            self.evict_bytes(meta.len.saturating_mul(want as u64), now, updates);
+            self.evict_bytes(round_up(meta.len).saturating_mul(want as u64), now, updates);
             placed = self.place(meta.len, want);
         }
         let Some(replicas) = placed else {
             return PutSlot::NoSpace;
         };
         self.clock += 1;
-        let deadline = now + self.config.put_timeout;
-        self.pending.insert(key, deadline);
+        let put = self.next_put;
+        self.next_put = self.next_put.wrapping_add(1);
+        self.pending
+            .insert(key, (now + self.config.put_timeout, put));
         self.objects.insert(
             key,
             Object {
@@ -224,7 +246,7 @@ impl Placement {
                 leased_until: None,
             },
         );
-        PutSlot::Write(replicas)
+        PutSlot::Write { put, replicas }
     }
 
     /// Allocates one range on each of `want` distinct segments, preferring the emptiest.
@@ -232,7 +254,7 @@ impl Placement {
         let mut order: Vec<(u64, u64)> = self
             .segments
             .iter()
-            .filter(|(_, s)| s.alloc.largest_free() >= len)
+            .filter(|(_, s)| s.alloc.largest_free() >= round_up(len))
             .map(|(&id, s)| (id, s.alloc.free_bytes()))
             .collect();
         if order.len() < want {
@@ -252,20 +274,17 @@ impl Placement {
     }
 
     /// Ends puts: with `ok` each pending object becomes readable; otherwise its room is
-    /// freed. Returns, per key, whether the object is now stored.
+    /// freed. A put id that is not the pending one (a put reclaimed and started again) is
+    /// refused. Returns, per put, whether the object is now stored.
     pub fn put_end(
         &mut self,
-        keys: &[ObjectKey],
+        puts: &[(ObjectKey, u64)],
         ok: bool,
         updates: &mut Vec<NodeUpdate>,
     ) -> Vec<bool> {
-        keys.iter()
-            .map(|key| {
-                let pending = matches!(
-                    self.objects.get(key).map(|o| &o.state),
-                    Some(State::Pending)
-                );
-                if !pending {
+        puts.iter()
+            .map(|(key, put)| {
+                if self.pending.get(key).map(|p| p.1) != Some(*put) {
                     return false;
                 }
                 self.pending.remove(key);
@@ -368,7 +387,7 @@ impl Placement {
         let expired: Vec<ObjectKey> = self
             .pending
             .iter()
-            .filter(|(_, &deadline)| deadline <= now)
+            .filter(|(_, &(deadline, _))| deadline <= now)
             .map(|(k, _)| *k)
             .collect();
         for key in &expired {
@@ -473,8 +492,9 @@ mod tests {
     fn put(p: &mut Placement, key: ObjectKey, len: u64, replicas: u8, now: Instant) -> PutSlot {
         let mut u = Vec::new();
         let slot = p.put_start(&[(key, meta(len))], replicas, now, &mut u)[0].clone();
-        if matches!(slot, PutSlot::Write(_)) {
-            assert_eq!(p.put_end(&[key], true, &mut u), vec![true]);
+        if let PutSlot::Write { put, .. } = slot {
+            assert_eq!(p.put_end(&[(key, put + 1)], true, &mut u), vec![false]);
+            assert_eq!(p.put_end(&[(key, put)], true, &mut u), vec![true]);
         }
         slot
     }
@@ -487,14 +507,14 @@ mod tests {
         }
         let now = Instant::now();
         for key in 0..20 {
-            let PutSlot::Write(reps) = put(&mut p, key, 1000, 2, now) else {
+            let PutSlot::Write { replicas: reps, .. } = put(&mut p, key, 1000, 2, now) else {
                 panic!("no room")
             };
             assert_eq!(reps.len(), 2);
             assert_ne!(reps[0].segment, reps[1].segment);
         }
         // More replicas than segments: one per segment.
-        let PutSlot::Write(reps) = put(&mut p, 99, 10, 5, now) else {
+        let PutSlot::Write { replicas: reps, .. } = put(&mut p, 99, 10, 5, now) else {
             panic!()
         };
         let mut segs: Vec<_> = reps.iter().map(|r| r.segment).collect();
@@ -512,17 +532,21 @@ mod tests {
         p.add_segment(seg(1, 10_000), &[]);
         let now = Instant::now();
         let mut u = Vec::new();
-        assert!(matches!(
-            p.put_start(&[(7, meta(4000))], 1, now, &mut u)[0],
-            PutSlot::Write(_)
-        ));
+        let PutSlot::Write { put, .. } = p.put_start(&[(7, meta(4000))], 1, now, &mut u)[0].clone()
+        else {
+            panic!("no room")
+        };
         assert_eq!(p.exists(&[7]), vec![false]);
         assert_eq!(p.get(&[7], now), vec![None]);
         assert_eq!(p.stats().pending, 1);
         assert_eq!(p.sweep(now + Duration::from_secs(1)), 0);
         assert_eq!(p.sweep(now + Duration::from_secs(3)), 1);
         assert_eq!(p.stats().used, 0, "room of the unfinished put is back");
-        assert_eq!(p.put_end(&[7], true, &mut u), vec![false], "too late");
+        assert_eq!(
+            p.put_end(&[(7, put)], true, &mut u),
+            vec![false],
+            "too late"
+        );
         assert!(u.is_empty(), "nothing was committed on the node");
     }
 
@@ -532,14 +556,20 @@ mod tests {
         p.add_segment(seg(1, 64 * 100), &[]);
         let t0 = Instant::now();
         for key in 0..9 {
-            assert!(matches!(put(&mut p, key, 640, 1, t0), PutSlot::Write(_)));
+            assert!(matches!(
+                put(&mut p, key, 640, 1, t0),
+                PutSlot::Write { .. }
+            ));
         }
         // Key 0 is the oldest, but a reader holds it; key 1 is read (recent) after it.
         assert!(p.get(&[0], t0)[0].is_some());
         let later = t0 + Duration::from_secs(1);
         assert!(p.get(&[1], later)[0].is_some());
         // Room for one more 640-byte object needs evictions (6400 capacity, 95% mark).
-        assert!(matches!(put(&mut p, 100, 640, 1, later), PutSlot::Write(_)));
+        assert!(matches!(
+            put(&mut p, 100, 640, 1, later),
+            PutSlot::Write { .. }
+        ));
         let stats = p.stats();
         assert!(stats.evicted >= 1);
         assert_eq!(p.exists(&[0]), vec![true], "leased object kept");
@@ -565,7 +595,7 @@ mod tests {
         assert_eq!(u, vec![NodeUpdate::Drop(1, 1, 0)]);
         assert_eq!(put(&mut p, 2, 1024, 1, t0), PutSlot::NoSpace);
         p.sweep(t0 + Duration::from_secs(10));
-        assert!(matches!(put(&mut p, 2, 1024, 1, t0), PutSlot::Write(_)));
+        assert!(matches!(put(&mut p, 2, 1024, 1, t0), PutSlot::Write { .. }));
     }
 
     #[test]
@@ -576,7 +606,7 @@ mod tests {
         let now = Instant::now();
         put(&mut p, 1, 100, 2, now);
         put(&mut p, 2, 100, 1, now);
-        let PutSlot::Write(r3) = put(&mut p, 3, 100, 1, now) else {
+        let PutSlot::Write { replicas: r3, .. } = put(&mut p, 3, 100, 1, now) else {
             panic!()
         };
         let doomed = r3[0].segment;
@@ -645,11 +675,15 @@ mod reuse_tests {
         for round in 0..3u32 {
             let now = t0 + Duration::from_secs(10 * round as u64);
             let slots = p.put_start(&objs, 1, now, &mut u);
-            assert!(
-                slots.iter().all(|s| matches!(s, PutSlot::Write(_))),
-                "round {round}: {slots:?}"
-            );
-            p.put_end(&keys, true, &mut u);
+            let puts: Vec<(u128, u64)> = keys
+                .iter()
+                .zip(&slots)
+                .map(|(k, s)| match s {
+                    PutSlot::Write { put, .. } => (*k, *put),
+                    other => panic!("round {round}: {other:?}"),
+                })
+                .collect();
+            p.put_end(&puts, true, &mut u);
             p.get(&keys, now);
             p.remove(&keys, now, &mut u);
             p.sweep(now + Duration::from_secs(6));

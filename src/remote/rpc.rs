@@ -84,8 +84,13 @@ pub struct IndexEntry {
 /// The master's answer for one object of a `PutStart`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PutSlot {
-    /// Write the bytes to each replica, then `PutEnd`.
-    Write(Vec<Replica>),
+    /// Write the bytes to each replica, then `PutEnd` naming `put`.
+    Write {
+        /// This put's id: a late `PutEnd` of a reclaimed put cannot end a newer one.
+        put: u64,
+        /// Where to write.
+        replicas: Vec<Replica>,
+    },
     /// Stored already (or being stored by another client): nothing to do.
     Exists,
     /// No room even after eviction (or no segments).
@@ -139,8 +144,8 @@ pub enum Request {
     PutEnd {
         /// Whether the writes succeeded.
         ok: bool,
-        /// The objects.
-        keys: Vec<ObjectKey>,
+        /// The objects and their put ids.
+        puts: Vec<(ObjectKey, u64)>,
     },
     /// Client → master: where are these objects (grants read leases).
     Get(Vec<ObjectKey>),
@@ -221,6 +226,9 @@ fn get_meta(r: &mut Reader<'_>) -> Result<ObjectMeta, WireError> {
 }
 
 fn put_replicas(w: &mut Writer, replicas: &[Replica]) {
+    // The master never places more than MAX_REPLICAS copies; never write what the
+    // decoder refuses.
+    let replicas = &replicas[..replicas.len().min(MAX_REPLICAS)];
     w.u8(replicas.len() as u8);
     for rep in replicas {
         w.u64(rep.segment);
@@ -322,10 +330,14 @@ pub fn encode_request(req: &Request) -> Vec<u8> {
                 put_meta(&mut w, m);
             }
         }
-        Request::PutEnd { ok, keys } => {
+        Request::PutEnd { ok, puts } => {
             w.u8(2);
             w.u8(*ok as u8);
-            put_keys(&mut w, keys);
+            w.u32(puts.len() as u32);
+            for (k, id) in puts {
+                w.raw(&k.to_le_bytes());
+                w.u64(*id);
+            }
         }
         Request::Get(keys) => {
             w.u8(3);
@@ -374,10 +386,14 @@ pub fn decode_request(body: &[u8]) -> Result<Request, WireError> {
                 .collect::<Result<_, WireError>>()?;
             Request::PutStart { replicas, objects }
         }
-        2 => Request::PutEnd {
-            ok: r.u8()? != 0,
-            keys: get_keys(&mut r)?,
-        },
+        2 => {
+            let ok = r.u8()? != 0;
+            let n = r.count(MAX_BATCH, 24)?;
+            let puts = (0..n)
+                .map(|_| Ok((get_key(&mut r)?, r.u64()?)))
+                .collect::<Result<_, WireError>>()?;
+            Request::PutEnd { ok, puts }
+        }
         3 => Request::Get(get_keys(&mut r)?),
         4 => Request::Exists(get_keys(&mut r)?),
         5 => Request::Remove(get_keys(&mut r)?),
@@ -416,9 +432,10 @@ pub fn encode_response(resp: &Response) -> Vec<u8> {
             w.u32(slots.len() as u32);
             for s in slots {
                 match s {
-                    PutSlot::Write(reps) => {
+                    PutSlot::Write { put, replicas } => {
                         w.u8(0);
-                        put_replicas(&mut w, reps);
+                        w.u64(*put);
+                        put_replicas(&mut w, replicas);
                     }
                     PutSlot::Exists => w.u8(1),
                     PutSlot::NoSpace => w.u8(2),
@@ -510,7 +527,10 @@ pub fn decode_response(body: &[u8]) -> Result<Response, WireError> {
             let slots = (0..n)
                 .map(|_| {
                     Ok(match r.u8()? {
-                        0 => PutSlot::Write(get_replicas(&mut r)?),
+                        0 => PutSlot::Write {
+                            put: r.u64()?,
+                            replicas: get_replicas(&mut r)?,
+                        },
                         1 => PutSlot::Exists,
                         2 => PutSlot::NoSpace,
                         _ => return Err(WireError::Truncated("put slot: unknown kind")),
@@ -539,7 +559,7 @@ pub fn decode_response(body: &[u8]) -> Result<Response, WireError> {
         }
         4 => Response::Flags(flags(&mut r)?),
         5 => {
-            let n = r.count(1 << 12, 40)?;
+            let n = r.count(1 << 12, 34)?;
             Response::Segments(
                 (0..n)
                     .map(|_| get_segment(&mut r))
@@ -694,6 +714,15 @@ impl RpcConn {
     }
 
     async fn send_frame(&mut self, body: &[u8]) -> Result<(), RemoteError> {
+        if body.len() > MAX_FRAME {
+            return Err(RemoteError::Rpc {
+                peer: self.peer.clone(),
+                reason: format!(
+                    "message of {} bytes exceeds the {MAX_FRAME}-byte frame cap",
+                    body.len()
+                ),
+            });
+        }
         let mut frame = Vec::with_capacity(4 + body.len());
         frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
         frame.extend_from_slice(body);
@@ -782,7 +811,7 @@ mod tests {
             },
             Request::PutEnd {
                 ok: true,
-                keys: vec![1, 2],
+                puts: vec![(1, 7), (2, 8)],
             },
             Request::Get(vec![4]),
             Request::Exists(vec![]),
@@ -810,7 +839,10 @@ mod tests {
         }];
         let resps = vec![
             Response::PutStart(vec![
-                PutSlot::Write(replicas.clone()),
+                PutSlot::Write {
+                    put: 5,
+                    replicas: replicas.clone(),
+                },
                 PutSlot::Exists,
                 PutSlot::NoSpace,
             ]),
