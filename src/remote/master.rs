@@ -104,7 +104,16 @@ impl MasterServer {
             config,
         });
         let mut tasks = vec![
-            tokio::spawn(serve(listener, shared.clone())),
+            tokio::spawn(super::rpc::serve(
+                listener,
+                "master",
+                shared.config.auth_token.clone(),
+                shared.config.timeout,
+                Arc::new({
+                    let shared = shared.clone();
+                    move |req| shared.handle(req)
+                }),
+            )),
             tokio::spawn(sweep(shared.clone())),
         ];
         match shared.config.etcd.clone() {
@@ -232,41 +241,6 @@ impl Shared {
         for id in linked {
             self.unlink(id);
         }
-    }
-}
-
-async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of descriptors and the like: do not spin.
-                tracing::warn!("master: accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let secret = shared.config.auth_token.clone();
-            let mut conn =
-                match RpcConn::accept(stream, secret.as_deref(), shared.config.timeout).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!("master: {e}");
-                        return;
-                    }
-                };
-            while let Some(req) = conn.next_request().await {
-                let resp = match req {
-                    Ok(req) => shared.handle(req),
-                    Err(e) => Response::Error(e.to_string()),
-                };
-                if conn.reply(&resp).await.is_err() {
-                    return;
-                }
-            }
-        });
     }
 }
 

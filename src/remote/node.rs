@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::etcd::Etcd;
-use super::rpc::{IndexEntry, Request, Response, RpcConn, SegmentInfo};
+use super::rpc::{IndexEntry, Request, Response, SegmentInfo};
 use super::RemoteError;
 use crate::config::TransferChannel;
 use crate::transport::{self, HostBuffer, RegistrationHandle, Transport, TransportConfig};
@@ -111,11 +111,13 @@ impl StoreNode {
             index: Mutex::new(BTreeMap::new()),
             info,
         });
-        let mut tasks = vec![tokio::spawn(serve(
+        let handler = shared.clone();
+        let mut tasks = vec![tokio::spawn(super::rpc::serve(
             listener,
-            shared.clone(),
+            "store node control",
             config.transport.auth_token.clone(),
             config.transport.timeout,
+            Arc::new(move |req| handler.handle(req)),
         ))];
         let membership = config.etcd.clone().map(|etcd| {
             let lease = Arc::new(Mutex::new(None));
@@ -228,46 +230,7 @@ impl NodeShared {
     }
 }
 
-async fn serve(
-    listener: TcpListener,
-    shared: Arc<NodeShared>,
-    secret: Option<String>,
-    timeout: Duration,
-) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of descriptors and the like: do not spin.
-                tracing::warn!("store node control: accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        let secret = secret.clone();
-        tokio::spawn(async move {
-            let mut conn = match RpcConn::accept(stream, secret.as_deref(), timeout).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("store node control: {e}");
-                    return;
-                }
-            };
-            while let Some(req) = conn.next_request().await {
-                let resp = match req {
-                    Ok(req) => shared.handle(req),
-                    Err(e) => Response::Error(e.to_string()),
-                };
-                if conn.reply(&resp).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
-}
-
-/// Keeps `segments/<name>` in etcd under a lease for as long as the node runs; re-joins
+/// Keeps `segments/<name>/<instance>` in etcd under a lease for as long as the node runs; re-joins
 /// after etcd outages.
 async fn register(
     etcd: Etcd,

@@ -777,6 +777,47 @@ impl RpcConn {
     }
 }
 
+/// Accepts control connections on `listener` and answers each request with `handle`
+/// until the task is aborted. `who` names the server in logs.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    who: &'static str,
+    secret: Option<String>,
+    timeout: Duration,
+    handle: std::sync::Arc<dyn Fn(Request) -> Response + Send + Sync>,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors and the like: do not spin.
+                tracing::warn!("{who}: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (secret, handle) = (secret.clone(), handle.clone());
+        tokio::spawn(async move {
+            let mut conn = match RpcConn::accept(stream, secret.as_deref(), timeout).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("{who}: {e}");
+                    return;
+                }
+            };
+            while let Some(req) = conn.next_request().await {
+                let resp = match req {
+                    Ok(req) => handle(req),
+                    Err(e) => Response::Error(e.to_string()),
+                };
+                if conn.reply(&resp).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -883,5 +924,44 @@ mod tests {
         let s = seg(9);
         assert_eq!(SegmentInfo::decode(&s.encode()).unwrap(), s);
         assert!(SegmentInfo::decode(&[]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod conn_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn servers_refuse_clients_without_the_secret_and_answer_those_with_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(serve(
+            listener,
+            "test server",
+            Some("s3cret".into()),
+            Duration::from_secs(5),
+            std::sync::Arc::new(|req| match req {
+                Request::Exists(keys) => Response::Flags(keys.iter().map(|k| k % 2 == 1).collect()),
+                _ => Response::Error("unexpected".into()),
+            }),
+        ));
+        let t = Duration::from_secs(5);
+        for wrong in [None, Some("guess")] {
+            let err = RpcConn::connect(&addr, wrong, t)
+                .await
+                .err()
+                .expect("refused");
+            assert!(err.to_string().contains("transport_auth_token"), "{err}");
+        }
+        let mut conn = RpcConn::connect(&addr, Some("s3cret"), t).await.unwrap();
+        for _ in 0..3 {
+            let resp = conn.call(&Request::Exists(vec![1, 2, 3]), t).await.unwrap();
+            assert_eq!(resp, Response::Flags(vec![true, false, true]));
+        }
+        assert_eq!(
+            conn.call(&Request::Stats, t).await.unwrap(),
+            Response::Error("unexpected".into())
+        );
+        server.abort();
     }
 }

@@ -9,12 +9,11 @@ use anyhow::{bail, Context};
 use clap::Args;
 use kvtier::config::TransferChannel;
 use kvtier::memory::BufferPool;
-use kvtier::remote::client::{ClientConfig, PutOutcome, StoreClient};
 use kvtier::remote::etcd::Etcd;
 use kvtier::remote::master::{MasterConfig, MasterServer};
 use kvtier::remote::node::{NodeConfig, StoreNode};
 use kvtier::remote::placement::PlacementConfig;
-use kvtier::remote::redis::RedisStore;
+use kvtier::remote::RemoteTier;
 use kvtier::transport::TransportConfig;
 use kvtier::{synthetic, Config, Engine, ModelSpec};
 
@@ -425,7 +424,13 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             .strip_prefix("ready ")
             .context("master greeting")?
             .to_string();
-        let (put, get) = rt.block_on(bench_store(&addr, channel, &objects, iters))?;
+        let name = format!("kvtier store ({channel})");
+        let config = bench_config(&format!("kvtier://{addr}"), t, total + (64 << 20))?;
+        let (put, get) = rt.block_on(async {
+            let tier = RemoteTier::open(&config).await?.context("remote tier")?;
+            // Removed objects' room comes back when their read leases (2 s) end.
+            bench_tier(&name, &tier, &objects, iters, Duration::from_millis(2300)).await
+        })?;
         rows.push((format!("kvtier store ({t})"), put, get));
     }
     let redis = match args.redis.as_str() {
@@ -434,7 +439,11 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         url => Some((url.to_string(), None)),
     };
     if let Some((url, _guard)) = &redis {
-        let (put, get) = rt.block_on(bench_redis(url, &objects, iters))?;
+        let config = bench_config(url, "tcp", 0)?;
+        let (put, get) = rt.block_on(async {
+            let tier = RemoteTier::open(&config).await?.context("remote tier")?;
+            bench_tier("redis", &tier, &objects, iters, Duration::ZERO).await
+        })?;
         rows.push(("redis".into(), put, get));
     } else if args.redis == "auto" {
         println!("  redis: redis-server not installed; skipped");
@@ -494,77 +503,28 @@ fn report(name: &str, round: usize, put: Duration, get: Duration, bytes: u64) {
     );
 }
 
-async fn bench_store(
-    addr: &str,
-    channel: TransferChannel,
-    objects: &[Vec<u8>],
-    iters: usize,
-) -> anyhow::Result<(f64, f64)> {
-    let bytes: u64 = objects.iter().map(|o| o.len() as u64).sum();
-    let client = StoreClient::new(ClientConfig {
-        master: Some(addr.to_string()),
-        etcd: None,
-        protocol: channel,
-        transport: TransportConfig {
-            timeout: Duration::from_secs(60),
-            auth_token: None,
-            host: "127.0.0.1".into(),
-        },
-        staging_bytes: bytes + (64 << 20),
-        replicas: 1,
-    })?;
-    let pool = BufferPool::new(bytes as usize * 2);
-    let (mut best_put, mut best_get) = (Duration::MAX, Duration::MAX);
-    // Round 0 warms up (first-touch page faults of fresh buffers) and is not timed.
-    for round in 0..=iters {
-        let keys: Vec<u128> = (0..objects.len())
-            .map(|i| ((round as u128) << 64) | i as u128)
-            .collect();
-        let batch: Vec<(u128, Vec<&[u8]>)> = keys
-            .iter()
-            .zip(objects)
-            .map(|(k, o)| (*k, vec![&o[..]]))
-            .collect();
-        let t = Instant::now();
-        let outcomes = client.put(&batch).await?;
-        let put = t.elapsed();
-        if let Some(bad) = outcomes.iter().find(|o| **o != PutOutcome::Stored) {
-            bail!("put: {bad:?}");
-        }
-        let t = Instant::now();
-        let got = client.get(&keys, 0, &pool).await?;
-        let get = t.elapsed();
-        for (i, (g, o)) in got.iter().zip(objects).enumerate() {
-            match g {
-                Some((_, body)) if body[..] == o[..] => {}
-                _ => bail!("get: object {i} missing or wrong"),
-            }
-        }
-        drop(got);
-        client.remove(&keys).await?;
-        report(
-            &format!("kvtier store ({})", channel),
-            round + 1,
-            put,
-            get,
-            bytes,
-        );
-        // Let the read leases of the removed objects end (see `--read-lease` above).
-        tokio::time::sleep(Duration::from_millis(2300)).await;
-        if round > 0 {
-            best_put = best_put.min(put);
-            best_get = best_get.min(get);
-        }
-    }
-    Ok((gib_s(bytes, best_put), gib_s(bytes, best_get)))
+/// An engine configuration whose remote tier is `url` (and nothing else), for the bench.
+fn bench_config(url: &str, protocol: &str, staging: u64) -> anyhow::Result<Config> {
+    let yaml = format!(
+        "local_cpu: false\nremote_url: \"{url}\"\nextra_config:\n  protocol: {protocol}\n  \
+         local_buffer_size: {staging}\n  transfer_timeout: 60\n"
+    );
+    Ok(Config::from_yaml_str(&yaml, "bench")?)
 }
 
-async fn bench_redis(url: &str, objects: &[Vec<u8>], iters: usize) -> anyhow::Result<(f64, f64)> {
+/// Rounds of put, get (every byte compared) and remove through `tier`; round 0 warms up
+/// and is not counted. Returns the best put and get GiB/s. `settle` is waited after each
+/// remove (for the store: until the removed objects' read leases end).
+async fn bench_tier(
+    name: &str,
+    tier: &RemoteTier,
+    objects: &[Vec<u8>],
+    iters: usize,
+    settle: Duration,
+) -> anyhow::Result<(f64, f64)> {
     let bytes: u64 = objects.iter().map(|o| o.len() as u64).sum();
-    let store = RedisStore::new(url, Duration::from_secs(120))?;
     let pool = BufferPool::new(bytes as usize * 2);
     let (mut best_put, mut best_get) = (Duration::MAX, Duration::MAX);
-    // Round 0 warms up (first-touch page faults of fresh buffers) and is not timed.
     for round in 0..=iters {
         let keys: Vec<u128> = (0..objects.len())
             .map(|i| ((round as u128) << 64) | i as u128)
@@ -575,20 +535,24 @@ async fn bench_redis(url: &str, objects: &[Vec<u8>], iters: usize) -> anyhow::Re
             .map(|(k, o)| (*k, vec![&o[..]]))
             .collect();
         let t = Instant::now();
-        store.put(&batch).await?;
+        let stored = tier.put(&batch).await?;
         let put = t.elapsed();
+        if stored != objects.len() {
+            bail!("{name}: {stored} of {} objects stored", objects.len());
+        }
         let t = Instant::now();
-        let got = store.get(&keys, 0, &pool).await?;
+        let got = tier.get(&keys, 0, &pool).await?;
         let get = t.elapsed();
         for (i, (g, o)) in got.iter().zip(objects).enumerate() {
             match g {
                 Some((_, body)) if body[..] == o[..] => {}
-                _ => bail!("redis get: object {i} missing or wrong"),
+                _ => bail!("{name}: object {i} missing or wrong"),
             }
         }
         drop(got);
-        store.remove(&keys).await?;
-        report("redis", round + 1, put, get, bytes);
+        tier.remove(&keys).await?;
+        report(name, round + 1, put, get, bytes);
+        tokio::time::sleep(settle).await;
         if round > 0 {
             best_put = best_put.min(put);
             best_get = best_get.min(get);
