@@ -23,6 +23,9 @@ use kvtier::remote::etcd::Etcd;
 /// Chunk of the probes' model (2 layers of Llama-3.1-8B): 2 MiB of KV per 256 tokens.
 const LAYERS: &str = "2";
 const ASK_TIMEOUT: Duration = Duration::from_secs(60);
+/// etcd lease TTL of the test masters and nodes, in seconds: short, to keep failover
+/// waits short, with room for a loaded CI machine.
+const LEASE_TTL: &str = "3";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -135,6 +138,49 @@ impl Proc {
         }
     }
 
+    /// Like [`Proc::ask`], but an `err` answer is `None` (for polling while the store is
+    /// expected to be unavailable, e.g. during a failover).
+    fn try_ask(&mut self, command: &str) -> Option<String> {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+        let line = self.line(ASK_TIMEOUT);
+        if line.starts_with("err") {
+            return None;
+        }
+        Some(
+            line.strip_prefix("ok")
+                .unwrap_or_else(|| panic!("{}: `{command}` answered `{line}`", self.name))
+                .trim()
+                .to_string(),
+        )
+    }
+
+    /// [`Proc::try_ask`] until it answers (a leader may be changing hands), at most 20 s.
+    fn ask_store(&mut self, command: &str) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(answer) = self.try_ask(command) {
+                return answer;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{}: `{command}` kept failing; log:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// A `key=value` field of `try_ask(command)`.
+    fn try_field(&mut self, command: &str, key: &str) -> Option<String> {
+        let answer = self.try_ask(command)?;
+        answer
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_owned))
+    }
+
     /// A `key=value` field of `ask(command)`.
     fn field(&mut self, command: &str, key: &str) -> String {
         let answer = self.ask(command);
@@ -238,7 +284,7 @@ fn node(name: &str, etcd: &str, size: &str, dir: &Path) -> Proc {
             "--segment-size",
             size,
             "--lease-ttl",
-            "2",
+            LEASE_TTL,
         ],
         dir,
     );
@@ -256,7 +302,7 @@ fn master(name: &str, etcd: &str, dir: &Path) -> (Proc, String) {
             "--etcd",
             etcd,
             "--lease-ttl",
-            "2",
+            LEASE_TTL,
         ],
         dir,
     );
@@ -344,7 +390,7 @@ fn cluster_replicas_failover_and_killed_nodes() {
         dir,
     );
     wait_for("four segments in the pool", Duration::from_secs(30), || {
-        b.field("stats", "segments") == "4"
+        b.try_field("stats", "segments").as_deref() == Some("4")
     });
 
     // Put on A, get on B (B has none of it locally).
@@ -354,7 +400,7 @@ fn cluster_replicas_failover_and_killed_nodes() {
     assert_eq!(retrieve(&mut b, 11, 1024), 1024);
     assert_eq!(b.field("lookup 11 1100", "hit"), "1024");
     // Two replicas per chunk, on distinct nodes.
-    for replicas in a.ask("locate 11 1024").split_whitespace() {
+    for replicas in a.ask_store("locate 11 1024").split_whitespace() {
         let names: Vec<&str> = replicas.split(',').collect();
         assert_eq!(names.len(), 2, "{replicas}");
         assert_ne!(names[0], names[1]);
@@ -371,15 +417,17 @@ fn cluster_replicas_failover_and_killed_nodes() {
     let standby = masters[1 - i].1.clone();
     wait_for(
         "the standby takes over",
-        Duration::from_secs(2 + 10),
+        Duration::from_secs(3 + 10),
         || etcd.leader("c1").as_deref() == Some(standby.as_str()),
     );
     wait_for("the new leader serves", Duration::from_secs(10), || {
-        let stats = b.ask("stats");
-        stats.contains("segments=4") && !stats.contains("objects=0 ")
+        b.try_ask("stats")
+            .is_some_and(|s| s.contains("segments=4") && !s.contains("objects=0 "))
     });
     let failover = killed.elapsed();
-    eprintln!("failover: leader killed -> standby serving in {failover:.2?} (lease TTL 2 s)");
+    eprintln!(
+        "failover: leader killed -> standby serving in {failover:.2?} (lease TTL {LEASE_TTL} s)"
+    );
     b.ask("clear");
     assert_eq!(retrieve(&mut b, 11, 1024), 1024, "objects survive failover");
     // Writes work through the new leader.
@@ -391,7 +439,7 @@ fn cluster_replicas_failover_and_killed_nodes() {
     assert_eq!(a.field("store 33 2048", "stored"), "2048");
     a.ask("flush");
     let places: Vec<Vec<String>> = a
-        .ask("locate 33 2048")
+        .ask_store("locate 33 2048")
         .split_whitespace()
         .map(|r| r.split(',').map(str::to_owned).collect())
         .collect();
@@ -411,12 +459,18 @@ fn cluster_replicas_failover_and_killed_nodes() {
     wait_for(
         "the master drops the dead nodes",
         Duration::from_secs(15),
-        || b.field("stats", "segments") == "2",
+        || b.try_field("stats", "segments").as_deref() == Some("2"),
     );
     b.ask("clear");
     assert_eq!(retrieve(&mut b, 33, 2048), expected);
     assert_eq!(b.field("lookup 33 2048", "hit"), expected.to_string());
-    let lost: u64 = b.field("stats", "lost").parse().unwrap();
+    let stats = b.ask_store("stats");
+    let lost: u64 = stats
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("lost="))
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(
         lost >= dead_only,
         "lost={lost}, chunks only on dead nodes {dead_only}"
@@ -434,7 +488,7 @@ fn etcd_outage_engines_serve_locally_and_reconnect() {
     let mut a = probe("engine-a", &kvtier_engine_yaml(&addr, &url, 1), dir);
     let mut b = probe("engine-b", &kvtier_engine_yaml(&addr, &url, 1), dir);
     wait_for("the node joins", Duration::from_secs(30), || {
-        a.field("stats", "segments") == "1"
+        a.try_field("stats", "segments").as_deref() == Some("1")
     });
     a.ask("store 44 512");
     a.ask("flush");

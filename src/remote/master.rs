@@ -432,7 +432,13 @@ async fn lead(shared: Arc<Shared>, etcd: Etcd, addr: String) {
                 Ok(None) => break Some(attempt),
                 Ok(Some(current)) => {
                     let leader = String::from_utf8_lossy(&current).into_owned();
-                    shared.step_down(leader);
+                    // Our own key from a term we lost: name no leader rather than
+                    // sending clients back here.
+                    shared.step_down(if leader == addr {
+                        String::new()
+                    } else {
+                        leader
+                    });
                 }
                 Err(e) => tracing::debug!("master: campaign: {e}"),
             }
