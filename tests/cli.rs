@@ -123,3 +123,28 @@ fn demo_pd_runs_the_1p1d_example_and_stops_every_process() {
         );
     }
 }
+
+#[test]
+fn remote_store_commands_refuse_incomplete_settings_naming_what_is_missing() {
+    let out = kvtier(&["store-node"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--etcd"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = kvtier(&["master", "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--segment-size"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = kvtier(&["store-node", "--etcd", "127.0.0.1:2379"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("etcd://host:port"),
+        "{}",
+        text(&out.stderr)
+    );
+}

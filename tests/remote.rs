@@ -483,7 +483,28 @@ fn etcd_outage_engines_serve_locally_and_reconnect() {
     let dir = dir.path();
     let mut etcd = EtcdServer::start(dir);
     let url = etcd.url("c2");
-    let n = node("n1", &url, "64MiB", dir);
+    // This node takes its settings from the Mooncake keys of an LMCache config file.
+    let node_yaml = dir.join("node.yaml");
+    std::fs::write(
+        &node_yaml,
+        format!(
+            "extra_config:\n  local_hostname: \"127.0.0.1\"\n  metadata_server: \"{url}\"\n  \
+             protocol: \"tcp\"\n  global_segment_size: 67108864\n"
+        ),
+    )
+    .unwrap();
+    let mut n = Proc::kvtier(
+        "n1",
+        &[
+            "store-node",
+            "--config",
+            node_yaml.to_str().unwrap(),
+            "--lease-ttl",
+            LEASE_TTL,
+        ],
+        dir,
+    );
+    assert_eq!(n.ready()[0], "127.0.0.1", "named after local_hostname");
     let (m, addr) = master("m1", &url, dir);
     let mut a = probe("engine-a", &kvtier_engine_yaml(&addr, &url, 1), dir);
     let mut b = probe("engine-b", &kvtier_engine_yaml(&addr, &url, 1), dir);

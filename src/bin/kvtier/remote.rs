@@ -64,21 +64,26 @@ pub struct MasterArgs {
 /// Arguments of `kvtier store-node`.
 #[derive(Args)]
 pub struct StoreNodeArgs {
-    /// etcd to register in (`etcd://host:port[/cluster]`).
+    /// Take defaults from a kvtier/LMCache YAML file's `extra_config` (Mooncake keys:
+    /// `metadata_server`, `global_segment_size`, `protocol`, `local_hostname`, and
+    /// `transport_auth_token`); flags override it.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// etcd to register in (`etcd://host:port[/cluster]`; `metadata_server`).
     #[arg(long, alias = "metadata-server")]
-    etcd: String,
-    /// Bytes contributed (`global_segment_size`).
-    #[arg(long, value_parser = parse_size, default_value = "4GiB")]
-    segment_size: u64,
-    /// Name in the cluster (`local_hostname`); default: host name and pid.
+    etcd: Option<String>,
+    /// Bytes contributed (`global_segment_size`; default 4GiB).
+    #[arg(long, value_parser = parse_size)]
+    segment_size: Option<u64>,
+    /// Name in the cluster; default: `local_hostname`, else host name and pid.
     #[arg(long)]
     name: Option<String>,
-    /// Transport clients use to reach the segment.
-    #[arg(long, value_parser = parse_channel, default_value = "tcp")]
-    protocol: TransferChannel,
-    /// Address to listen on and advertise.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
+    /// Transport clients use to reach the segment (`protocol`; default tcp).
+    #[arg(long, value_parser = parse_channel)]
+    protocol: Option<TransferChannel>,
+    /// Address to listen on and advertise (`local_hostname`; default 127.0.0.1).
+    #[arg(long)]
+    host: Option<String>,
     /// Control port (0: any).
     #[arg(long, default_value_t = 0)]
     control_port: u16,
@@ -190,24 +195,59 @@ pub fn run_master(args: MasterArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_store_node(args: StoreNodeArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let timeout = secs(args.timeout);
-        let etcd = Etcd::new(&args.etcd, secs(5.0))?;
-        let name = args.name.clone().unwrap_or_else(|| {
+    let config = match &args.config {
+        Some(path) => {
+            let mut c = Config::from_yaml_file(path)?;
+            c.apply_env(std::env::vars())?;
+            c
+        }
+        None => Config::default(),
+    };
+    let extra = &config.extra_config;
+    let etcd_url = args
+        .etcd
+        .clone()
+        .or_else(|| extra.metadata_server.clone())
+        .context("a store node needs --etcd (or `extra_config.metadata_server` in --config)")?;
+    let protocol = match args.protocol {
+        Some(p) => p,
+        None => kvtier::remote::protocol_channel(extra.protocol.as_deref())?,
+    };
+    let host = args
+        .host
+        .clone()
+        .or_else(|| extra.local_hostname.clone())
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let segment_size = args
+        .segment_size
+        .or(extra.global_segment_size)
+        .unwrap_or(4 << 30);
+    let name = args
+        .name
+        .clone()
+        .or_else(|| extra.local_hostname.clone())
+        .unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname")
                 .map(|h| h.trim().to_string())
                 .unwrap_or_else(|_| "node".into());
             format!("{host}-{}", std::process::id())
         });
+    let auth_token = args
+        .auth_token
+        .clone()
+        .or_else(|| config.transport_auth_token.clone());
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let timeout = secs(args.timeout);
+        let etcd = Etcd::new(&etcd_url, secs(5.0))?;
         let node = StoreNode::start(NodeConfig {
             name: name.clone(),
-            segment_size: args.segment_size,
-            protocol: args.protocol,
+            segment_size,
+            protocol,
             transport: TransportConfig {
                 timeout,
-                auth_token: args.auth_token.clone(),
-                host: args.host.clone(),
+                auth_token,
+                host,
             },
             control_port: args.control_port,
             etcd: Some(etcd),
