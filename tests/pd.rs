@@ -57,6 +57,20 @@ fn sender_config(channel: TransferChannel, proxy_port: Option<u16>, token: Optio
     }
 }
 
+/// A TCP receiver with `pages` chunk pages and no secret.
+async fn tcp_receiver(pages: u64) -> PdReceiver {
+    PdReceiver::start(&receiver_config(TransferChannel::Tcp, pages, None), model())
+        .await
+        .unwrap()
+}
+
+/// A TCP sender with no proxy and no secret.
+async fn tcp_sender() -> PdSender {
+    PdSender::new(&sender_config(TransferChannel::Tcp, None, None), model())
+        .await
+        .unwrap()
+}
+
 fn spec(r: &PdReceiver) -> ReceiverSpec {
     let (init_port, alloc_port) = r.ports();
     ReceiverSpec {
@@ -70,9 +84,7 @@ fn spec(r: &PdReceiver) -> ReceiverSpec {
 async fn send_commit_retrieve_frees_pages_and_notifies_proxy() {
     let m = model();
     let proxy = ProxyListener::bind("127.0.0.1", 0, None).await.unwrap();
-    let receiver = PdReceiver::start(&receiver_config(TransferChannel::Tcp, 16, None), m.clone())
-        .await
-        .unwrap();
+    let receiver = tcp_receiver(16).await;
     let sender = PdSender::new(
         &sender_config(TransferChannel::Tcp, Some(proxy.local_addr().port()), None),
         m.clone(),
@@ -120,12 +132,8 @@ async fn send_commit_retrieve_frees_pages_and_notifies_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_can_never_fit_fails_at_once_naming_the_size() {
     let m = model();
-    let receiver = PdReceiver::start(&receiver_config(TransferChannel::Tcp, 2, None), m.clone())
-        .await
-        .unwrap();
-    let sender = PdSender::new(&sender_config(TransferChannel::Tcp, None, None), m.clone())
-        .await
-        .unwrap();
+    let receiver = tcp_receiver(2).await;
+    let sender = tcp_sender().await;
     let tokens: Vec<u32> = (0..1000).collect();
     let t = std::time::Instant::now();
     let err = sender
@@ -149,12 +157,8 @@ async fn a_request_that_can_never_fit_fails_at_once_naming_the_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_buffer_makes_the_sender_wait_then_proceed_or_time_out() {
     let m = model();
-    let receiver = PdReceiver::start(&receiver_config(TransferChannel::Tcp, 2, None), m.clone())
-        .await
-        .unwrap();
-    let sender = PdSender::new(&sender_config(TransferChannel::Tcp, None, None), m.clone())
-        .await
-        .unwrap();
+    let receiver = tcp_receiver(2).await;
+    let sender = tcp_sender().await;
     let a: Vec<u32> = (0..512).collect();
     let b: Vec<u32> = (10_000..10_512).collect();
     sender
@@ -188,18 +192,10 @@ async fn a_full_buffer_makes_the_sender_wait_then_proceed_or_time_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_senders_one_receiver_and_one_sender_two_receivers() {
     let m = model();
-    let r1 = PdReceiver::start(&receiver_config(TransferChannel::Tcp, 16, None), m.clone())
-        .await
-        .unwrap();
-    let r2 = PdReceiver::start(&receiver_config(TransferChannel::Tcp, 16, None), m.clone())
-        .await
-        .unwrap();
-    let s1 = PdSender::new(&sender_config(TransferChannel::Tcp, None, None), m.clone())
-        .await
-        .unwrap();
-    let s2 = PdSender::new(&sender_config(TransferChannel::Tcp, None, None), m.clone())
-        .await
-        .unwrap();
+    let r1 = tcp_receiver(16).await;
+    let r2 = tcp_receiver(16).await;
+    let s1 = tcp_sender().await;
+    let s2 = tcp_sender().await;
     let x: Vec<u32> = (0..600).collect();
     let y: Vec<u32> = (5000..5600).collect();
     let (kx, ky) = (kv_for(&m, &x), kv_for(&m, &y));
@@ -255,10 +251,7 @@ async fn control_ports_refuse_a_sender_without_the_secret() {
 async fn a_vanished_sender_s_allocations_are_reclaimed() {
     use kvtier::pd::protocol::{encode, ChunkRequest, Message};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let m = model();
-    let receiver = PdReceiver::start(&receiver_config(TransferChannel::Tcp, 4, None), m.clone())
-        .await
-        .unwrap();
+    let receiver = tcp_receiver(4).await;
     // A raw sender: handshake, allocate two pages, then disappear without committing.
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", receiver.ports().1))
         .await

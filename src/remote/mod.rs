@@ -341,6 +341,12 @@ impl RemoteTier {
         .await
     }
 
+    /// Whether reads are checked end to end by the backend (the kvtier store checksums
+    /// every object; Redis does not), so callers need not hash them again.
+    pub fn checks_reads(&self) -> bool {
+        matches!(self.backend, Backend::Store(_))
+    }
+
     /// The kvtier store client (not for Redis).
     pub fn store_client(&self) -> Option<&StoreClient> {
         match &self.backend {

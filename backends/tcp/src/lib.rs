@@ -75,6 +75,19 @@ async fn send(w: &mut (impl AsyncWrite + Unpin), frame: &Frame) -> std::io::Resu
     w.write_all(&protocol::encode(frame)).await
 }
 
+/// Acknowledges request `req` as done.
+async fn ack_ok(w: &mut (impl AsyncWrite + Unpin), req: u64) -> std::result::Result<(), String> {
+    send(
+        w,
+        &Frame::Ack {
+            req,
+            status: Status::Ok,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
 impl TcpTransport {
     /// Binds a listener on `config.host` (an ephemeral port) and starts serving. Must be
     /// called within a tokio runtime.
@@ -261,15 +274,7 @@ async fn serve(
                         return Err(format!("write data from {client} stalled past {timeout:?}"))
                     }
                 }
-                send(
-                    &mut w,
-                    &Frame::Ack {
-                        req,
-                        status: Status::Ok,
-                    },
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+                ack_ok(&mut w, req).await?;
             }
             Frame::Read {
                 req,
@@ -331,15 +336,7 @@ async fn serve(
                 {
                     return Err("notification queue full past the timeout".into());
                 }
-                send(
-                    &mut w,
-                    &Frame::Ack {
-                        req,
-                        status: Status::Ok,
-                    },
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+                ack_ok(&mut w, req).await?;
             }
             other => {
                 tracing::error!(
