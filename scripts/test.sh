@@ -53,3 +53,10 @@ cargo check --manifest-path fuzz/Cargo.toml --bins --target-dir target
 
 step "tests"
 cargo test --workspace --all-features
+
+step "vLLM (CPU build) and the kvtier Python package, in the venv target/vllm"
+scripts/install-vllm.sh
+target/vllm/bin/python -m pip install -q --disable-pip-version-check ./python
+
+step "Python package and vLLM connector tests (real vLLM)"
+KVTIER_REQUIRE_VLLM=1 target/vllm/bin/python -m pytest -q -p no:cacheprovider python/tests

@@ -143,13 +143,19 @@ pub enum KvLayout {
     Kv2Ltd,
     /// `[1, layers, tokens, hidden]`: multi-head latent attention (one latent per token).
     Mla1Ltd,
+    /// Whole blocks of a serving engine's paged KV cache, `[layers, blocks, block]`, each
+    /// block opaque bytes in the attention backend's own layout (vLLM's CPU backend stores
+    /// K transposed inside a block). Same byte count as `KV_2LTD`; the block layout and
+    /// size belong in the model name of the key namespace, so different layouts never
+    /// share keys.
+    Paged,
 }
 
 impl KvLayout {
     /// Leading dimension: 2 for K and V, 1 for MLA.
     pub fn kv_factor(self) -> usize {
         match self {
-            KvLayout::Kv2Ltd => 2,
+            KvLayout::Kv2Ltd | KvLayout::Paged => 2,
             KvLayout::Mla1Ltd => 1,
         }
     }
@@ -159,6 +165,7 @@ impl KvLayout {
         match self {
             KvLayout::Kv2Ltd => 1,
             KvLayout::Mla1Ltd => 2,
+            KvLayout::Paged => 3,
         }
     }
 
@@ -167,15 +174,17 @@ impl KvLayout {
         match code {
             1 => Some(KvLayout::Kv2Ltd),
             2 => Some(KvLayout::Mla1Ltd),
+            3 => Some(KvLayout::Paged),
             _ => None,
         }
     }
 
-    /// Canonical name (`KV_2LTD`, `MLA_1LTD`).
+    /// Canonical name (`KV_2LTD`, `MLA_1LTD`, `PAGED`).
     pub fn name(self) -> &'static str {
         match self {
             KvLayout::Kv2Ltd => "KV_2LTD",
             KvLayout::Mla1Ltd => "MLA_1LTD",
+            KvLayout::Paged => "PAGED",
         }
     }
 }
@@ -192,10 +201,11 @@ impl FromStr for KvLayout {
         match s.trim().to_ascii_uppercase().as_str() {
             "KV_2LTD" | "2LTD" => Ok(KvLayout::Kv2Ltd),
             "MLA_1LTD" | "MLA" | "1LTD" => Ok(KvLayout::Mla1Ltd),
+            "PAGED" => Ok(KvLayout::Paged),
             _ => Err(ParseNameError {
                 what: "KV layout",
                 value: s.to_string(),
-                expected: "KV_2LTD, MLA_1LTD",
+                expected: "KV_2LTD, MLA_1LTD, PAGED",
             }),
         }
     }

@@ -370,24 +370,40 @@ impl Engine {
     /// module docs). Chunks already cached are skipped; a trailing partial chunk is stored
     /// only with `save_unfull_chunk`.
     pub async fn store(&self, tokens: &[u32], kv: &[u8]) -> Result<StoreReport> {
-        let start = Instant::now();
         self.check_kv_len(tokens.len(), kv.len(), "store")?;
-        let spans = self.inner.hasher.spans(tokens);
-        let new = self.uncached(&spans);
         let model = &self.inner.model;
         let row = model.chunk_shape(1).row_bytes();
         let planes = model.layout.kv_factor() * model.layers as usize;
         let total = tokens.len();
+        self.store_with(tokens, |span, data| {
+            let seg = span.tokens() * row;
+            for (plane, dst) in data.chunks_exact_mut(seg).take(planes).enumerate() {
+                let src = (plane * total + span.start) * row;
+                copy_bulk(dst, &kv[src..src + seg]);
+            }
+        })
+        .await
+    }
+
+    /// Stores the chunks of `tokens` that no tier holds yet, each filled by `fill` (called
+    /// in parallel, once per new chunk, with the chunk's span and its zeroed-or-reused
+    /// payload buffer of [`ChunkShape::payload_len`] bytes, which `fill` must overwrite
+    /// whole). The way to store KV that lives in the caller's own layout (e.g. the blocks
+    /// of a paged cache) with one copy.
+    pub async fn store_with<F>(&self, tokens: &[u32], fill: F) -> Result<StoreReport>
+    where
+        F: Fn(&ChunkSpan, &mut [u8]) + Sync,
+    {
+        let start = Instant::now();
+        let spans = self.inner.hasher.spans(tokens);
+        let new = self.uncached(&spans);
+        let model = &self.inner.model;
         let chunks: Vec<ChunkRef> = new
             .par_iter()
             .map(|span| {
                 let shape = model.chunk_shape(span.tokens());
                 let mut data = self.inner.pool.alloc(shape.payload_len());
-                let seg = span.tokens() * row;
-                for (plane, dst) in data.chunks_exact_mut(seg).take(planes).enumerate() {
-                    let src = (plane * total + span.start) * row;
-                    copy_bulk(dst, &kv[src..src + seg]);
-                }
+                fill(span, &mut data);
                 Arc::new(Chunk {
                     key: span.key,
                     shape,
@@ -477,12 +493,16 @@ impl Engine {
         m.op_seconds
             .with_label_values(&["store"])
             .observe(elapsed.as_secs_f64());
-        tracing::info!(
-            "stored {stored_tokens} tokens ({} already cached) in {:.2} ms ({:.1} GB/s)",
-            all_tokens - stored_tokens,
-            elapsed.as_secs_f64() * 1e3,
-            gb_per_s(bytes, elapsed)
-        );
+        if stored_tokens > 0 {
+            tracing::info!(
+                "stored {stored_tokens} tokens ({} already cached) in {:.2} ms ({:.1} GB/s)",
+                all_tokens - stored_tokens,
+                elapsed.as_secs_f64() * 1e3,
+                gb_per_s(bytes, elapsed)
+            );
+        } else {
+            tracing::debug!("store: all {all_tokens} tokens already cached");
+        }
         Ok(StoreReport {
             stored_tokens,
             cached_tokens: all_tokens - stored_tokens,
@@ -593,6 +613,46 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// The chunks of the longest cached prefix of `tokens` whose shape is this engine's
+    /// model (a chunk of another shape ends the prefix like a miss and is counted in
+    /// `kvtier_corrupt_chunks_total{tier="shape"}`), with the spans they cover. Counted in
+    /// the retrieve metrics; the caller copies the payloads where it needs them.
+    pub async fn retrieve_prefix(&self, tokens: &[u32]) -> Result<Vec<(ChunkSpan, ChunkRef)>> {
+        let start = Instant::now();
+        let spans = self.inner.hasher.spans(tokens);
+        let chunks = self.retrieve_chunks(tokens).await?;
+        let model = &self.inner.model;
+        let mut out = Vec::with_capacity(chunks.len());
+        for (span, chunk) in spans.into_iter().zip(chunks) {
+            let expected = model.chunk_shape(span.tokens());
+            if chunk.key != span.key || chunk.shape != expected {
+                self.inner
+                    .metrics
+                    .corrupt_chunks
+                    .with_label_values(&["shape"])
+                    .inc();
+                tracing::error!(
+                    "chunk {}: shape {:?} does not match the model's {expected:?}; treated as a miss",
+                    span.key,
+                    chunk.shape
+                );
+                break;
+            }
+            out.push((span, chunk));
+        }
+        let loaded = out.last().map_or(0, |(span, _)| span.end);
+        let bytes = (loaded * model.bytes_per_token()) as u64;
+        let elapsed = start.elapsed();
+        let m = &self.inner.metrics;
+        m.retrieve_tokens.inc_by(tokens.len() as u64);
+        m.retrieve_hit_tokens.inc_by(loaded as u64);
+        m.retrieve_bytes.inc_by(bytes);
+        m.op_seconds
+            .with_label_values(&["retrieve"])
+            .observe(elapsed.as_secs_f64());
+        Ok(out)
     }
 
     /// Loads the KV of the longest cached prefix of `tokens` into `out` (laid out as for

@@ -420,3 +420,70 @@ mod tests {
         assert_eq!(&b[..], &[] as &[u8]);
     }
 }
+
+/// A host buffer registered with a transport that one sender at a time fills page by page
+/// (the P/D sender's staging buffer). [`Staging::lock`] hands out the only writer.
+pub struct Staging {
+    buffer: Arc<kvtier_transport::HostBuffer>,
+    writer: tokio::sync::Mutex<()>,
+}
+
+/// Exclusive access to a [`Staging`] buffer's bytes until dropped.
+pub struct StagingGuard<'a> {
+    buffer: &'a kvtier_transport::HostBuffer,
+    _writer: tokio::sync::MutexGuard<'a, ()>,
+}
+
+impl Staging {
+    /// A zeroed staging buffer of `len` bytes.
+    pub fn new(len: usize) -> Staging {
+        Staging {
+            buffer: Arc::new(kvtier_transport::HostBuffer::new(len)),
+            writer: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The buffer, for registering it with a transport (which reads it only during the
+    /// transfers the guard holder issues).
+    pub fn buffer(&self) -> &Arc<kvtier_transport::HostBuffer> {
+        &self.buffer
+    }
+
+    /// Waits until no other sender uses the buffer.
+    pub async fn lock(&self) -> StagingGuard<'_> {
+        StagingGuard {
+            buffer: &self.buffer,
+            _writer: self.writer.lock().await,
+        }
+    }
+}
+
+impl StagingGuard<'_> {
+    /// Runs `fill(i, page)` on all cores for each `pages[i] = (offset, len)`, with `page`
+    /// the buffer's bytes `offset..offset + len`. Panics if a page is out of bounds or two
+    /// pages overlap.
+    pub fn fill_pages<F>(&mut self, pages: &[(usize, usize)], fill: F)
+    where
+        F: Fn(usize, &mut [u8]) + Sync,
+    {
+        use rayon::prelude::*;
+        let mut sorted: Vec<(usize, usize)> = pages.to_vec();
+        sorted.sort_unstable();
+        for pair in sorted.windows(2) {
+            assert!(pair[0].0 + pair[0].1 <= pair[1].0, "staging pages overlap");
+        }
+        let buffer = self.buffer;
+        pages
+            .par_iter()
+            .enumerate()
+            .for_each(|(i, &(offset, len))| {
+                // SAFETY: this guard is the buffer's only writer (`&mut self`, one guard at a
+                // time), the transport reads it only during transfers issued after this call,
+                // and the pages were checked disjoint above; bounds are checked by
+                // `region_slice_mut`.
+                let page = unsafe { kvtier_transport::region_slice_mut(buffer, offset, len) }
+                    .expect("staging page out of bounds");
+                fill(i, page);
+            });
+    }
+}

@@ -17,7 +17,7 @@ use super::PdError;
 use crate::config::{BufferDevice, Config};
 use crate::engine::ModelSpec;
 use crate::error::{Error, Result};
-use crate::keys::{ChunkHasher, ChunkKey};
+use crate::keys::{ChunkHasher, ChunkKey, ChunkSpan};
 use crate::metrics::Metrics;
 use crate::transport;
 
@@ -236,24 +236,11 @@ impl PdReceiver {
                 tokens.len()
             )));
         }
-        // Take the committed prefix out of the map: from here on the pages are ours.
-        let mut taken: Vec<(u32, u32)> = Vec::new();
-        {
-            let mut pages = inner.pages.lock().expect("lock");
-            inner.hasher.for_each_span(tokens, |span| {
-                // The page must hold exactly this span's tokens (a sender's `Alloc` said
-                // how many; a disagreeing one is not this span's KV).
-                let committed = pages
-                    .held
-                    .get(&span.key)
-                    .is_some_and(|p| p.committed && p.tokens as usize == span.tokens());
-                if committed {
-                    let p = pages.held.remove(&span.key).expect("present");
-                    taken.push((p.index, p.tokens));
-                }
-                committed
-            });
-        }
+        let taken: Vec<(u32, u32)> = self
+            .take_prefix(tokens)
+            .into_iter()
+            .map(|(span, index)| (index, span.tokens() as u32))
+            .collect();
         let row = inner.model.chunk_shape(1).row_bytes();
         let total = tokens.len();
         let buffer = &inner.buffer;
@@ -275,6 +262,60 @@ impl PdReceiver {
         inner.release(taken.iter().map(|&(i, _)| i));
         tracing::info!("P/D retrieve {req_id}: {loaded} of {total} tokens from the P/D buffer");
         Ok(loaded)
+    }
+
+    /// Takes the committed prefix of `tokens` out of the buffer, hands each chunk to
+    /// `copy_out(span, read)` — `read(offset, dst)` copies the chunk payload's bytes at
+    /// `offset` into `dst` — and frees those pages; returns the tokens taken. For callers
+    /// that keep KV in their own layout (a paged cache's blocks).
+    pub fn retrieve_with<F>(&self, req_id: &str, tokens: &[u32], mut copy_out: F) -> usize
+    where
+        F: FnMut(&ChunkSpan, &dyn Fn(usize, &mut [u8])),
+    {
+        let inner = &self.inner;
+        let taken = self.take_prefix(tokens);
+        let page_bytes = inner.page_bytes;
+        for (span, index) in &taken {
+            let base = *index as usize * page_bytes;
+            let payload = span.tokens() * inner.model.bytes_per_token();
+            let read = |offset: usize, dst: &mut [u8]| {
+                assert!(
+                    offset + dst.len() <= payload,
+                    "read past the chunk's payload"
+                );
+                inner.buffer.read_at(base + offset, dst);
+            };
+            copy_out(span, &read);
+        }
+        let loaded = taken.last().map_or(0, |(span, _)| span.end);
+        inner.release(taken.iter().map(|&(_, i)| i));
+        tracing::info!(
+            "P/D retrieve {req_id}: {loaded} of {} tokens from the P/D buffer",
+            tokens.len()
+        );
+        loaded
+    }
+
+    /// Takes the committed prefix of `tokens` out of the page map: from then on the pages
+    /// are the caller's, to read and release.
+    fn take_prefix(&self, tokens: &[u32]) -> Vec<(ChunkSpan, u32)> {
+        let inner = &self.inner;
+        let mut taken = Vec::new();
+        let mut pages = inner.pages.lock().expect("lock");
+        inner.hasher.for_each_span(tokens, |span| {
+            // The page must hold exactly this span's tokens (a sender's `Alloc` said how
+            // many; a disagreeing one is not this span's KV).
+            let committed = pages
+                .held
+                .get(&span.key)
+                .is_some_and(|p| p.committed && p.tokens as usize == span.tokens());
+            if committed {
+                let p = pages.held.remove(&span.key).expect("present");
+                taken.push((span, p.index));
+            }
+            committed
+        });
+        taken
     }
 }
 

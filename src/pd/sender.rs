@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::memory::Staging;
 use kvtier_transport::{
-    Connection, Descriptor, HostBuffer, RegionId, RegistrationHandle, RemoteIov, Transport,
+    Connection, Descriptor, RegionId, RegistrationHandle, RemoteIov, Transport,
 };
-use rayon::prelude::*;
 
 use super::control::ControlConn;
 use super::notify::{ProxyNotifier, TransferDone};
@@ -78,12 +78,11 @@ pub struct PdSender {
     model: ModelSpec,
     hasher: ChunkHasher,
     transport: Box<dyn Transport>,
-    staging: Arc<HostBuffer>,
+    /// One send uses the staging buffer at a time.
+    staging: Staging,
     staging_reg: Option<RegistrationHandle>,
     staging_pages: usize,
     page_bytes: usize,
-    /// One send uses the staging buffer at a time.
-    staging_lock: tokio::sync::Mutex<()>,
     links: tokio::sync::Mutex<HashMap<ReceiverSpec, Arc<Link>>>,
     proxy: Option<ProxyNotifier>,
     secret: Option<String>,
@@ -107,8 +106,8 @@ impl PdSender {
             config.transfer_channel,
             transport::transport_config(config, "127.0.0.1"),
         )?;
-        let staging = Arc::new(HostBuffer::new(staging_pages * page_bytes));
-        let staging_reg = transport.register(staging.clone())?;
+        let staging = Staging::new(staging_pages * page_bytes);
+        let staging_reg = transport.register(staging.buffer().clone())?;
         let timeout = Duration::from_secs_f64(config.transport_timeout_sec);
         let name = format!("prefiller-{}-{}", std::process::id(), model.tp_rank);
         let proxy = match (&config.pd_proxy_host, config.pd_proxy_port) {
@@ -129,7 +128,6 @@ impl PdSender {
             staging_reg: Some(staging_reg),
             staging_pages,
             page_bytes,
-            staging_lock: tokio::sync::Mutex::new(()),
             links: tokio::sync::Mutex::new(HashMap::new()),
             proxy,
             secret: config.transport_auth_token.clone(),
@@ -213,8 +211,63 @@ impl PdSender {
         kv: &[u8],
         to: &ReceiverSpec,
     ) -> Result<SendReport> {
+        let bpt = self.model.bytes_per_token();
+        let checked = if kv.len() == tokens.len() * bpt {
+            Ok(())
+        } else {
+            Err(Error::Shape(format!(
+                "P/D send {req_id}: {} bytes for {} tokens; model needs {bpt} per token",
+                kv.len(),
+                tokens.len()
+            )))
+        };
+        let row = self.model.chunk_shape(1).row_bytes();
+        let planes = self.model.layout.kv_factor() * self.model.layers as usize;
+        let total = tokens.len();
+        let fill = |span: &ChunkSpan, page: &mut [u8]| {
+            let seg = span.tokens() * row;
+            for (plane, dst) in page.chunks_exact_mut(seg).take(planes).enumerate() {
+                let src = (plane * total + span.start) * row;
+                dst.copy_from_slice(&kv[src..src + seg]);
+            }
+        };
+        self.send_checked(req_id, tokens, checked, &fill, to).await
+    }
+
+    /// Like [`PdSender::send`], with each chunk's payload written by `fill` (called in
+    /// parallel with the chunk's span and its staging page of
+    /// [`crate::ChunkShape::payload_len`] bytes, which it must overwrite whole): the way
+    /// to send KV that lives in the caller's own layout (a paged cache's blocks) with one
+    /// copy.
+    pub async fn send_with<F>(
+        &self,
+        req_id: &str,
+        tokens: &[u32],
+        fill: F,
+        to: &ReceiverSpec,
+    ) -> Result<SendReport>
+    where
+        F: Fn(&ChunkSpan, &mut [u8]) + Sync,
+    {
+        self.send_checked(req_id, tokens, Ok(()), &fill, to).await
+    }
+
+    async fn send_checked<F>(
+        &self,
+        req_id: &str,
+        tokens: &[u32],
+        checked: Result<()>,
+        fill: &F,
+        to: &ReceiverSpec,
+    ) -> Result<SendReport>
+    where
+        F: Fn(&ChunkSpan, &mut [u8]) + Sync,
+    {
         let start = Instant::now();
-        let result = self.send_inner(req_id, tokens, kv, to).await;
+        let result = match checked {
+            Ok(()) => self.send_inner(req_id, tokens, fill, to).await,
+            Err(e) => Err(e),
+        };
         if result.is_err() {
             // A broken link is rebuilt on the next send.
             self.links.lock().await.remove(to);
@@ -245,23 +298,19 @@ impl PdSender {
         result
     }
 
-    async fn send_inner(
+    async fn send_inner<F>(
         &self,
         req_id: &str,
         tokens: &[u32],
-        kv: &[u8],
+        fill: &F,
         to: &ReceiverSpec,
-    ) -> Result<SendReport> {
+    ) -> Result<SendReport>
+    where
+        F: Fn(&ChunkSpan, &mut [u8]) + Sync,
+    {
         let bpt = self.model.bytes_per_token();
-        if kv.len() != tokens.len() * bpt {
-            return Err(Error::Shape(format!(
-                "P/D send {req_id}: {} bytes for {} tokens; model needs {bpt} per token",
-                kv.len(),
-                tokens.len()
-            )));
-        }
         let spans = self.hasher.spans(tokens);
-        let _staging = self.staging_lock.lock().await;
+        let mut staging = self.staging.lock().await;
         // Taken after the staging lock: a send that failed meanwhile poisoned the old link.
         let link = self.link(to).await?;
         let mut guard = PoisonGuard {
@@ -335,7 +384,12 @@ impl PdSender {
                 .filter(|(_, s)| **s == Slot::Held)
                 .map(|(s, _)| s.tokens())
                 .sum::<usize>();
-            self.stage(&todo, tokens.len(), kv);
+            let pages: Vec<(usize, usize)> = todo
+                .iter()
+                .enumerate()
+                .map(|(i, (s, _))| (i * self.page_bytes, s.tokens() * bpt))
+                .collect();
+            staging.fill_pages(&pages, |i, page| fill(todo[i].0, page));
             let reg = self.staging_reg.as_ref().expect("registered while alive");
             let local = todo
                 .iter()
@@ -391,21 +445,5 @@ impl PdSender {
             gb_per_s(report.bytes, report.elapsed)
         );
         Ok(report)
-    }
-
-    /// Gathers each chunk of `todo` from the `[kv, layers, tokens, hidden]` KV of the whole
-    /// sequence into consecutive staging pages (chunk layout), on all cores.
-    fn stage(&self, todo: &[(&ChunkSpan, u64)], total_tokens: usize, kv: &[u8]) {
-        let row = self.model.chunk_shape(1).row_bytes();
-        let planes = self.model.layout.kv_factor() * self.model.layers as usize;
-        let staging = &self.staging;
-        let page_bytes = self.page_bytes;
-        todo.par_iter().enumerate().for_each(|(i, (span, _))| {
-            let seg = span.tokens() * row;
-            for plane in 0..planes {
-                let src = (plane * total_tokens + span.start) * row;
-                staging.write_at(i * page_bytes + plane * seg, &kv[src..src + seg]);
-            }
-        });
     }
 }

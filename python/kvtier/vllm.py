@@ -1,0 +1,470 @@
+"""kvtier as a vLLM KV connector (KV connector V1 API, vLLM >= 0.32).
+
+Load it with::
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "KvtierConnector",
+        "kv_connector_module_path": "kvtier.vllm", "kv_role": "kv_both"}'
+
+and configure it with the same YAML as every kvtier process (``KVTIER_CONFIG_FILE``, or
+LMCache's ``LMCACHE_CONFIG_FILE``; ``KVTIER_<KEY>`` / ``LMCACHE_<KEY>`` overrides).
+
+How it works:
+
+- vLLM runs the scheduler (engine core) and the workers as separate objects, often in
+  separate processes. The worker side owns the kvtier engine and vLLM's paged KV cache; it
+  serves lookups on a Unix socket. The scheduler side asks that socket how many prompt
+  tokens kvtier holds (bounded by a timeout; no answer is a miss) and tells the workers,
+  through the step's connector metadata, which blocks to load and which to save.
+- KV moves as whole vLLM blocks of opaque bytes (layout ``PAGED``): the attention
+  backend's block layout and the block shape are part of the key namespace, so caches of
+  different layouts never share keys. ``chunk_size`` must be a whole number of blocks.
+- Loads are synchronous: ``start_load_kv`` fills the request's blocks before the forward
+  pass. A chunk that cannot be loaded (missing, corrupt, wrong shape) is reported through
+  ``get_block_ids_with_load_errors`` so vLLM recomputes those blocks
+  (``kv_load_failure_policy: recompute``) or fails the request (vLLM's default ``fail``);
+  never wrong KV.
+- Saves happen after each forward pass (``wait_for_save``): every whole chunk of prompt
+  KV computed so far; the prompt's last, partial run of whole blocks once the prompt is
+  done (unless ``discard_partial_chunks``).
+- P/D (``enable_pd``): on a prefiller (``pd_role: sender``), a request whose
+  ``kv_transfer_params`` name a receiver (as ``kvtier proxy`` sends them) has its prompt's
+  whole blocks pushed into that decoder's P/D buffer in the step its prefill ends, and the
+  proxy is notified (done or failed). On a decoder (``pd_role: receiver``) lookups see the
+  committed chunks in the P/D buffer, and loads take them from there (freeing the pages).
+
+``kv_connector_extra_config`` keys with their LMCache meaning: ``discard_partial_chunks``
+(do not save the prompt's last partial chunk), ``lmcache_rpc_port`` (names the
+scheduler-worker lookup channel), ``skip_last_n_tokens`` (neither look up nor save the
+prompt's last N tokens). kvtier's own: ``kvtier_lookup_timeout`` (seconds, default 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+import kvtier
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+# A child of vLLM's logger: our lines carry its format and level.
+logger = logging.getLogger("vllm.kvtier")
+
+_EXTRA_KEYS = {
+    "discard_partial_chunks",
+    "lmcache_rpc_port",
+    "skip_last_n_tokens",
+    "kvtier_lookup_timeout",
+}
+
+
+@dataclass
+class LoadSpec:
+    """Load ``tokens``' cached KV into ``block_ids``, leaving the first ``skip_tokens``
+    (vLLM's own prefix-cache hits) alone."""
+
+    req_id: str
+    tokens: list[int]
+    block_ids: list[int]
+    skip_tokens: int
+
+
+@dataclass
+class SaveSpec:
+    """Save the KV of ``tokens`` from ``block_ids``."""
+
+    req_id: str
+    tokens: list[int]
+    block_ids: list[int]
+
+
+@dataclass
+class SendSpec:
+    """Push the KV of ``tokens`` from ``block_ids`` to a P/D receiver (the decoder that
+    ``kvtier proxy`` named in the request's ``kv_transfer_params``), as request
+    ``transfer_id``."""
+
+    req_id: str
+    transfer_id: str
+    tokens: list[int]
+    block_ids: list[int]
+    host: str
+    init_ports: list[int]
+    alloc_ports: list[int]
+
+
+@dataclass
+class KvtierConnectorMetadata(KVConnectorMetadata):
+    """What the workers do in one step."""
+
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+    sends: list[SendSpec] = field(default_factory=list)
+
+
+@dataclass
+class _Tracked:
+    """Scheduler-side state of a running request."""
+
+    prompt: list[int]
+    block_ids: list[int]
+    saved: bool = False
+    # P/D: where the prompt's KV goes once computed (from `kv_transfer_params`).
+    send_to: Optional[dict[str, Any]] = None
+
+
+def _lookup_socket(vllm_config: "VllmConfig", extra: dict[str, Any]) -> str:
+    port = extra.get("lmcache_rpc_port")
+    name = f"rpc{port}" if port is not None else vllm_config.kv_transfer_config.engine_id
+    return os.path.join(tempfile.gettempdir(), f"kvtier-lookup-{name}.sock")
+
+
+def _ports(value: Any) -> list[int]:
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+def _pd_destination(params: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The receiver a prefill request's ``kv_transfer_params`` name (as ``kvtier proxy``
+    sends them: ``req_id``, ``receiver_host``, ``receiver_init_port``,
+    ``receiver_alloc_port``), or None."""
+    if not params or "receiver_host" not in params:
+        return None
+    try:
+        return {
+            "transfer_id": str(params["req_id"]),
+            "host": str(params["receiver_host"]),
+            "init_ports": _ports(params["receiver_init_port"]),
+            "alloc_ports": _ports(params["receiver_alloc_port"]),
+        }
+    except (KeyError, TypeError, ValueError) as e:
+        raise kvtier.KvtierError(f"kv_transfer_params {params!r} do not name a P/D receiver: {e}") from e
+
+
+def _layer_index(name: str) -> int:
+    found = re.findall(r"\d+", name)
+    if not found:
+        raise kvtier.KvtierError(f"cannot order KV cache layer {name!r}: no layer number")
+    return int(found[-1])
+
+
+class KvtierConnector(KVConnectorBase_V1):
+    """vLLM KV connector backed by kvtier (see the module documentation)."""
+
+    def __init__(
+        self,
+        vllm_config: "VllmConfig",
+        role: KVConnectorRole,
+        kv_cache_config: "Optional[KVCacheConfig]" = None,
+    ):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        transfer = vllm_config.kv_transfer_config
+        self._extra: dict[str, Any] = dict(transfer.kv_connector_extra_config or {})
+        unknown = sorted(set(self._extra) - _EXTRA_KEYS)
+        if unknown:
+            logger.warning(
+                "kvtier: kv_connector_extra_config keys %s are not used by kvtier", unknown
+            )
+        self._block_size = vllm_config.cache_config.block_size
+        self._loads_kv = transfer.kv_role in ("kv_consumer", "kv_both")
+        self._saves_kv = transfer.kv_role in ("kv_producer", "kv_both")
+        self._skip_last = int(self._extra.get("skip_last_n_tokens", 0) or 0)
+        self._socket = _lookup_socket(vllm_config, self._extra)
+        self._vllm_config = vllm_config
+
+        # Scheduler side.
+        self._client: Optional[kvtier.LookupClient] = None
+        self._tracked: dict[str, _Tracked] = {}
+        self._pending_loads: dict[str, int] = {}
+        self._send_to: dict[str, dict[str, Any]] = {}
+        # Worker side.
+        self._engine: Optional[kvtier.Engine] = None
+        self._cache: Optional[kvtier.PagedCache] = None
+        self._load_errors: set[int] = set()
+        self._tp_rank = 0
+        self._has_tiers = False
+
+        if role == KVConnectorRole.SCHEDULER:
+            timeout = float(self._extra.get("kvtier_lookup_timeout", 5.0))
+            self._client = kvtier.LookupClient(self._socket, timeout=timeout)
+            # Checks the configuration at start-up, before any request.
+            self._chunk_size = kvtier.configured_chunk_size()
+            if self._chunk_size % self._block_size:
+                raise kvtier.KvtierError(
+                    f"chunk_size {self._chunk_size} is not a whole number of vLLM blocks of "
+                    f"{self._block_size} tokens: set chunk_size to a multiple of the block size"
+                )
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def _considered(self, prompt: list[int]) -> list[int]:
+        if self._skip_last:
+            return prompt[: max(0, len(prompt) - self._skip_last)]
+        return prompt
+
+    def get_num_new_matched_tokens(
+        self, request: "Request", num_computed_tokens: int
+    ) -> tuple[Optional[int], bool]:
+        destination = _pd_destination(getattr(request, "kv_transfer_params", None))
+        if destination is not None:
+            self._send_to[request.request_id] = destination
+        if not self._loads_kv or self._client is None:
+            return 0, False
+        prompt = self._considered(list(request.prompt_token_ids or []))
+        # vLLM must compute at least the prompt's last token; only whole blocks load.
+        limit = (min(len(prompt), len(request.prompt_token_ids or []) - 1) // self._block_size) * self._block_size
+        if limit <= num_computed_tokens:
+            return 0, False
+        try:
+            hit = self._client.lookup(prompt[:limit])
+        except kvtier.KvtierError as e:
+            logger.warning("kvtier: lookup for request %s failed (%s); computing it", request.request_id, e)
+            return 0, False
+        hit = min(hit, limit) // self._block_size * self._block_size
+        loading = max(0, hit - num_computed_tokens)
+        logger.info(
+            "kvtier: request %s: %d prompt tokens, %d hit in kvtier, loading %d",
+            request.request_id,
+            len(request.prompt_token_ids or []),
+            hit,
+            loading,
+        )
+        return loading, False
+
+    def update_state_after_alloc(
+        self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
+    ):
+        if num_external_tokens > 0:
+            self._pending_loads[request.request_id] = num_external_tokens
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = KvtierConnectorMetadata()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            prompt = list(new.prompt_token_ids or [])
+            block_ids = list(new.block_ids[0])
+            tracked = _Tracked(prompt=prompt, block_ids=block_ids, send_to=self._send_to.pop(new.req_id, None))
+            self._tracked[new.req_id] = tracked
+            external = self._pending_loads.pop(new.req_id, 0)
+            if external:
+                # `num_computed_tokens` counts vLLM's own hits and ours.
+                local = new.num_computed_tokens - external
+                meta.loads.append(
+                    LoadSpec(new.req_id, prompt[: new.num_computed_tokens], block_ids, local)
+                )
+            self._plan_save(meta, new.req_id, tracked, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            tracked = self._tracked.get(req_id)
+            if tracked is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                tracked.block_ids = list(new_ids[0]) if new_ids is not None else []
+                tracked.saved = False
+            elif new_ids is not None:
+                tracked.block_ids.extend(new_ids[0])
+            computed = cached.num_computed_tokens[i]
+            external = self._pending_loads.pop(req_id, 0)
+            if external:
+                meta.loads.append(
+                    LoadSpec(req_id, tracked.prompt[:computed], list(tracked.block_ids), computed - external)
+                )
+            self._plan_save(meta, req_id, tracked, computed + scheduled.get(req_id, 0))
+        return meta
+
+    def _plan_save(self, meta: KvtierConnectorMetadata, req_id: str, tracked: _Tracked, computed_after: int):
+        """Saves what this step leaves computed: whole chunks while the prompt is still
+        being prefilled, everything (whole blocks) once it is done; and, for a P/D prefill,
+        pushes the prompt's KV to the decoder once it is done."""
+        if tracked.send_to is not None and computed_after >= len(tracked.prompt):
+            to = tracked.send_to
+            tracked.send_to = None
+            meta.sends.append(
+                SendSpec(req_id, to["transfer_id"], self._considered(tracked.prompt),
+                         list(tracked.block_ids), to["host"], to["init_ports"], to["alloc_ports"])
+            )
+        if not self._saves_kv or tracked.saved:
+            return
+        prompt = self._considered(tracked.prompt)
+        if computed_after >= len(tracked.prompt):
+            tokens = prompt
+            tracked.saved = True
+        else:
+            chunk = self._chunk_size
+            tokens = prompt[: computed_after // chunk * chunk]
+        if len(tokens) >= self._block_size:
+            meta.saves.append(SaveSpec(req_id, tokens, list(tracked.block_ids)))
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
+        self._tracked.pop(request.request_id, None)
+        self._pending_loads.pop(request.request_id, None)
+        self._send_to.pop(request.request_id, None)
+        return False, None
+
+    # ------------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]):
+        names = sorted(kv_caches, key=_layer_index)
+        tensors = [kv_caches[n] for n in names]
+        first = tensors[0]
+        model_config = self._vllm_config.model_config
+        parallel = self._vllm_config.parallel_config
+        kv_heads = model_config.get_num_kv_heads(parallel)
+        head_dim = model_config.get_head_size()
+        if first.shape[0] < 1 or first[0].numel() != 2 * kv_heads * head_dim * self._block_size:
+            raise kvtier.KvtierError(
+                f"kvtier moves whole blocks of KV caches laid out [num_blocks, ...] (vLLM's CPU "
+                f"backend); layer {names[0]} is shaped {tuple(first.shape)}"
+            )
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        from vllm.platforms import current_platform
+
+        tp_size = parallel.tensor_parallel_size
+        tp_rank = get_tensor_model_parallel_rank() if tp_size > 1 else 0
+        block_shape = "x".join(str(d) for d in first.shape[1:])
+        namespace = f"{model_config.model}#vllm-paged:{current_platform.device_type}:{block_shape}"
+        overrides: dict[str, Any] = {}
+        if "discard_partial_chunks" in self._extra:
+            overrides["save_unfull_chunk"] = not bool(self._extra["discard_partial_chunks"])
+        self._engine = kvtier.Engine(
+            namespace,
+            layers=len(tensors),
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            dtype=str(first.dtype),
+            layout="PAGED",
+            tp_size=tp_size,
+            tp_rank=tp_rank,
+            overrides=overrides,
+        )
+        self._tp_rank = tp_rank
+        # A P/D endpoint without tiers (the reference decoder: `local_cpu: False`) only
+        # moves KV; saving would fail every step.
+        self._has_tiers = bool(self._engine.tiers)
+        self._cache = self._engine.paged_cache(tensors, self._block_size)
+        if tp_rank == 0:
+            self._engine.serve_lookups(self._socket)
+        logger.info(
+            "kvtier: %d layers, %d blocks of %d tokens (%d bytes per layer-block), chunk_size %d",
+            len(tensors),
+            self._cache.num_blocks,
+            self._block_size,
+            self._cache.block_bytes,
+            self._engine.chunk_size,
+        )
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvtierConnectorMetadata)
+        if self._engine is None or self._cache is None:
+            return
+        bs = self._block_size
+        for load in meta.loads:
+            start = time.perf_counter()
+            try:
+                loaded = self._engine.load_blocks(self._cache, load.tokens, load.block_ids, load.skip_tokens)
+            except kvtier.KvtierError as e:
+                logger.error("kvtier: request %s: load failed: %s", load.req_id, e)
+                loaded = 0
+            wanted = len(load.tokens)
+            if loaded < wanted:
+                first_bad = max(loaded, load.skip_tokens) // bs
+                self._load_errors.update(load.block_ids[first_bad : (wanted + bs - 1) // bs])
+                logger.warning(
+                    "kvtier: request %s: loaded %d of %d tokens; %d blocks reported for recomputation",
+                    load.req_id,
+                    loaded,
+                    wanted,
+                    (wanted + bs - 1) // bs - first_bad,
+                )
+            else:
+                logger.info(
+                    "kvtier: request %s: loaded %d tokens in %.2f ms",
+                    load.req_id,
+                    loaded - load.skip_tokens,
+                    (time.perf_counter() - start) * 1e3,
+                )
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
+        return
+
+    def wait_for_save(self):
+        if self._engine is None or self._cache is None or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvtierConnectorMetadata)
+        for send in meta.sends:
+            self._send(send)
+        if not self._has_tiers:
+            return
+        for save in meta.saves:
+            try:
+                self._engine.store_blocks(self._cache, save.tokens, save.block_ids)
+            except kvtier.KvtierError as e:
+                # A failed save is a future miss, never an error for the request.
+                logger.warning("kvtier: request %s: save failed: %s", save.req_id, e)
+
+    def _send(self, send: SendSpec) -> None:
+        assert self._engine is not None and self._cache is not None
+        if self._engine.pd_role != "sender":
+            logger.error(
+                "kvtier: request %s names a P/D receiver, but this instance's kvtier config "
+                "is not a P/D sender (enable_pd: true, pd_role: sender)", send.req_id
+            )
+            return
+        rank = self._tp_rank
+        if rank >= len(send.init_ports) or rank >= len(send.alloc_ports):
+            logger.error("kvtier: request %s: no receiver port for TP rank %d in %s", send.req_id, rank, send)
+            return
+        try:
+            r = self._engine.send_blocks(
+                self._cache, send.transfer_id, send.tokens, send.block_ids, send.host,
+                send.init_ports[rank], send.alloc_ports[rank],
+            )
+        except kvtier.KvtierError as e:
+            # The sender told the proxy; the decoder will not find this KV and computes it.
+            logger.error("kvtier: request %s: P/D send failed: %s", send.req_id, e)
+            return
+        logger.info(
+            "kvtier: request %s: stored %d tokens in %.2f ms (%.2f GB/s) at %s:%d (%d already there)",
+            send.req_id, r.tokens, r.seconds * 1e3, r.bytes / max(r.seconds, 1e-9) / 1e9,
+            send.host, send.init_ports[rank], r.skipped_tokens,
+        )
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self):
+        if self._engine is not None:
+            try:
+                self._engine.flush()
+            except kvtier.KvtierError as e:
+                logger.warning("kvtier: flush at shutdown failed: %s", e)
+
+    def metrics_text(self) -> str:
+        """The worker engine's Prometheus metrics (empty on the scheduler side)."""
+        return self._engine.metrics_text() if self._engine is not None else ""

@@ -1,0 +1,157 @@
+"""Starting and talking to real vLLM servers (the CPU build) for the tests and benches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+# Every instance runs on one pinned OpenMP thread: the same float reduction order in
+# every instance, so outputs compare bit for bit (see the README's vLLM section).
+BASE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_TARGET_DEVICE": "cpu",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kvtier_transfer_config(role: str = "kv_both", extra: Optional[dict] = None, **fields: Any) -> str:
+    config = {
+        "kv_connector": "KvtierConnector",
+        "kv_connector_module_path": "kvtier.vllm",
+        "kv_role": role,
+        "kv_connector_extra_config": extra or {},
+    }
+    config.update(fields)
+    return json.dumps(config)
+
+
+def wait_http(port: int, path: str = "/health", timeout: float = 60.0) -> None:
+    """Waits until http://127.0.0.1:PORT/PATH answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing answers on port {port} after {timeout:.0f} s")
+
+
+class OpenAiEndpoint:
+    """An OpenAI-compatible HTTP endpoint on 127.0.0.1 (vLLM, or `kvtier proxy`)."""
+
+    def __init__(self, port: int, model: str):
+        self.port = port
+        self.model = model
+
+    def complete(self, prompt_ids: list[int], max_tokens: int = 8, **extra: Any) -> dict:
+        """A greedy completion of token ids: {"token_ids", "logprobs", "raw"}."""
+        body = {
+            "model": self.model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
+            "logprobs": 1, "return_token_ids": True, "ignore_eos": True,
+        }
+        body.update(extra)
+        raw = self.post("/v1/completions", body)
+        choice = raw["choices"][0]
+        return {"token_ids": choice["token_ids"], "logprobs": choice["logprobs"]["token_logprobs"], "raw": raw}
+
+    def post(self, path: str, body: dict, timeout: float = 300.0) -> dict:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.load(r)
+
+    def metric(self, name: str) -> float:
+        """Sum of a Prometheus metric's samples at the endpoint's /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and (line[len(name)] in " {"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+class VllmServer(OpenAiEndpoint):
+    """One `vllm serve` process on 127.0.0.1; a context manager that stops it."""
+
+    def __init__(self, model: Path, log: Path, *, env: Optional[dict] = None,
+                 transfer_config: Optional[str] = None, args: tuple = (), port: Optional[int] = None):
+        super().__init__(port or free_port(), str(model))
+        self.log_path = log
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model, "--host", "127.0.0.1", "--port", str(self.port),
+            "--dtype", "float32", "--enforce-eager", "--max-model-len", "8192",
+            "--no-enable-prefix-caching", *args,
+        ]
+        if transfer_config:
+            cmd += ["--kv-transfer-config", transfer_config]
+        full_env = dict(os.environ)
+        full_env.update(BASE_ENV)
+        full_env.update(env or {})
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 300.0) -> "VllmServer":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"vLLM not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_text(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "VllmServer":
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
