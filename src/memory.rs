@@ -365,62 +365,6 @@ unsafe fn copy_nontemporal_x86(dst: *mut u8, src: *const u8, len: usize) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn buffers_are_aligned_and_recycled() {
-        let pool = BufferPool::new(1 << 20);
-        let mut a = pool.alloc(10_000);
-        assert_eq!(a.as_ptr() as usize % BUFFER_ALIGN, 0);
-        assert_eq!(a.len(), 10_000);
-        a[9_999] = 7;
-        let addr = a.as_ptr() as usize;
-        drop(a);
-        assert_eq!(pool.idle_bytes(), 12_288);
-        let b = pool.alloc(9_000); // same page-rounded class
-        assert_eq!(b.as_ptr() as usize, addr);
-        assert_eq!(pool.idle_bytes(), 0);
-        assert_eq!(pool.allocated_bytes(), 12_288);
-    }
-
-    #[test]
-    fn idle_memory_is_bounded() {
-        let pool = BufferPool::new(8192);
-        let bufs: Vec<_> = (0..4).map(|_| pool.alloc(4096)).collect();
-        drop(bufs);
-        assert_eq!(pool.idle_bytes(), 8192);
-        assert_eq!(pool.allocated_bytes(), 8192);
-    }
-
-    #[test]
-    fn copy_bulk_copies_every_byte_at_any_alignment() {
-        let src: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + 3) as u8).collect();
-        for offset in [0usize, 1, 7, 15, 16, 33] {
-            for len in [0usize, 1, 63, 65_535, 65_536, 200_001] {
-                let mut dst = vec![0u8; len + offset + 64];
-                copy_bulk(&mut dst[offset..offset + len], &src[..len]);
-                assert_eq!(
-                    &dst[offset..offset + len],
-                    &src[..len],
-                    "off {offset} len {len}"
-                );
-                assert!(dst[..offset].iter().all(|&b| b == 0));
-                assert!(dst[offset + len..].iter().all(|&b| b == 0));
-            }
-        }
-    }
-
-    #[test]
-    fn zero_length_buffer() {
-        let pool = BufferPool::new(0);
-        let b = pool.alloc(0);
-        assert!(b.is_empty());
-        assert_eq!(&b[..], &[] as &[u8]);
-    }
-}
-
 /// A host buffer registered with a transport that one sender at a time fills page by page
 /// (the P/D sender's staging buffer). [`Staging::lock`] hands out the only writer.
 pub struct Staging {
@@ -485,5 +429,61 @@ impl StagingGuard<'_> {
                     .expect("staging page out of bounds");
                 fill(i, page);
             });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_and_recycled() {
+        let pool = BufferPool::new(1 << 20);
+        let mut a = pool.alloc(10_000);
+        assert_eq!(a.as_ptr() as usize % BUFFER_ALIGN, 0);
+        assert_eq!(a.len(), 10_000);
+        a[9_999] = 7;
+        let addr = a.as_ptr() as usize;
+        drop(a);
+        assert_eq!(pool.idle_bytes(), 12_288);
+        let b = pool.alloc(9_000); // same page-rounded class
+        assert_eq!(b.as_ptr() as usize, addr);
+        assert_eq!(pool.idle_bytes(), 0);
+        assert_eq!(pool.allocated_bytes(), 12_288);
+    }
+
+    #[test]
+    fn idle_memory_is_bounded() {
+        let pool = BufferPool::new(8192);
+        let bufs: Vec<_> = (0..4).map(|_| pool.alloc(4096)).collect();
+        drop(bufs);
+        assert_eq!(pool.idle_bytes(), 8192);
+        assert_eq!(pool.allocated_bytes(), 8192);
+    }
+
+    #[test]
+    fn copy_bulk_copies_every_byte_at_any_alignment() {
+        let src: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + 3) as u8).collect();
+        for offset in [0usize, 1, 7, 15, 16, 33] {
+            for len in [0usize, 1, 63, 65_535, 65_536, 200_001] {
+                let mut dst = vec![0u8; len + offset + 64];
+                copy_bulk(&mut dst[offset..offset + len], &src[..len]);
+                assert_eq!(
+                    &dst[offset..offset + len],
+                    &src[..len],
+                    "off {offset} len {len}"
+                );
+                assert!(dst[..offset].iter().all(|&b| b == 0));
+                assert!(dst[offset + len..].iter().all(|&b| b == 0));
+            }
+        }
+    }
+
+    #[test]
+    fn zero_length_buffer() {
+        let pool = BufferPool::new(0);
+        let b = pool.alloc(0);
+        assert!(b.is_empty());
+        assert_eq!(&b[..], &[] as &[u8]);
     }
 }

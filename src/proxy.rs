@@ -368,6 +368,9 @@ impl Proxy {
         let app = Router::new()
             .route("/v1/completions", post(completions))
             .route("/v1/chat/completions", post(chat_completions))
+            .route("/v1/models", get(models))
+            .route("/tokenize", post(tokenize))
+            .route("/detokenize", post(detokenize))
             .route("/metrics", get(metrics))
             .route("/health", get(health))
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -682,6 +685,100 @@ async fn health(State(shared): State<Arc<Shared>>) -> Response {
         "decoders": shared.decoders.iter().map(|d| &d.url).collect::<Vec<_>>(),
     }))
     .into_response()
+}
+
+/// `GET /v1/models`, answered by a decoder (every backend serves the same model).
+async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    forward(
+        &shared,
+        reqwest::Method::GET,
+        "/v1/models",
+        &headers,
+        Bytes::new(),
+    )
+    .await
+}
+
+/// `POST /tokenize`, answered by a decoder (benchmark clients align prompts with it).
+async fn tokenize(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    forward(&shared, reqwest::Method::POST, "/tokenize", &headers, body).await
+}
+
+/// `POST /detokenize`, answered by a decoder.
+async fn detokenize(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    forward(
+        &shared,
+        reqwest::Method::POST,
+        "/detokenize",
+        &headers,
+        body,
+    )
+    .await
+}
+
+/// Passes a request that involves no KV to the first decoder and relays its status,
+/// content type and body, bounded by `--timeout-sec`.
+async fn forward(
+    shared: &Shared,
+    method: reqwest::Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(decoder) = shared.decoders.first() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no decoder configured").into_response();
+    };
+    let url = format!("{}{path}", decoder.url);
+    let mut rb = shared.client.request(method, &url).body(body);
+    if let Some(v) = headers.get(header::CONTENT_TYPE) {
+        rb = rb.header(header::CONTENT_TYPE, v.clone());
+    }
+    if let Some(a) = headers
+        .get(header::AUTHORIZATION)
+        .cloned()
+        .or_else(|| shared.default_auth.clone())
+    {
+        rb = rb.header(header::AUTHORIZATION, a);
+    }
+    let timeout = shared.config.timeout;
+    let failure = |status: StatusCode, message: String| {
+        (
+            status,
+            Json(json!({ "error": { "message": message, "type": "proxy_error" } })),
+        )
+            .into_response()
+    };
+    let answer = tokio::time::timeout(timeout, async {
+        let resp = rb.send().await?;
+        let status = resp.status();
+        let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+        let bytes = resp.bytes().await?;
+        Ok::<_, reqwest::Error>((status, content_type, bytes))
+    })
+    .await;
+    match answer {
+        Ok(Ok((status, content_type, bytes))) => {
+            let mut out = Response::new(Body::from(bytes));
+            *out.status_mut() =
+                StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            if let Some(ct) = content_type {
+                out.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            out
+        }
+        Ok(Err(e)) => failure(
+            StatusCode::BAD_GATEWAY,
+            format!("decoder {url} unreachable: {}", error_chain(&e)),
+        ),
+        Err(_) => failure(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("decoder {url} did not answer within {timeout:?} (--timeout-sec)"),
+        ),
+    }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {

@@ -11,9 +11,11 @@ Requires vLLM (scripts/install-vllm.sh); skipped without it unless KVTIER_REQUIR
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -163,6 +165,11 @@ def test_1p1d_through_kvtier_proxy_with_the_reference_configs(model, reference, 
         try:
             wait_http(proxy_port)
             front = OpenAiEndpoint(proxy_port, str(model))
+            # What benchmark clients ask besides completions passes through to a decoder.
+            with urllib.request.urlopen(f"http://127.0.0.1:{proxy_port}/v1/models", timeout=30) as r:
+                assert json.load(r)["data"][0]["id"] == str(model)
+            tokenized = front.post("/tokenize", {"model": str(model), "prompt": "cache prefill decode"})
+            assert tokenized["count"] == len(tokenized["tokens"]) > 0
             for name, ids in PROMPTS.items():
                 assert_same(front.complete(ids), reference[name], f"{name} through the proxy")
             # The decoder loaded the prompts' whole blocks instead of computing them.
