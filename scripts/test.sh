@@ -39,7 +39,7 @@ step "etcd and redis-server for the remote-store tests (started by the tests the
 if ! command -v etcd >/dev/null || ! command -v redis-server >/dev/null; then
     apt-get update -qq && apt-get install -y -qq etcd-server redis-server
 fi
-etcd --version | head -1
+etcd --version | sed -n 1p  # sed reads to the end: no SIGPIPE under pipefail
 redis-server --version
 
 step "format"

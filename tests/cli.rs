@@ -148,3 +148,17 @@ fn remote_store_commands_refuse_incomplete_settings_naming_what_is_missing() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn demo_pd_on_vllm_says_how_to_install_what_is_missing() {
+    // A Python without the kvtier package: the demo explains what to install, and fails.
+    let out = Command::new(env!("CARGO_BIN_EXE_kvtier"))
+        .args(["demo", "pd", "--engine", "vllm", "--free-ports"])
+        .env("KVTIER_PYTHON", "python3-that-does-not-exist")
+        .output()
+        .expect("kvtier runs");
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("KVTIER_PYTHON"), "{err}");
+    assert!(err.contains("scripts/install-vllm.sh"), "{err}");
+}

@@ -35,7 +35,9 @@ How it works:
 ``kv_connector_extra_config`` keys with their LMCache meaning: ``discard_partial_chunks``
 (do not save the prompt's last partial chunk), ``lmcache_rpc_port`` (names the
 scheduler-worker lookup channel), ``skip_last_n_tokens`` (neither look up nor save the
-prompt's last N tokens). kvtier's own: ``kvtier_lookup_timeout`` (seconds, default 5).
+prompt's last N tokens). kvtier's own: ``kvtier_lookup_timeout`` (seconds, default 5),
+``kvtier_metrics_port`` (the worker of TP rank 0 serves the engine's Prometheus metrics at
+``http://127.0.0.1:PORT/metrics``; vLLM's own ``/metrics`` lives in another process).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ _EXTRA_KEYS = {
     "lmcache_rpc_port",
     "skip_last_n_tokens",
     "kvtier_lookup_timeout",
+    "kvtier_metrics_port",
 }
 
 
@@ -158,6 +161,31 @@ def _pd_destination(params: Optional[dict[str, Any]]) -> Optional[dict[str, Any]
         }
     except (KeyError, TypeError, ValueError) as e:
         raise kvtier.KvtierError(f"kv_transfer_params {params!r} do not name a P/D receiver: {e}") from e
+
+
+def _serve_metrics(engine: "kvtier.Engine", port: int) -> None:
+    """Serves `engine`'s Prometheus text at http://127.0.0.1:PORT/metrics (a daemon thread)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            if self.path != "/metrics":
+                self.send_error(404)
+                return
+            body = engine.metrics_text().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, name="kvtier-metrics", daemon=True).start()
+    logger.info("kvtier: engine metrics at http://127.0.0.1:%d/metrics", port)
 
 
 def _layer_index(name: str) -> int:
@@ -364,6 +392,9 @@ class KvtierConnector(KVConnectorBase_V1):
         self._cache = self._engine.paged_cache(tensors, self._block_size)
         if tp_rank == 0:
             self._engine.serve_lookups(self._socket)
+            port = self._extra.get("kvtier_metrics_port")
+            if port is not None:
+                _serve_metrics(self._engine, int(port))
         logger.info(
             "kvtier: %d layers, %d blocks of %d tokens (%d bytes per layer-block), chunk_size %d",
             len(tensors),

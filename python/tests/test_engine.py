@@ -204,7 +204,7 @@ def test_metrics_and_config_resolution(tmp_path, monkeypatch):
 def test_paged_blocks_move_between_engines_over_pd():
     """A P/D sender and receiver (TCP on 127.0.0.1) in one process: blocks sent from one
     block table arrive byte for byte in another, once; other KV never loads."""
-    from vllm_server import free_port
+    from kvtier.harness import free_port
 
     init_port, alloc_port = free_port(), free_port()
     common = {"chunk_size": 256, "enable_pd": True, "transfer_channel": "tcp",

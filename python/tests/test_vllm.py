@@ -27,8 +27,8 @@ except ImportError:
         raise
     pytest.skip("vLLM is not installed (scripts/install-vllm.sh)", allow_module_level=True)
 
-from tiny_llama import VOCAB, make
-from vllm_server import VllmServer, kvtier_transfer_config
+from kvtier.tiny_llama import VOCAB, make
+from kvtier.harness import VllmServer, kvtier_transfer_config
 
 HITS = "vllm:external_prefix_cache_hits_total"
 
@@ -74,9 +74,13 @@ def write_config(path: Path, disk: Path) -> Path:
 
 
 def test_prefix_loads_from_kvtier_and_survives_a_restart(model, reference, tmp_path):
+    from kvtier.harness import OpenAiEndpoint, free_port
+
     disk = tmp_path / "disk"
     env = {"KVTIER_CONFIG_FILE": str(write_config(tmp_path / "kvtier.yaml", disk))}
-    config = kvtier_transfer_config("kv_both", kv_load_failure_policy="recompute")
+    metrics_port = free_port()
+    config = kvtier_transfer_config("kv_both", extra={"kvtier_metrics_port": metrics_port},
+                                    kv_load_failure_policy="recompute")
 
     with VllmServer(model, tmp_path / "first.log", env=env, transfer_config=config) as first:
         for name, ids in PROMPTS.items():
@@ -86,12 +90,17 @@ def test_prefix_loads_from_kvtier_and_survives_a_restart(model, reference, tmp_p
             assert_same(first.complete(ids), reference[name], f"{name}, loaded from kvtier")
         # Whole blocks load; vLLM computes the rest: 896 of 1000, 2944 of 3000.
         assert first.metric(HITS) == 896 + 2944
+        # The engine's own metrics, served by the worker.
+        engine_metrics = OpenAiEndpoint(metrics_port, "")
+        assert engine_metrics.metric("kvtier_retrieve_hit_tokens_total") == 896 + 2944
+        assert engine_metrics.metric("kvtier_store_tokens_total") == 896 + 2944
         log = first.log_text()
     assert "request" in log and "1000 prompt tokens, 896 hit in kvtier, loading 896" in log
     assert "3000 prompt tokens, 2944 hit in kvtier, loading 2944" in log
     assert "stored 2048 tokens" in log  # the long prompt's first prefill piece
 
     # A new instance on the same disk directory loads what the first one stored.
+    config = kvtier_transfer_config("kv_both", kv_load_failure_policy="recompute")
     with VllmServer(model, tmp_path / "second.log", env=env, transfer_config=config) as second:
         for name, ids in PROMPTS.items():
             assert_same(second.complete(ids), reference[name], f"{name}, after restart")
@@ -132,7 +141,7 @@ def test_1p1d_through_kvtier_proxy_with_the_reference_configs(model, reference, 
     reference launch lines with only the connector swapped, `kvtier proxy` in front."""
     import subprocess
 
-    from vllm_server import OpenAiEndpoint, free_port, wait_http
+    from kvtier.harness import OpenAiEndpoint, free_port, wait_http
 
     configs = Path(__file__).resolve().parents[2] / "configs"
     init_port, alloc_port, notify_port, proxy_port = (free_port() for _ in range(4))
@@ -184,3 +193,34 @@ def test_1p1d_through_kvtier_proxy_with_the_reference_configs(model, reference, 
     assert "3000 prompt tokens, 2944 hit in kvtier, loading 2944" in decoder_log
     assert re.search(r"stored 2944 tokens in [\d.]+ ms \([\d.]+ GB/s\)", prefiller_log)
     assert "P/D retrieve" in decoder_log
+
+
+def test_two_instances_share_hits_through_the_remote_store(model, reference, tmp_path):
+    """`kvtier master` with its own segment (no etcd) as the only tier of two vLLM
+    instances: what one stores, the other loads."""
+    import subprocess
+
+    from kvtier.harness import free_port, wait_http  # noqa: F401
+
+    master_port = free_port()
+    master = subprocess.Popen(
+        [str(kvtier_binary()), "master", "--listen", f"127.0.0.1:{master_port}", "--segment-size", "256MiB",
+         "--protocol", "tcp"],
+        stdout=open(tmp_path / "master.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        config_file = tmp_path / "remote.yaml"
+        config_file.write_text(
+            "chunk_size: 256\nlocal_cpu: false\n"
+            f"remote_url: \"kvtier://127.0.0.1:{master_port}\"\n"
+        )
+        env = {"KVTIER_CONFIG_FILE": str(config_file)}
+        config = kvtier_transfer_config("kv_both", kv_load_failure_policy="recompute")
+        with VllmServer(model, tmp_path / "a.log", env=env, transfer_config=config) as a:
+            assert_same(a.complete(PROMPTS["long"]), reference["long"], "long, on A")
+            assert a.metric(HITS) == 0
+        with VllmServer(model, tmp_path / "b.log", env=env, transfer_config=config) as b:
+            assert_same(b.complete(PROMPTS["long"]), reference["long"], "long, on B from A's KV")
+            assert b.metric(HITS) == 2944
+    finally:
+        master.terminate()
+        master.wait(timeout=30)

@@ -39,6 +39,23 @@ pub struct PdDemoArgs {
     /// Directory for configs and logs (default: a fresh temporary directory, kept).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// What serves the requests: kvtier's synthetic test servers, or real vLLM (its CPU
+    /// build) with the `kvtier.vllm` connector, run by `python -m kvtier.demo pd` in the
+    /// Python that `KVTIER_PYTHON` names (default `python3`).
+    #[arg(long, value_enum, default_value = "synthetic")]
+    engine: DemoEngine,
+    /// Model folder for `--engine vllm` (default: a generated small Llama).
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+/// What serves the demo's requests.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DemoEngine {
+    /// kvtier's synthetic test servers (KV derived from token ids; no model runs).
+    Synthetic,
+    /// vLLM's CPU build with the kvtier connector.
+    Vllm,
 }
 
 /// Arguments of `kvtier bench pd`.
@@ -109,7 +126,61 @@ where
     outcome
 }
 
+/// `kvtier demo pd --engine vllm`: hands over to the Python package's demo, with this
+/// binary as the proxy.
+fn run_vllm_demo(args: &PdDemoArgs) -> anyhow::Result<()> {
+    let python = std::env::var("KVTIER_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import kvtier.demo"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        anyhow::bail!(
+            "kvtier demo pd --engine vllm: `{python}` cannot import the kvtier Python package. \
+             Install vLLM's CPU build and the package, then point KVTIER_PYTHON at that Python:\n\n    \
+             ./scripts/install-vllm.sh\n    target/vllm/bin/pip install ./python\n    \
+             KVTIER_PYTHON=target/vllm/bin/python kvtier demo pd --engine vllm"
+        );
+    }
+    let mut cmd = std::process::Command::new(&python);
+    cmd.args(["-m", "kvtier.demo", "pd"])
+        .arg("--transport")
+        .arg(args.transport.to_string())
+        .arg("--requests")
+        .arg(args.requests.to_string())
+        .arg("--input-len")
+        .arg(args.input_len.to_string())
+        .arg("--output-len")
+        .arg(args.output_len.to_string())
+        .env("KVTIER_BIN", std::env::current_exe()?);
+    if args.free_ports {
+        cmd.arg("--free-ports");
+    }
+    if let Some(dir) = &args.dir {
+        cmd.arg("--dir").arg(dir);
+    }
+    if let Some(model) = &args.model {
+        cmd.arg("--model").arg(model);
+    }
+    let status = match cmd.status() {
+        Ok(status) => status,
+        Err(e) => anyhow::bail!(
+            "kvtier demo pd --engine vllm: cannot run `{python}` ({e}); set KVTIER_PYTHON to the \
+             Python of an environment with vLLM and the kvtier package (README: Inside vLLM)"
+        ),
+    };
+    match status.code() {
+        Some(0) => Ok(()),
+        // The demo printed how to install what is missing.
+        Some(2) => anyhow::bail!("vLLM or the kvtier Python package is missing (see above)"),
+        _ => anyhow::bail!("the vLLM demo failed ({status})"),
+    }
+}
+
 pub fn run_demo(args: PdDemoArgs) -> anyhow::Result<()> {
+    if args.engine == DemoEngine::Vllm {
+        return run_vllm_demo(&args);
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let ports = if args.free_ports { Ports::free()? } else { Ports::reference() };

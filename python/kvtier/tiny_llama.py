@@ -1,8 +1,10 @@
-"""A small Llama with random weights and a locally trained tokenizer, for the vLLM tests.
+"""A small Llama with random weights and a locally trained tokenizer, for the vLLM tests,
+the demo and the benches.
 
 No model hub: the weights are drawn from N(0, 0.1) with a fixed seed (so logits are not
 flat and runs are repeatable) and the byte-level BPE tokenizer is trained on generated
-text. `python tiny_llama.py DIR` writes the model folder.
+text. `python -m kvtier.tiny_llama DIR [LAYERS KV_HEADS HEAD_DIM HEADS]` writes the model
+folder.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ LAYERS = 4
 KV_HEADS = 2
 HEAD_DIM = 64
 HEADS = 4
-HIDDEN = HEADS * HEAD_DIM
 VOCAB = 2048
 
 WORDS = (
@@ -31,8 +32,15 @@ def corpus(n_lines: int = 4000, seed: int = 1) -> list[str]:
     return [" ".join(rng.choice(WORDS) + str(rng.randrange(100)) for _ in range(12)) for _ in range(n_lines)]
 
 
-def make(folder: Path) -> Path:
-    """Writes the model (safetensors + config + tokenizer) into `folder`; idempotent."""
+def kv_bytes_per_token(layers: int = LAYERS, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM) -> int:
+    """KV bytes per token of such a model in fp32."""
+    return 2 * layers * kv_heads * head_dim * 4
+
+
+def make(folder: Path, layers: int = LAYERS, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM,
+         heads: int = HEADS) -> Path:
+    """Writes the model (safetensors + config + tokenizer) into `folder`; idempotent.
+    `head_dim` must be one vLLM's CPU attention supports (32, 64, 80, 96, 112, 128, ...)."""
     folder = Path(folder)
     if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
         return folder
@@ -58,12 +66,12 @@ def make(folder: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
+        hidden_size=heads * head_dim,
+        intermediate_size=2 * heads * head_dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
         max_position_embeddings=8192,
         bos_token_id=0,
         eos_token_id=1,
@@ -78,4 +86,5 @@ def make(folder: Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(make(Path(sys.argv[1])))
+    sizes = [int(a) for a in sys.argv[2:6]]
+    print(make(Path(sys.argv[1]), *sizes))

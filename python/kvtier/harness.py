@@ -1,4 +1,4 @@
-"""Starting and talking to real vLLM servers (the CPU build) for the tests and benches."""
+"""Starting and talking to real vLLM servers (the CPU build): for the tests, `python -m kvtier.demo` and the benches."""
 
 from __future__ import annotations
 

@@ -1,0 +1,189 @@
+"""P/D on real vLLM (CPU build): kvtier's connector beside vLLM's own NixlConnector, in
+one run, on the same model and prompts.
+
+    target/vllm/bin/pip install nixl==1.5.1     # NixlConnector's runtime (once)
+    target/vllm/bin/python benches/vllm_pd.py [--requests 8] [--input-len 2000]
+
+Each system gets a prefiller and a decoder (vLLM, one pinned OpenMP thread each):
+- kvtier: `KvtierConnector` (kv_producer / kv_consumer, the reference 1p1d YAML with
+  host-memory buffers and `--transport`), `kvtier proxy` in front; the client streams
+  through the proxy.
+- NixlConnector: `kv_buffer_device: cpu`, UCX on loopback, `kv_both` on both; the script
+  is the proxy (prefill with `max_tokens: 1` and `do_remote_decode`, then the decoder with
+  the returned `kv_transfer_params`, streamed), as vLLM's own P/D proxy does.
+
+Reported per system (median and p99 over the requests, sequential, after one warm-up
+request): TTFT at the client, and the per-request KV transfer time — for kvtier the
+prefiller's send (allocation, copy out of vLLM's blocks, writes, commit), for NIXL the
+decoder's `vllm:nixl_xfer_time_seconds` (the transfer alone: NIXL reads vLLM's blocks in
+place). Every completion is checked against a plain vLLM's token ids.
+
+This is a benchmark, not a test: no assertion on times. The model is a random-weight Llama
+(16 layers, 8 KV heads of 64, fp32: 64 KiB of KV per token, 125 MiB per 2,000-token
+request); no model hub is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+
+from kvtier.demo import DECODER_YAML, PREFILLER_YAML, kvtier_binary  # noqa: E402
+from kvtier.harness import OpenAiEndpoint, VllmServer, free_port, kvtier_transfer_config, wait_http  # noqa: E402
+from kvtier.tiny_llama import kv_bytes_per_token, make  # noqa: E402
+
+SIZES = dict(layers=16, kv_heads=8, head_dim=64, heads=8)
+
+
+def stream_ttft(port: int, model: str, ids: list[int], max_tokens: int, extra: dict | None = None) -> tuple[float, list[int]]:
+    """Streams a completion; returns (seconds to the first token, token ids)."""
+    body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "return_token_ids": True}
+    body.update(extra or {})
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    start = time.perf_counter()
+    first = None
+    tokens: list[int] = []
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            line = line.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            event = json.loads(line[5:])
+            for choice in event.get("choices", []):
+                got = choice.get("token_ids") or []
+                if got and first is None:
+                    first = time.perf_counter() - start
+                tokens.extend(got)
+    return (first if first is not None else time.perf_counter() - start), tokens
+
+
+def summary(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return f"{statistics.median(values) * 1e3:8.1f} / {p99 * 1e3:8.1f}"
+
+
+def nixl_xfer(server: OpenAiEndpoint) -> tuple[float, float]:
+    return server.metric("vllm:nixl_xfer_time_seconds_sum"), server.metric("vllm:nixl_xfer_time_seconds_count")
+
+
+def run_kvtier(model: Path, work: Path, prompts: list[list[int]], args, reference: list[list[int]]) -> dict:
+    init_port, alloc_port, notify_port, proxy_port = (free_port() for _ in range(4))
+    ports = dict(transport=args.transport, notify_port=notify_port, init_port=init_port, alloc_port=alloc_port)
+    (work / "prefiller.yaml").write_text(PREFILLER_YAML.format(**ports))
+    (work / "decoder.yaml").write_text(DECODER_YAML.format(**ports))
+    common = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    prefiller = VllmServer(model, work / "kvtier-prefiller.log", transfer_config=kvtier_transfer_config("kv_producer"),
+                           env=dict(common, LMCACHE_CONFIG_FILE=str(work / "prefiller.yaml")))
+    decoder = VllmServer(model, work / "kvtier-decoder.log", transfer_config=kvtier_transfer_config("kv_consumer"),
+                         env=dict(common, LMCACHE_CONFIG_FILE=str(work / "decoder.yaml"), VLLM_CPU_OMP_THREADS_BIND="1"))
+    proxy = None
+    try:
+        prefiller.wait_ready()
+        decoder.wait_ready()
+        proxy = subprocess.Popen(
+            [kvtier_binary(), "proxy", "--host", "127.0.0.1", "--port", str(proxy_port),
+             "--prefiller-host", "127.0.0.1", "--prefiller-port", str(prefiller.port),
+             "--decoder-host", "127.0.0.1", "--decoder-port", str(decoder.port),
+             "--decoder-init-port", str(init_port), "--decoder-alloc-port", str(alloc_port),
+             "--proxy-host", "127.0.0.1", "--proxy-port", str(notify_port)],
+            stdout=open(work / "kvtier-proxy.log", "wb"), stderr=subprocess.STDOUT)
+        wait_http(proxy_port)
+        ttfts, mismatches = [], 0
+        for i, ids in enumerate(prompts):
+            ttft, tokens = stream_ttft(proxy_port, str(model), ids, args.output_len)
+            if i > 0:
+                ttfts.append(ttft)
+            mismatches += tokens != reference[i]
+        sends = [float(ms) / 1e3 for ms in re.findall(r"stored \d+ tokens in ([\d.]+) ms", prefiller.log_text())]
+        return {"ttft": ttfts, "transfer": sends[1:], "mismatches": mismatches}
+    finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait(timeout=30)
+        prefiller.stop()
+        decoder.stop()
+
+
+def run_nixl(model: Path, work: Path, prompts: list[list[int]], args, reference: list[list[int]]) -> dict:
+    config = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"})
+    common = {"VLLM_CPU_KVCACHE_SPACE": "2", "UCX_NET_DEVICES": "lo", "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1"}
+    prefiller = VllmServer(model, work / "nixl-prefiller.log", transfer_config=config,
+                           env=dict(common, VLLM_NIXL_SIDE_CHANNEL_PORT=str(free_port())))
+    decoder = VllmServer(model, work / "nixl-decoder.log", transfer_config=config,
+                         env=dict(common, VLLM_NIXL_SIDE_CHANNEL_PORT=str(free_port()), VLLM_CPU_OMP_THREADS_BIND="1"))
+    try:
+        prefiller.wait_ready()
+        decoder.wait_ready()
+        ttfts, transfers, mismatches = [], [], 0
+        for i, ids in enumerate(prompts):
+            before = nixl_xfer(decoder)
+            start = time.perf_counter()
+            pre = prefiller.post("/v1/completions", {
+                "model": str(model), "prompt": ids, "max_tokens": 1, "temperature": 0,
+                "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False,
+                                       "remote_engine_id": None, "remote_block_ids": None,
+                                       "remote_host": None, "remote_port": None}})
+            prefill_s = time.perf_counter() - start
+            decode_ttft, tokens = stream_ttft(decoder.port, str(model), ids, args.output_len,
+                                              {"kv_transfer_params": pre.get("kv_transfer_params")})
+            time.sleep(1.0)  # connector stats reach /metrics with the next engine steps
+            after = nixl_xfer(decoder)
+            if i > 0:
+                ttfts.append(prefill_s + decode_ttft)
+                if after[1] > before[1]:
+                    transfers.append(after[0] - before[0])
+            mismatches += tokens != reference[i]
+        return {"ttft": ttfts, "transfer": transfers, "mismatches": mismatches}
+    finally:
+        prefiller.stop()
+        decoder.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--input-len", type=int, default=2000)
+    parser.add_argument("--output-len", type=int, default=4)
+    parser.add_argument("--transport", default="tcp")
+    parser.add_argument("--skip-nixl", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="kvtier-vllm-bench-"))
+    model = make(work / "model", **SIZES)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 2000) for _ in range(args.input_len)] for _ in range(args.requests + 1)]
+    mib = kv_bytes_per_token(SIZES["layers"], SIZES["kv_heads"], SIZES["head_dim"]) * args.input_len / 2**20
+    print(f"model: random Llama {SIZES}, {mib:.0f} MiB of KV per {args.input_len}-token request; "
+          f"{args.requests} requests (+1 warm-up), {args.output_len} output tokens; logs in {work}", flush=True)
+    with VllmServer(model, work / "plain.log", env={"VLLM_CPU_KVCACHE_SPACE": "2"}) as plain:
+        reference = [plain.complete(ids, max_tokens=args.output_len)["token_ids"] for ids in prompts]
+    results = {f"kvtier ({args.transport})": run_kvtier(model, work, prompts, args, reference)}
+    if not args.skip_nixl:
+        results["vLLM NixlConnector"] = run_nixl(model, work, prompts, args, reference)
+    print(f"\n| system | TTFT ms median / p99 | KV transfer ms median / p99 | outputs equal to plain vLLM |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        ok = len(prompts) - r["mismatches"]
+        print(f"| {name} | {summary(r['ttft'])} | {summary(r['transfer'])} | {ok}/{len(prompts)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
