@@ -224,3 +224,79 @@ def test_two_instances_share_hits_through_the_remote_store(model, reference, tmp
     finally:
         master.terminate()
         master.wait(timeout=30)
+
+
+def test_pd_faults_end_in_errors_within_the_timeouts_and_leak_no_pages(model, reference, tmp_path):
+    """A frozen decoder, then a killed one: the proxy answers an error within its timeout,
+    the decoder's P/D buffer ends empty, and the surviving servers keep serving."""
+    import signal
+    import subprocess
+    import time
+    import urllib.error
+
+    from kvtier.harness import OpenAiEndpoint, free_port, wait_http
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    init_port, alloc_port, notify_port, proxy_port, metrics_port = (free_port() for _ in range(5))
+    pd_env = {
+        "LMCACHE_TRANSFER_CHANNEL": "tcp",
+        "LMCACHE_PD_BUFFER_DEVICE": "cpu",
+        "LMCACHE_PD_BUFFER_SIZE": str(256 << 20),
+        "LMCACHE_MAX_LOCAL_CPU_SIZE": "0.5",
+        "LMCACHE_PD_PROXY_HOST": "127.0.0.1",
+        "LMCACHE_PD_PROXY_PORT": str(notify_port),
+        "LMCACHE_PD_PEER_HOST": "127.0.0.1",
+        "LMCACHE_PD_PEER_INIT_PORT": str(init_port),
+        "LMCACHE_PD_PEER_ALLOC_PORT": str(alloc_port),
+        "KVTIER_TRANSPORT_TIMEOUT_SEC": "2",
+    }
+    prefiller_env = dict(pd_env, LMCACHE_CONFIG_FILE=str(configs / "lmcache-1p1d-pd-prefiller.yaml"))
+    decoder_env = dict(pd_env, LMCACHE_CONFIG_FILE=str(configs / "lmcache-1p1d-pd-decoder.yaml"),
+                       LMCACHE_MAX_LOCAL_CPU_SIZE="0")
+    decoder_config = kvtier_transfer_config("kv_consumer", extra={"kvtier_metrics_port": metrics_port})
+    timeout = 8
+    with VllmServer(model, tmp_path / "prefiller.log", env=prefiller_env,
+                    transfer_config=kvtier_transfer_config("kv_producer")) as prefiller, \
+            VllmServer(model, tmp_path / "decoder.log", env=decoder_env, transfer_config=decoder_config) as decoder:
+        proxy = subprocess.Popen(
+            [str(kvtier_binary()), "proxy", "--host", "127.0.0.1", "--port", str(proxy_port),
+             "--prefiller-host", "127.0.0.1", "--prefiller-port", str(prefiller.port),
+             "--decoder-host", "127.0.0.1", "--decoder-port", str(decoder.port),
+             "--decoder-init-port", str(init_port), "--decoder-alloc-port", str(alloc_port),
+             "--proxy-host", "127.0.0.1", "--proxy-port", str(notify_port), "--timeout-sec", str(timeout)],
+            stdout=open(tmp_path / "proxy.log", "wb"), stderr=subprocess.STDOUT)
+        try:
+            wait_http(proxy_port)
+            front = OpenAiEndpoint(proxy_port, str(model))
+            buffer = OpenAiEndpoint(metrics_port, "")
+            assert_same(front.complete(PROMPTS["short"]), reference["short"], "before the faults")
+
+            # 1. The decoder freezes (SIGSTOP, sockets open): the transfer cannot finish.
+            os.killpg(decoder.proc.pid, signal.SIGSTOP)
+            start = time.monotonic()
+            with pytest.raises(urllib.error.HTTPError) as failed:
+                front.complete(PROMPTS["long"])
+            waited = time.monotonic() - start
+            os.killpg(decoder.proc.pid, signal.SIGCONT)
+            assert failed.value.code in (502, 504), failed.value.read()
+            assert waited < timeout + 15, f"the proxy answered after {waited:.1f} s"
+            # Whatever the late transfer left in the decoder's buffer is freed.
+            deadline = time.monotonic() + 30
+            while buffer.metric("kvtier_pd_buffer_used_bytes") > 0 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert buffer.metric("kvtier_pd_buffer_used_bytes") == 0
+            assert_same(front.complete(PROMPTS["long"]), reference["long"], "after the freeze")
+            assert buffer.metric("kvtier_pd_buffer_used_bytes") == 0
+
+            # 2. The decoder dies: the next request fails fast, the prefiller keeps serving.
+            os.killpg(decoder.proc.pid, signal.SIGKILL)
+            decoder.proc.wait()
+            start = time.monotonic()
+            with pytest.raises(urllib.error.HTTPError) as failed:
+                front.complete(PROMPTS["short"])
+            assert failed.value.code in (502, 504)
+            assert time.monotonic() - start < timeout + 15
+            assert_same(prefiller.complete(PROMPTS["short"]), reference["short"], "prefiller alone")
+        finally:
+            proxy.terminate()
+            proxy.wait(timeout=30)
