@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -92,8 +93,19 @@ class OpenAiEndpoint:
         return total
 
 
+_RUNNING: "set[VllmServer]" = set()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """A server whose `with` never began (another one's start failed first) still stops."""
+    for server in list(_RUNNING):
+        server.stop()
+
+
 class VllmServer(OpenAiEndpoint):
-    """One `vllm serve` process on 127.0.0.1; a context manager that stops it."""
+    """One `vllm serve` process on 127.0.0.1, started at construction; a context manager
+    that waits for it and stops it."""
 
     def __init__(self, model: Path, log: Path, *, env: Optional[dict] = None,
                  transfer_config: Optional[str] = None, args: tuple = (), port: Optional[int] = None):
@@ -113,6 +125,7 @@ class VllmServer(OpenAiEndpoint):
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
                                      start_new_session=True)
+        _RUNNING.add(self)
 
     def wait_ready(self, timeout: float = 300.0) -> "VllmServer":
         deadline = time.monotonic() + timeout
@@ -136,13 +149,19 @@ class VllmServer(OpenAiEndpoint):
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def stop(self) -> int:
+        _RUNNING.discard(self)
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.kill()
                 self.proc.wait()
+        try:
+            # vLLM's engine core and workers are in the same process group: none outlives it.
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self._log.close()
         return self.proc.returncode
 

@@ -73,7 +73,9 @@ def write_config(path: Path, disk: Path) -> Path:
     return path
 
 
-def test_prefix_loads_from_kvtier_and_survives_a_restart(model, reference, tmp_path):
+def test_caching_hits_after_a_restart_and_never_uses_corrupt_kv(model, reference, tmp_path):
+    """(c) the same prompts twice load from kvtier; a restarted instance on the same disk
+    directory loads them too; (b) KV corrupted at rest is detected and recomputed."""
     from kvtier.harness import OpenAiEndpoint, free_port
 
     disk = tmp_path / "disk"
@@ -95,7 +97,7 @@ def test_prefix_loads_from_kvtier_and_survives_a_restart(model, reference, tmp_p
         assert engine_metrics.metric("kvtier_retrieve_hit_tokens_total") == 896 + 2944
         assert engine_metrics.metric("kvtier_store_tokens_total") == 896 + 2944
         log = first.log_text()
-    assert "request" in log and "1000 prompt tokens, 896 hit in kvtier, loading 896" in log
+    assert "1000 prompt tokens, 896 hit in kvtier, loading 896" in log
     assert "3000 prompt tokens, 2944 hit in kvtier, loading 2944" in log
     assert "stored 2048 tokens" in log  # the long prompt's first prefill piece
 
@@ -106,24 +108,17 @@ def test_prefix_loads_from_kvtier_and_survives_a_restart(model, reference, tmp_p
             assert_same(second.complete(ids), reference[name], f"{name}, after restart")
         assert second.metric(HITS) == 896 + 2944
 
-
-def test_corrupt_kv_at_rest_is_recomputed_never_used(model, reference, tmp_path):
-    disk = tmp_path / "disk"
-    env = {"KVTIER_CONFIG_FILE": str(write_config(tmp_path / "kvtier.yaml", disk))}
-    config = kvtier_transfer_config("kv_both", kv_load_failure_policy="recompute")
-    with VllmServer(model, tmp_path / "writer.log", env=env, transfer_config=config) as writer:
-        writer.complete(PROMPTS["long"])
-    files = sorted(p for p in disk.rglob("*.kvc"))
-    assert len(files) >= 11
-    # Damage every chunk file's payload: the header still indexes, the checksum fails.
+    # Every chunk file's payload damaged: the header still indexes, the checksum fails.
+    files = sorted(disk.rglob("*.kvc"))
+    assert len(files) >= 4 + 12
     for f in files:
         raw = bytearray(f.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
         f.write_bytes(raw)
-    with VllmServer(model, tmp_path / "reader.log", env=env, transfer_config=config) as reader:
-        assert_same(reader.complete(PROMPTS["long"]), reference["long"], "long, corrupt at rest")
-        log = reader.log_text()
-    assert "hit in kvtier" in log
+    with VllmServer(model, tmp_path / "third.log", env=env, transfer_config=config) as third:
+        assert_same(third.complete(PROMPTS["long"]), reference["long"], "long, corrupt at rest")
+        log = third.log_text()
+    assert "3000 prompt tokens, 2944 hit in kvtier" in log
     assert "reported for recomputation" in log
 
 
@@ -135,100 +130,12 @@ def kvtier_binary() -> Path:
     pytest.fail("the kvtier binary is not built (cargo build), or set KVTIER_BIN")
 
 
-def test_1p1d_through_kvtier_proxy_with_the_reference_configs(model, reference, tmp_path):
-    """LMCache's 1p1d example: the reference prefiller/decoder YAML as written (transport
-    switched to tcp and the buffers to host memory: no GPU, no NIXL on this path), the
-    reference launch lines with only the connector swapped, `kvtier proxy` in front."""
-    import subprocess
-
-    from kvtier.harness import OpenAiEndpoint, free_port, wait_http
-
-    configs = Path(__file__).resolve().parents[2] / "configs"
-    init_port, alloc_port, notify_port, proxy_port = (free_port() for _ in range(4))
-    pd_env = {
-        "LMCACHE_TRANSFER_CHANNEL": "tcp",
-        "LMCACHE_PD_BUFFER_DEVICE": "cpu",
-        "LMCACHE_PD_BUFFER_SIZE": str(256 << 20),
-        "LMCACHE_MAX_LOCAL_CPU_SIZE": "0.5",
-        "LMCACHE_PD_PROXY_HOST": "127.0.0.1",
-        "LMCACHE_PD_PROXY_PORT": str(notify_port),
-        "LMCACHE_PD_PEER_HOST": "127.0.0.1",
-        "LMCACHE_PD_PEER_INIT_PORT": str(init_port),
-        "LMCACHE_PD_PEER_ALLOC_PORT": str(alloc_port),
-    }
-    prefiller_env = dict(pd_env, LMCACHE_CONFIG_FILE=str(configs / "lmcache-1p1d-pd-prefiller.yaml"))
-    decoder_env = dict(pd_env, LMCACHE_CONFIG_FILE=str(configs / "lmcache-1p1d-pd-decoder.yaml"),
-                       LMCACHE_MAX_LOCAL_CPU_SIZE="0")
-    with VllmServer(model, tmp_path / "prefiller.log", env=prefiller_env,
-                    transfer_config=kvtier_transfer_config("kv_producer")) as prefiller, \
-            VllmServer(model, tmp_path / "decoder.log", env=decoder_env,
-                       transfer_config=kvtier_transfer_config("kv_consumer")) as decoder:
-        proxy_log = open(tmp_path / "proxy.log", "wb")
-        proxy = subprocess.Popen(
-            [str(kvtier_binary()), "proxy", "--host", "127.0.0.1", "--port", str(proxy_port),
-             "--prefiller-host", "127.0.0.1", "--prefiller-port", str(prefiller.port),
-             "--decoder-host", "127.0.0.1", "--decoder-port", str(decoder.port),
-             "--decoder-init-port", str(init_port), "--decoder-alloc-port", str(alloc_port),
-             "--proxy-host", "127.0.0.1", "--proxy-port", str(notify_port)],
-            stdout=proxy_log, stderr=subprocess.STDOUT)
-        try:
-            wait_http(proxy_port)
-            front = OpenAiEndpoint(proxy_port, str(model))
-            # What benchmark clients ask besides completions passes through to a decoder.
-            with urllib.request.urlopen(f"http://127.0.0.1:{proxy_port}/v1/models", timeout=30) as r:
-                assert json.load(r)["data"][0]["id"] == str(model)
-            tokenized = front.post("/tokenize", {"model": str(model), "prompt": "cache prefill decode"})
-            assert tokenized["count"] == len(tokenized["tokens"]) > 0
-            for name, ids in PROMPTS.items():
-                assert_same(front.complete(ids), reference[name], f"{name} through the proxy")
-            # The decoder loaded the prompts' whole blocks instead of computing them.
-            assert decoder.metric(HITS) == 896 + 2944
-            assert prefiller.metric(HITS) == 0
-            decoder_log, prefiller_log = decoder.log_text(), prefiller.log_text()
-        finally:
-            proxy.terminate()
-            proxy.wait(timeout=30)
-            proxy_log.close()
-    assert "1000 prompt tokens, 896 hit in kvtier, loading 896" in decoder_log
-    assert "3000 prompt tokens, 2944 hit in kvtier, loading 2944" in decoder_log
-    assert re.search(r"stored 2944 tokens in [\d.]+ ms \([\d.]+ GB/s\)", prefiller_log)
-    assert "P/D retrieve" in decoder_log
-
-
-def test_two_instances_share_hits_through_the_remote_store(model, reference, tmp_path):
-    """`kvtier master` with its own segment (no etcd) as the only tier of two vLLM
-    instances: what one stores, the other loads."""
-    import subprocess
-
-    from kvtier.harness import free_port, wait_http  # noqa: F401
-
-    master_port = free_port()
-    master = subprocess.Popen(
-        [str(kvtier_binary()), "master", "--listen", f"127.0.0.1:{master_port}", "--segment-size", "256MiB",
-         "--protocol", "tcp"],
-        stdout=open(tmp_path / "master.log", "wb"), stderr=subprocess.STDOUT)
-    try:
-        config_file = tmp_path / "remote.yaml"
-        config_file.write_text(
-            "chunk_size: 256\nlocal_cpu: false\n"
-            f"remote_url: \"kvtier://127.0.0.1:{master_port}\"\n"
-        )
-        env = {"KVTIER_CONFIG_FILE": str(config_file)}
-        config = kvtier_transfer_config("kv_both", kv_load_failure_policy="recompute")
-        with VllmServer(model, tmp_path / "a.log", env=env, transfer_config=config) as a:
-            assert_same(a.complete(PROMPTS["long"]), reference["long"], "long, on A")
-            assert a.metric(HITS) == 0
-        with VllmServer(model, tmp_path / "b.log", env=env, transfer_config=config) as b:
-            assert_same(b.complete(PROMPTS["long"]), reference["long"], "long, on B from A's KV")
-            assert b.metric(HITS) == 2944
-    finally:
-        master.terminate()
-        master.wait(timeout=30)
-
-
-def test_pd_faults_end_in_errors_within_the_timeouts_and_leak_no_pages(model, reference, tmp_path):
-    """A frozen decoder, then a killed one: the proxy answers an error within its timeout,
-    the decoder's P/D buffer ends empty, and the surviving servers keep serving."""
+def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
+    """(a) LMCache's 1p1d example: the reference prefiller/decoder YAML as written
+    (transport switched to tcp and the buffers to host memory: no GPU, no NIXL on this
+    path), the reference launch lines with only the connector swapped, `kvtier proxy` in
+    front. (d) Then a frozen decoder and a killed one: the proxy answers an error within
+    its timeout, the decoder's P/D buffer ends empty, the survivors keep serving."""
     import signal
     import subprocess
     import time
@@ -255,9 +162,11 @@ def test_pd_faults_end_in_errors_within_the_timeouts_and_leak_no_pages(model, re
                        LMCACHE_MAX_LOCAL_CPU_SIZE="0")
     decoder_config = kvtier_transfer_config("kv_consumer", extra={"kvtier_metrics_port": metrics_port})
     timeout = 8
-    with VllmServer(model, tmp_path / "prefiller.log", env=prefiller_env,
-                    transfer_config=kvtier_transfer_config("kv_producer")) as prefiller, \
-            VllmServer(model, tmp_path / "decoder.log", env=decoder_env, transfer_config=decoder_config) as decoder:
+    # Both start at once; each `with` waits for its server.
+    prefiller = VllmServer(model, tmp_path / "prefiller.log", env=prefiller_env,
+                           transfer_config=kvtier_transfer_config("kv_producer"))
+    decoder = VllmServer(model, tmp_path / "decoder.log", env=decoder_env, transfer_config=decoder_config)
+    with prefiller, decoder:
         proxy = subprocess.Popen(
             [str(kvtier_binary()), "proxy", "--host", "127.0.0.1", "--port", str(proxy_port),
              "--prefiller-host", "127.0.0.1", "--prefiller-port", str(prefiller.port),
@@ -269,13 +178,29 @@ def test_pd_faults_end_in_errors_within_the_timeouts_and_leak_no_pages(model, re
             wait_http(proxy_port)
             front = OpenAiEndpoint(proxy_port, str(model))
             buffer = OpenAiEndpoint(metrics_port, "")
-            assert_same(front.complete(PROMPTS["short"]), reference["short"], "before the faults")
+            # What benchmark clients ask besides completions passes through to a decoder.
+            with urllib.request.urlopen(f"http://127.0.0.1:{proxy_port}/v1/models", timeout=30) as r:
+                assert json.load(r)["data"][0]["id"] == str(model)
+            tokenized = front.post("/tokenize", {"model": str(model), "prompt": "cache prefill decode"})
+            assert tokenized["count"] == len(tokenized["tokens"]) > 0
+
+            for name, ids in PROMPTS.items():
+                assert_same(front.complete(ids), reference[name], f"{name} through the proxy")
+            # The decoder loaded the prompts' whole blocks instead of computing them.
+            assert decoder.metric(HITS) == 896 + 2944
+            assert prefiller.metric(HITS) == 0
+            assert buffer.metric("kvtier_pd_buffer_used_bytes") == 0
+            decoder_log, prefiller_log = decoder.log_text(), prefiller.log_text()
+            assert "1000 prompt tokens, 896 hit in kvtier, loading 896" in decoder_log
+            assert "3000 prompt tokens, 2944 hit in kvtier, loading 2944" in decoder_log
+            assert re.search(r"stored 2944 tokens in [\d.]+ ms \([\d.]+ GB/s\)", prefiller_log)
+            assert "P/D retrieve" in decoder_log
 
             # 1. The decoder freezes (SIGSTOP, sockets open): the transfer cannot finish.
             os.killpg(decoder.proc.pid, signal.SIGSTOP)
             start = time.monotonic()
             with pytest.raises(urllib.error.HTTPError) as failed:
-                front.complete(PROMPTS["long"])
+                front.complete(prompt(1500, 3))
             waited = time.monotonic() - start
             os.killpg(decoder.proc.pid, signal.SIGCONT)
             assert failed.value.code in (502, 504), failed.value.read()
@@ -286,7 +211,6 @@ def test_pd_faults_end_in_errors_within_the_timeouts_and_leak_no_pages(model, re
                 time.sleep(0.5)
             assert buffer.metric("kvtier_pd_buffer_used_bytes") == 0
             assert_same(front.complete(PROMPTS["long"]), reference["long"], "after the freeze")
-            assert buffer.metric("kvtier_pd_buffer_used_bytes") == 0
 
             # 2. The decoder dies: the next request fails fast, the prefiller keeps serving.
             os.killpg(decoder.proc.pid, signal.SIGKILL)
@@ -300,3 +224,35 @@ def test_pd_faults_end_in_errors_within_the_timeouts_and_leak_no_pages(model, re
         finally:
             proxy.terminate()
             proxy.wait(timeout=30)
+
+
+def test_two_instances_share_hits_through_the_remote_store(model, reference, tmp_path):
+    """`kvtier master` with its own segment (no etcd) as the only tier of two vLLM
+    instances: what one stores, the other loads."""
+    import subprocess
+
+    from kvtier.harness import free_port, wait_http  # noqa: F401
+
+    master_port = free_port()
+    master = subprocess.Popen(
+        [str(kvtier_binary()), "master", "--listen", f"127.0.0.1:{master_port}", "--segment-size", "256MiB",
+         "--protocol", "tcp"],
+        stdout=open(tmp_path / "master.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        config_file = tmp_path / "remote.yaml"
+        config_file.write_text(
+            "chunk_size: 256\nlocal_cpu: false\n"
+            f"remote_url: \"kvtier://127.0.0.1:{master_port}\"\n"
+        )
+        env = {"KVTIER_CONFIG_FILE": str(config_file)}
+        config = kvtier_transfer_config("kv_both", kv_load_failure_policy="recompute")
+        a = VllmServer(model, tmp_path / "a.log", env=env, transfer_config=config)
+        b = VllmServer(model, tmp_path / "b.log", env=env, transfer_config=config)
+        with a, b:
+            assert_same(a.complete(PROMPTS["long"]), reference["long"], "long, on A")
+            assert a.metric(HITS) == 0
+            assert_same(b.complete(PROMPTS["long"]), reference["long"], "long, on B from A's KV")
+            assert b.metric(HITS) == 2944
+    finally:
+        master.terminate()
+        master.wait(timeout=30)
