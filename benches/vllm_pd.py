@@ -2,7 +2,9 @@
 one run, on the same model and prompts.
 
     target/vllm/bin/pip install nixl==1.5.1     # NixlConnector's runtime (once)
-    target/vllm/bin/python benches/vllm_pd.py [--requests 8] [--input-len 2000]
+    target/vllm/bin/python benches/vllm_pd.py [--requests 8] [--input-len 2000] [--transports tcp,ucx,nixl]
+
+(`--transports nixl` needs KVTIER_NIXL_LIB, as for the Rust tests; UCX_NET_DEVICES=lo.)
 
 Each system gets a prefiller and a decoder (vLLM, one pinned OpenMP thread each):
 - kvtier: `KvtierConnector` (kv_producer / kv_consumer, the reference 1p1d YAML with
@@ -90,9 +92,9 @@ def run_kvtier(model: Path, work: Path, prompts: list[list[int]], args, referenc
     (work / "prefiller.yaml").write_text(PREFILLER_YAML.format(**ports))
     (work / "decoder.yaml").write_text(DECODER_YAML.format(**ports))
     common = {"VLLM_CPU_KVCACHE_SPACE": "2"}
-    prefiller = VllmServer(model, work / "kvtier-prefiller.log", transfer_config=kvtier_transfer_config("kv_producer"),
+    prefiller = VllmServer(model, work / f"kvtier-{args.transport}-prefiller.log", transfer_config=kvtier_transfer_config("kv_producer"),
                            env=dict(common, LMCACHE_CONFIG_FILE=str(work / "prefiller.yaml")))
-    decoder = VllmServer(model, work / "kvtier-decoder.log", transfer_config=kvtier_transfer_config("kv_consumer"),
+    decoder = VllmServer(model, work / f"kvtier-{args.transport}-decoder.log", transfer_config=kvtier_transfer_config("kv_consumer"),
                          env=dict(common, LMCACHE_CONFIG_FILE=str(work / "decoder.yaml"), VLLM_CPU_OMP_THREADS_BIND="1"))
     proxy = None
     try:
@@ -104,7 +106,7 @@ def run_kvtier(model: Path, work: Path, prompts: list[list[int]], args, referenc
              "--decoder-host", "127.0.0.1", "--decoder-port", str(decoder.port),
              "--decoder-init-port", str(init_port), "--decoder-alloc-port", str(alloc_port),
              "--proxy-host", "127.0.0.1", "--proxy-port", str(notify_port)],
-            stdout=open(work / "kvtier-proxy.log", "wb"), stderr=subprocess.STDOUT)
+            stdout=open(work / f"kvtier-{args.transport}-proxy.log", "wb"), stderr=subprocess.STDOUT)
         wait_http(proxy_port)
         ttfts, mismatches = [], 0
         for i, ids in enumerate(prompts):
@@ -162,7 +164,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--input-len", type=int, default=2000)
     parser.add_argument("--output-len", type=int, default=4)
-    parser.add_argument("--transport", default="tcp")
+    parser.add_argument("--transports", default="tcp",
+                        help="kvtier transports to run, comma-separated (ucx/nixl need the package "
+                             "built with them: maturin build --release --features ucx,nixl)")
     parser.add_argument("--skip-nixl", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kvtier-vllm-bench-"))
@@ -174,7 +178,10 @@ def main() -> int:
           f"{args.requests} requests (+1 warm-up), {args.output_len} output tokens; logs in {work}", flush=True)
     with VllmServer(model, work / "plain.log", env={"VLLM_CPU_KVCACHE_SPACE": "2"}) as plain:
         reference = [plain.complete(ids, max_tokens=args.output_len)["token_ids"] for ids in prompts]
-    results = {f"kvtier ({args.transport})": run_kvtier(model, work, prompts, args, reference)}
+    results = {}
+    for transport in args.transports.split(","):
+        args.transport = transport.strip()
+        results[f"kvtier ({args.transport})"] = run_kvtier(model, work, prompts, args, reference)
     if not args.skip_nixl:
         results["vLLM NixlConnector"] = run_nixl(model, work, prompts, args, reference)
     print(f"\n| system | TTFT ms median / p99 | KV transfer ms median / p99 | outputs equal to plain vLLM |")

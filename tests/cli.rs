@@ -162,3 +162,19 @@ fn demo_pd_on_vllm_says_how_to_install_what_is_missing() {
     assert!(err.contains("KVTIER_PYTHON"), "{err}");
     assert!(err.contains("scripts/install-vllm.sh"), "{err}");
 }
+
+#[test]
+fn bench_gpu_skips_cleanly_without_a_device_and_fails_when_one_is_required() {
+    if std::path::Path::new("/dev/nvidiactl").exists() {
+        eprintln!("a GPU is present: scripts/device-check.sh measures it");
+        return;
+    }
+    let out = kvtier(&["bench", "gpu", "--size-mib", "1", "--iterations", "1"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.starts_with("SKIP: "), "{stdout}");
+    let out = kvtier(&["bench", "gpu", "--require-device"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("CUDA") || err.contains("cuda"), "{err}");
+}

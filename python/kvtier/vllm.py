@@ -389,6 +389,10 @@ class KvtierConnector(KVConnectorBase_V1):
         # A P/D endpoint without tiers (the reference decoder: `local_cpu: False`) only
         # moves KV; saving would fail every step.
         self._has_tiers = bool(self._engine.tiers)
+        if "cpu" in self._engine.tiers:
+            # First-touch page faults would otherwise slow the first saves ~3x, on the
+            # request's path (saves run in the step). Bounded by the CPU tier's budget.
+            self._engine.prefault(2 << 30)
         self._cache = self._engine.paged_cache(tensors, self._block_size)
         if tp_rank == 0:
             self._engine.serve_lookups(self._socket)

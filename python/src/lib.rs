@@ -325,6 +325,12 @@ impl Engine {
             .map_err(py_err)
     }
 
+    /// Faults in up to `bytes` of chunk buffers on a background thread (bounded by the
+    /// CPU tier's budget), so the first stores copy into touched memory. Returns at once.
+    fn prefault(&self, bytes: usize) {
+        self.inner.prefault(bytes);
+    }
+
     /// The engine's metrics in Prometheus text format.
     fn metrics_text(&self) -> String {
         self.inner.metrics().encode_text()

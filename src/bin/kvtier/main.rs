@@ -2,6 +2,7 @@
 //! the P/D proxy and the synthetic test server.
 
 mod demo;
+mod gpu;
 mod keys;
 mod pd_cluster;
 mod pd_run;
@@ -87,6 +88,9 @@ enum BenchCommand {
     /// Put and get batches of objects through the kvtier store (per transport, master and
     /// segment in another process) and through Redis; compare with a raw loopback socket.
     Remote(remote::BenchArgs),
+    /// The GPU paths on a real device (build with `--features cuda`): cudaMemcpy
+    /// baselines (pageable, pinned, device-to-device) and the GPU tier, every byte checked.
+    Gpu(gpu::GpuBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -131,6 +135,9 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Remote(args),
         } => remote::run_bench(args),
+        Command::Bench {
+            command: BenchCommand::Gpu(args),
+        } => gpu::run(args),
         Command::Master(args) => remote::run_master(args),
         Command::StoreNode(args) => remote::run_store_node(args),
         Command::RemoteProbe(args) => remote::run_probe(args),
