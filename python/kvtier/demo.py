@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     last = report.rfind("Num requests:")
     if last >= 0:
         print("proxy TTFT report:")
-        print(report[report.rfind("=====", 0, last) :].strip())
+        # The block starts on the line of `=` before "Num requests:".
+        print(report[report.rfind("\n", 0, last - 1) + 1 :].strip())
     return 0
 
 

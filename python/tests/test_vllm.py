@@ -160,11 +160,17 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
     prefiller_env = dict(pd_env, LMCACHE_CONFIG_FILE=str(configs / "lmcache-1p1d-pd-prefiller.yaml"))
     decoder_env = dict(pd_env, LMCACHE_CONFIG_FILE=str(configs / "lmcache-1p1d-pd-decoder.yaml"),
                        LMCACHE_MAX_LOCAL_CPU_SIZE="0")
-    decoder_config = kvtier_transfer_config("kv_consumer", extra={"kvtier_metrics_port": metrics_port})
+    # The reference launch lines' extra config, as written, plus the engine's metrics port.
+    decoder_config = kvtier_transfer_config(
+        "kv_consumer",
+        extra={"discard_partial_chunks": False, "lmcache_rpc_port": "consumer1", "kvtier_metrics_port": metrics_port},
+    )
+    prefiller_config = kvtier_transfer_config(
+        "kv_producer", extra={"discard_partial_chunks": False, "lmcache_rpc_port": "producer1"}
+    )
     timeout = 8
     # Both start at once; each `with` waits for its server.
-    prefiller = VllmServer(model, tmp_path / "prefiller.log", env=prefiller_env,
-                           transfer_config=kvtier_transfer_config("kv_producer"))
+    prefiller = VllmServer(model, tmp_path / "prefiller.log", env=prefiller_env, transfer_config=prefiller_config)
     decoder = VllmServer(model, tmp_path / "decoder.log", env=decoder_env, transfer_config=decoder_config)
     with prefiller, decoder:
         proxy = subprocess.Popen(
@@ -256,3 +262,19 @@ def test_two_instances_share_hits_through_the_remote_store(model, reference, tmp
     finally:
         master.terminate()
         master.wait(timeout=30)
+
+
+def test_demo_runs_the_1p1d_example_on_vllm(tmp_path):
+    """`kvtier demo pd --engine vllm` hands over to this module: it must run end to end."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KVTIER_BIN=str(kvtier_binary()))
+    out = subprocess.run(
+        [sys.executable, "-m", "kvtier.demo", "pd", "--free-ports", "--requests", "1",
+         "--input-len", "600", "--output-len", "2", "--dir", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "decoder: 512 prompt tokens loaded from kvtier instead of computed" in out.stdout, out.stdout
+    assert "Num requests: 1" in out.stdout, out.stdout
