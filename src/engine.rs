@@ -265,10 +265,10 @@ impl Engine {
         let pd = match (config.enable_pd, config.pd_role) {
             (false, _) => None,
             (true, Some(PdRole::Sender)) => Some(PdEndpoint::Sender(Box::new(
-                PdSender::new(&config, model.clone()).await?,
+                PdSender::new(&config, model.clone(), metrics.clone()).await?,
             ))),
             (true, Some(PdRole::Receiver)) => Some(PdEndpoint::Receiver(Box::new(
-                PdReceiver::start(&config, model.clone()).await?,
+                PdReceiver::start(&config, model.clone(), metrics.clone()).await?,
             ))),
             (true, None) => {
                 return Err(Error::Unsupported(

@@ -403,6 +403,15 @@ impl Staging {
 }
 
 impl StagingGuard<'_> {
+    /// xxh3-64 of each `pages[i] = (offset, len)`, on all cores.
+    pub fn digests(&self, pages: &[(usize, usize)]) -> Vec<u64> {
+        use rayon::prelude::*;
+        pages
+            .par_iter()
+            .map(|&(offset, len)| self.buffer.digest(offset, len))
+            .collect()
+    }
+
     /// Runs `fill(i, page)` on all cores for each `pages[i] = (offset, len)`, with `page`
     /// the buffer's bytes `offset..offset + len`. Panics if a page is out of bounds or two
     /// pages overlap.

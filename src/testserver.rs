@@ -22,6 +22,7 @@
 //! answers (`kv_tokens: 0`).
 
 use crate::memory::BufferPool;
+use crate::metrics::Metrics;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -223,12 +224,15 @@ impl TestServer {
                     PdRole::Sender => {
                         role = Some(Role::Prefiller);
                         Pd::Sender(Box::new(
-                            PdSender::new(config, options.model.clone()).await?,
+                            PdSender::new(config, options.model.clone(), Metrics::new()).await?,
                         ))
                     }
                     PdRole::Receiver => {
                         role = Some(Role::Decoder);
-                        Pd::Receiver(PdReceiver::start(config, options.model.clone()).await?)
+                        Pd::Receiver(
+                            PdReceiver::start(config, options.model.clone(), Metrics::new())
+                                .await?,
+                        )
                     }
                 }
             }

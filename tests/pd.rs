@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use kvtier::config::{PdRole, TransferChannel};
 use kvtier::pd::{PdError, PdReceiver, PdSender, ProxyListener, ReceiverSpec};
-use kvtier::{Config, Error, ModelSpec};
+use kvtier::{Config, Error, Metrics, ModelSpec};
 
 /// A small model: 16 KiB per token (synthetic KV: test bytes, not a model's).
 fn model() -> ModelSpec {
@@ -59,16 +59,24 @@ fn sender_config(channel: TransferChannel, proxy_port: Option<u16>, token: Optio
 
 /// A TCP receiver with `pages` chunk pages and no secret.
 async fn tcp_receiver(pages: u64) -> PdReceiver {
-    PdReceiver::start(&receiver_config(TransferChannel::Tcp, pages, None), model())
-        .await
-        .unwrap()
+    PdReceiver::start(
+        &receiver_config(TransferChannel::Tcp, pages, None),
+        model(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap()
 }
 
 /// A TCP sender with no proxy and no secret.
 async fn tcp_sender() -> PdSender {
-    PdSender::new(&sender_config(TransferChannel::Tcp, None, None), model())
-        .await
-        .unwrap()
+    PdSender::new(
+        &sender_config(TransferChannel::Tcp, None, None),
+        model(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap()
 }
 
 fn spec(r: &PdReceiver) -> ReceiverSpec {
@@ -88,6 +96,7 @@ async fn send_commit_retrieve_frees_pages_and_notifies_proxy() {
     let sender = PdSender::new(
         &sender_config(TransferChannel::Tcp, Some(proxy.local_addr().port()), None),
         m.clone(),
+        Metrics::new(),
     )
     .await
     .unwrap();
@@ -217,13 +226,18 @@ async fn control_ports_refuse_a_sender_without_the_secret() {
     let receiver = PdReceiver::start(
         &receiver_config(TransferChannel::Tcp, 4, Some("k")),
         m.clone(),
+        Metrics::new(),
     )
     .await
     .unwrap();
     for token in [None, Some("nope")] {
-        let sender = PdSender::new(&sender_config(TransferChannel::Tcp, None, token), m.clone())
-            .await
-            .unwrap();
+        let sender = PdSender::new(
+            &sender_config(TransferChannel::Tcp, None, token),
+            m.clone(),
+            Metrics::new(),
+        )
+        .await
+        .unwrap();
         let tokens: Vec<u32> = (0..10).collect();
         let err = sender
             .send("r", &tokens, &kv_for(&m, &tokens), &spec(&receiver))
@@ -237,6 +251,7 @@ async fn control_ports_refuse_a_sender_without_the_secret() {
     let sender = PdSender::new(
         &sender_config(TransferChannel::Tcp, None, Some("k")),
         m.clone(),
+        Metrics::new(),
     )
     .await
     .unwrap();
@@ -268,7 +283,7 @@ async fn a_vanished_sender_s_allocations_are_reclaimed() {
     };
     let mac = kvtier_transport::auth::respond(None, b"kvtier-pd-control-v1", &nonce);
     s.write_all(&encode(&Message::Hello {
-        version: 1,
+        version: kvtier::pd::protocol::VERSION,
         name: "raw".into(),
         mac,
     }))
@@ -296,4 +311,78 @@ async fn a_vanished_sender_s_allocations_are_reclaimed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(receiver.metrics().pd_reclaimed_pages.get(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_whose_bytes_changed_in_flight_never_becomes_visible() {
+    use kvtier::pd::protocol::{encode, ChunkCommit, ChunkRequest, Message, VERSION};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let receiver = tcp_receiver(4).await;
+    // A raw sender: allocate two pages, write nothing, then commit one with the checksum
+    // of what is there (zeros) and one with the checksum of bytes that never arrived.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", receiver.ports().1))
+        .await
+        .unwrap();
+    let read_msg = async |s: &mut tokio::net::TcpStream| {
+        let mut p = [0u8; 4];
+        s.read_exact(&mut p).await.unwrap();
+        let mut b = vec![0u8; u32::from_le_bytes(p) as usize];
+        s.read_exact(&mut b).await.unwrap();
+        kvtier::pd::protocol::decode(&b).unwrap()
+    };
+    let Message::Challenge { nonce, .. } = read_msg(&mut s).await else {
+        panic!("no challenge")
+    };
+    let mac = kvtier_transport::auth::respond(None, b"kvtier-pd-control-v1", &nonce);
+    s.write_all(&encode(&Message::Hello {
+        version: VERSION,
+        name: "raw".into(),
+        mac,
+    }))
+    .await
+    .unwrap();
+    assert_eq!(read_msg(&mut s).await, Message::Welcome);
+    let chunks = (0..2)
+        .map(|i| ChunkRequest {
+            key: kvtier::ChunkKey(i + 1),
+            tokens: 256,
+        })
+        .collect();
+    s.write_all(&encode(&Message::Alloc {
+        req_id: "r".into(),
+        chunks,
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(read_msg(&mut s).await, Message::Allocated { .. }));
+    let zeros = vec![0u8; 256 * model().bytes_per_token()];
+    let intended: Vec<u8> = (0..zeros.len()).map(|i| i as u8).collect();
+    s.write_all(&encode(&Message::Commit {
+        req_id: "r".into(),
+        chunks: vec![
+            ChunkCommit {
+                key: kvtier::ChunkKey(1),
+                checksum: xxhash_rust::xxh3::xxh3_64(&zeros),
+            },
+            ChunkCommit {
+                key: kvtier::ChunkKey(2),
+                checksum: xxhash_rust::xxh3::xxh3_64(&intended),
+            },
+        ],
+    }))
+    .await
+    .unwrap();
+    assert_eq!(
+        read_msg(&mut s).await,
+        Message::Committed { req_id: "r".into() }
+    );
+    // The intact chunk stays (committed), the other was dropped and counted.
+    assert_eq!(receiver.usage().used_pages, 1);
+    let corrupt = receiver
+        .metrics()
+        .corrupt_chunks
+        .with_label_values(&["pd"])
+        .get();
+    assert_eq!(corrupt, 1);
+    drop(s);
 }

@@ -195,6 +195,8 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
             # The decoder loaded the prompts' whole blocks instead of computing them.
             assert decoder.metric(HITS) == 896 + 2944
             assert prefiller.metric(HITS) == 0
+            # The P/D buffer's gauges are the engine's (absent, they would read as 0).
+            assert buffer.metric("kvtier_pd_buffer_capacity_bytes") == 256 << 20
             assert buffer.metric("kvtier_pd_buffer_used_bytes") == 0
             decoder_log, prefiller_log = decoder.log_text(), prefiller.log_text()
             assert "1000 prompt tokens, 896 hit in kvtier, loading 896" in decoder_log

@@ -14,14 +14,24 @@ use kvtier_transport::wire::{self, Reader, WireError, Writer};
 
 use crate::keys::ChunkKey;
 
-/// Protocol version of this build.
-pub const VERSION: u16 = 1;
+/// Protocol version of this build (2: commits carry each chunk's checksum).
+pub const VERSION: u16 = 2;
 /// Largest message body.
 pub const MAX_FRAME: usize = 4 << 20;
 /// Most chunks in one allocation.
 pub const MAX_CHUNKS: usize = 65_536;
 /// Longest string field.
 pub const MAX_STR: usize = 4096;
+
+/// One chunk a sender has written and commits: the receiver makes it visible only when
+/// the bytes in its page hash to `checksum`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkCommit {
+    /// The chunk's key.
+    pub key: ChunkKey,
+    /// xxh3-64 of the chunk's payload as the sender staged it.
+    pub checksum: u64,
+}
 
 /// One chunk a sender asks room for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,12 +125,13 @@ pub enum Message {
         /// Bytes of the whole buffer.
         buffer_bytes: u64,
     },
-    /// Sender → receiver: these chunks are written; make them visible.
+    /// Sender → receiver: these chunks are written; make those whose bytes match their
+    /// checksum visible.
     Commit {
         /// The request.
         req_id: String,
         /// The written chunks.
-        keys: Vec<ChunkKey>,
+        chunks: Vec<ChunkCommit>,
     },
     /// Receiver → sender: committed.
     Committed {
@@ -267,12 +278,13 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             w.u64(*needed_bytes);
             w.u64(*buffer_bytes);
         }
-        Message::Commit { req_id, keys } => {
+        Message::Commit { req_id, chunks } => {
             w.u8(COMMIT);
             put_str(&mut w, req_id);
-            w.u32(keys.len() as u32);
-            for k in keys {
-                put_key(&mut w, *k);
+            w.u32(chunks.len() as u32);
+            for c in chunks {
+                put_key(&mut w, c.key);
+                w.u64(c.checksum);
             }
         }
         Message::Committed { req_id } => {
@@ -404,12 +416,15 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
         },
         COMMIT => {
             let req_id = get_str(&mut r)?;
-            let n = r.count(MAX_CHUNKS, 16)?;
-            let mut keys = Vec::with_capacity(n);
+            let n = r.count(MAX_CHUNKS, 24)?;
+            let mut chunks = Vec::with_capacity(n);
             for _ in 0..n {
-                keys.push(get_key(&mut r)?);
+                chunks.push(ChunkCommit {
+                    key: get_key(&mut r)?,
+                    checksum: r.u64()?,
+                });
             }
-            Message::Commit { req_id, keys }
+            Message::Commit { req_id, chunks }
         }
         COMMITTED => Message::Committed {
             req_id: get_str(&mut r)?,
@@ -485,7 +500,16 @@ mod tests {
             },
             Message::Commit {
                 req_id: "r1".into(),
-                keys: vec![k, k],
+                chunks: vec![
+                    ChunkCommit {
+                        key: k,
+                        checksum: 7,
+                    },
+                    ChunkCommit {
+                        key: k,
+                        checksum: u64::MAX,
+                    },
+                ],
             },
             Message::Committed {
                 req_id: "r1".into(),

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use super::control::ControlConn;
-use super::protocol::{AllocFailure, ChunkRequest, Message, Slot};
+use super::protocol::{AllocFailure, ChunkCommit, ChunkRequest, Message, Slot};
 use super::PdError;
 use crate::config::{BufferDevice, Config};
 use crate::engine::ModelSpec;
@@ -91,7 +91,7 @@ impl PdReceiver {
     /// Allocates and registers the buffer and starts listening on the init and alloc ports
     /// (`pd_peer_init_port` / `pd_peer_alloc_port` for this TP rank; one listener when
     /// they are equal; port 0 picks a free one, see [`PdReceiver::ports`]).
-    pub async fn start(config: &Config, model: ModelSpec) -> Result<PdReceiver> {
+    pub async fn start(config: &Config, model: ModelSpec, metrics: Metrics) -> Result<PdReceiver> {
         if let BufferDevice::Cuda(_) = config.pd_buffer_device {
             return Err(Error::Unsupported(
                 "`pd_buffer_device: cuda`: the P/D buffer lives in host memory in this version; \
@@ -125,7 +125,6 @@ impl PdReceiver {
         )?;
         let buffer = Arc::new(HostBuffer::new(total_pages * page_bytes));
         let registration = transport.register(buffer.clone())?;
-        let metrics = Metrics::new();
         metrics
             .pd_buffer_capacity_bytes
             .set((total_pages * page_bytes) as i64);
@@ -441,34 +440,88 @@ impl Inner {
         }
     }
 
-    fn commit(&self, req_id: &str, keys: &[ChunkKey]) -> Message {
-        let mut pages = self.pages.lock().expect("lock");
-        for key in keys {
-            match pages.held.get_mut(key) {
-                Some(p) if p.req_id == req_id => {
-                    p.committed = true;
-                    p.since = Instant::now();
-                }
-                // Another request's page (the key was re-allocated after a reclaim): this
-                // sender's bytes went somewhere that is not its page.
-                Some(p) => {
-                    return Message::Error {
-                        reason: format!(
-                            "commit of chunk {key} for {req_id}: its page belongs to {}",
-                            p.req_id
-                        ),
+    /// Makes the committed chunks of `req_id` visible once their bytes match the sender's
+    /// checksums. Only pages this connection allocated for this request can be committed;
+    /// a chunk whose bytes differ (changed in flight) is freed and counted in
+    /// `kvtier_corrupt_chunks_total{tier="pd"}`: a miss at the decoder, never wrong KV.
+    fn commit(&self, conn: u64, req_id: &str, chunks: &[ChunkCommit]) -> Message {
+        // Where each chunk landed, checked under the lock ...
+        let mut located = Vec::with_capacity(chunks.len());
+        {
+            let pages = self.pages.lock().expect("lock");
+            for c in chunks {
+                let key = c.key;
+                match pages.held.get(&key) {
+                    Some(p) if p.req_id == req_id && p.conn == conn => {
+                        located.push((*c, p.index, p.tokens))
                     }
-                }
-                None => {
-                    return Message::Error {
-                        reason: format!(
-                            "commit of chunk {key} for {req_id}: no page allocated (reclaimed?)"
-                        ),
+                    // Another request's page (the key was re-allocated after a reclaim), or
+                    // another connection's: not this sender's to commit.
+                    Some(p) => {
+                        return Message::Error {
+                            reason: format!(
+                                "commit of chunk {key} for {req_id}: its page belongs to {}",
+                                p.req_id
+                            ),
+                        }
+                    }
+                    None => {
+                        return Message::Error {
+                            reason: format!(
+                                "commit of chunk {key} for {req_id}: no page allocated (reclaimed?)"
+                            ),
+                        }
                     }
                 }
             }
         }
-        self.metrics.pd_chunks.inc_by(keys.len() as u64);
+        // ... hashed outside it ...
+        let bpt = self.model.bytes_per_token();
+        let intact: Vec<bool> = located
+            .par_iter()
+            .map(|(c, index, tokens)| {
+                let at = *index as usize * self.page_bytes;
+                self.buffer.digest(at, *tokens as usize * bpt) == c.checksum
+            })
+            .collect();
+        // ... and made visible (or freed) under it again, if still the same page.
+        let mut corrupt = Vec::new();
+        let mut committed = 0u64;
+        {
+            let mut pages = self.pages.lock().expect("lock");
+            for ((c, index, _), ok) in located.iter().zip(intact) {
+                let same = pages
+                    .held
+                    .get(&c.key)
+                    .is_some_and(|p| p.index == *index && p.req_id == req_id);
+                if !same {
+                    continue; // reclaimed meanwhile (its sender's connection closed)
+                }
+                if ok {
+                    let p = pages.held.get_mut(&c.key).expect("checked above");
+                    p.committed = true;
+                    p.since = Instant::now();
+                    committed += 1;
+                } else {
+                    pages.held.remove(&c.key);
+                    corrupt.push((c.key, *index));
+                }
+            }
+        }
+        if !corrupt.is_empty() {
+            for (key, _) in &corrupt {
+                tracing::error!(
+                    "P/D receiver: chunk {key} of {req_id} does not match its checksum \
+                     (changed in flight); dropped, the decoder computes it"
+                );
+            }
+            self.metrics
+                .corrupt_chunks
+                .with_label_values(&["pd"])
+                .inc_by(corrupt.len() as u64);
+            self.release(corrupt.iter().map(|&(_, index)| index));
+        }
+        self.metrics.pd_chunks.inc_by(committed);
         Message::Committed {
             req_id: req_id.into(),
         }
@@ -526,7 +579,7 @@ async fn serve(inner: &Inner, mut conn: ControlConn, conn_id: u64) -> Result<(),
                 },
             },
             Message::Alloc { req_id, chunks } => inner.alloc(conn_id, &req_id, &chunks).await,
-            Message::Commit { req_id, keys } => inner.commit(&req_id, &keys),
+            Message::Commit { req_id, chunks } => inner.commit(conn_id, &req_id, &chunks),
             Message::Abort { req_id } => {
                 inner.reclaim(|p| p.conn == conn_id && p.req_id == req_id && !p.committed);
                 Message::Committed { req_id }

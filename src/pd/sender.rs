@@ -13,7 +13,7 @@ use kvtier_transport::{
 
 use super::control::ControlConn;
 use super::notify::{ProxyNotifier, TransferDone};
-use super::protocol::{AllocFailure, ChunkRequest, Message, Slot};
+use super::protocol::{AllocFailure, ChunkCommit, ChunkRequest, Message, Slot};
 use super::PdError;
 use crate::config::Config;
 use crate::engine::{gb_per_s, ModelSpec};
@@ -99,7 +99,7 @@ impl Drop for PdSender {
 impl PdSender {
     /// A sender with a staging buffer of `pd_buffer_size` bytes registered with the
     /// transport `transfer_channel` names; it notifies `pd_proxy_host:pd_proxy_port` if set.
-    pub async fn new(config: &Config, model: ModelSpec) -> Result<PdSender> {
+    pub async fn new(config: &Config, model: ModelSpec, metrics: Metrics) -> Result<PdSender> {
         let page_bytes = model.bytes_per_token() * config.chunk_size;
         let staging_pages = (config.pd_buffer_size as usize / page_bytes).max(1);
         let transport = transport::open(
@@ -132,7 +132,7 @@ impl PdSender {
             proxy,
             secret: config.transport_auth_token.clone(),
             timeout,
-            metrics: Metrics::new(),
+            metrics,
         })
     }
 
@@ -390,6 +390,9 @@ impl PdSender {
                 .map(|(i, (s, _))| (i * self.page_bytes, s.tokens() * bpt))
                 .collect();
             staging.fill_pages(&pages, |i, page| fill(todo[i].0, page));
+            // What the receiver checks before the chunk becomes visible: bytes that changed
+            // on the way are a miss there, never wrong KV.
+            let checksums = staging.digests(&pages);
             let reg = self.staging_reg.as_ref().expect("registered while alive");
             let local = todo
                 .iter()
@@ -415,12 +418,19 @@ impl PdSender {
                     .await;
                 return Err(e.into());
             }
-            let keys = todo.iter().map(|(s, _)| s.key).collect();
+            let chunks = todo
+                .iter()
+                .zip(checksums)
+                .map(|((s, _), checksum)| ChunkCommit {
+                    key: s.key,
+                    checksum,
+                })
+                .collect();
             match control
                 .request(
                     &Message::Commit {
                         req_id: req_id.into(),
-                        keys,
+                        chunks,
                     },
                     self.timeout,
                 )

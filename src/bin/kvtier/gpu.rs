@@ -11,8 +11,6 @@
 //! P/D buffers in device memory (`pd_buffer_device: cuda`) are refused at start-up by this
 //! version; the check says so rather than measuring something else.
 
-use std::time::{Duration, Instant};
-
 use clap::Args;
 
 /// Arguments of `kvtier bench gpu`.
@@ -44,6 +42,8 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
 
 #[cfg(feature = "cuda")]
 pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+
     use kvtier_cuda::{CudaDevice, CudaError};
 
     let dev = match CudaDevice::open(0) {
