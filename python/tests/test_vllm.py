@@ -158,8 +158,10 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
         "KVTIER_TRANSPORT_TIMEOUT_SEC": "2",
     }
     prefiller_env = dict(pd_env, LMCACHE_CONFIG_FILE=str(configs / "lmcache-1p1d-pd-prefiller.yaml"))
+    # KV that arrives for a request the proxy already gave up on is never claimed: the
+    # decoder frees it after `pd_ttl_sec` (300 s by default; 3 s here, so the test sees it).
     decoder_env = dict(pd_env, LMCACHE_CONFIG_FILE=str(configs / "lmcache-1p1d-pd-decoder.yaml"),
-                       LMCACHE_MAX_LOCAL_CPU_SIZE="0")
+                       LMCACHE_MAX_LOCAL_CPU_SIZE="0", KVTIER_PD_TTL_SEC="3")
     # The reference launch lines' extra config, as written, plus the engine's metrics port.
     decoder_config = kvtier_transfer_config(
         "kv_consumer",
@@ -213,7 +215,8 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
             os.killpg(decoder.proc.pid, signal.SIGCONT)
             assert failed.value.code in (502, 504), failed.value.read()
             assert waited < timeout + 15, f"the proxy answered after {waited:.1f} s"
-            # Whatever the late transfer left in the decoder's buffer is freed.
+            # The late transfer lands once the decoder thaws; nobody claims it, and it is
+            # freed within the TTL.
             deadline = time.monotonic() + 30
             while buffer.metric("kvtier_pd_buffer_used_bytes") > 0 and time.monotonic() < deadline:
                 time.sleep(0.5)
