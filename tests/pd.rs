@@ -79,6 +79,39 @@ async fn tcp_sender() -> PdSender {
     .unwrap()
 }
 
+/// A hand-driven control connection to `receiver`'s allocation port, past the handshake
+/// (no secret): for tests that play a sender misbehaving at the protocol level.
+async fn raw_sender(receiver: &PdReceiver) -> tokio::net::TcpStream {
+    use kvtier::pd::protocol::{encode, Message, VERSION};
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", receiver.ports().1))
+        .await
+        .unwrap();
+    let Message::Challenge { nonce, .. } = read_msg(&mut s).await else {
+        panic!("no challenge")
+    };
+    let mac = kvtier_transport::auth::respond(None, b"kvtier-pd-control-v1", &nonce);
+    s.write_all(&encode(&Message::Hello {
+        version: VERSION,
+        name: "raw".into(),
+        mac,
+    }))
+    .await
+    .unwrap();
+    assert_eq!(read_msg(&mut s).await, Message::Welcome);
+    s
+}
+
+/// The next control message on a raw connection.
+async fn read_msg(s: &mut tokio::net::TcpStream) -> kvtier::pd::protocol::Message {
+    use tokio::io::AsyncReadExt;
+    let mut p = [0u8; 4];
+    s.read_exact(&mut p).await.unwrap();
+    let mut b = vec![0u8; u32::from_le_bytes(p) as usize];
+    s.read_exact(&mut b).await.unwrap();
+    kvtier::pd::protocol::decode(&b).unwrap()
+}
+
 fn spec(r: &PdReceiver) -> ReceiverSpec {
     let (init_port, alloc_port) = r.ports();
     ReceiverSpec {
@@ -265,31 +298,10 @@ async fn control_ports_refuse_a_sender_without_the_secret() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_sender_s_allocations_are_reclaimed() {
     use kvtier::pd::protocol::{encode, ChunkRequest, Message};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let receiver = tcp_receiver(4).await;
     // A raw sender: handshake, allocate two pages, then disappear without committing.
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", receiver.ports().1))
-        .await
-        .unwrap();
-    let read_msg = async |s: &mut tokio::net::TcpStream| {
-        let mut p = [0u8; 4];
-        s.read_exact(&mut p).await.unwrap();
-        let mut b = vec![0u8; u32::from_le_bytes(p) as usize];
-        s.read_exact(&mut b).await.unwrap();
-        kvtier::pd::protocol::decode(&b).unwrap()
-    };
-    let Message::Challenge { nonce, .. } = read_msg(&mut s).await else {
-        panic!("no challenge")
-    };
-    let mac = kvtier_transport::auth::respond(None, b"kvtier-pd-control-v1", &nonce);
-    s.write_all(&encode(&Message::Hello {
-        version: kvtier::pd::protocol::VERSION,
-        name: "raw".into(),
-        mac,
-    }))
-    .await
-    .unwrap();
-    assert_eq!(read_msg(&mut s).await, Message::Welcome);
+    let mut s = raw_sender(&receiver).await;
     let chunks = (0..2)
         .map(|i| ChunkRequest {
             key: kvtier::ChunkKey(i + 1),
@@ -315,33 +327,12 @@ async fn a_vanished_sender_s_allocations_are_reclaimed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_whose_bytes_changed_in_flight_never_becomes_visible() {
-    use kvtier::pd::protocol::{encode, ChunkCommit, ChunkRequest, Message, VERSION};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use kvtier::pd::protocol::{encode, ChunkCommit, ChunkRequest, Message};
+    use tokio::io::AsyncWriteExt;
     let receiver = tcp_receiver(4).await;
     // A raw sender: allocate two pages, write nothing, then commit one with the checksum
     // of what is there (zeros) and one with the checksum of bytes that never arrived.
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", receiver.ports().1))
-        .await
-        .unwrap();
-    let read_msg = async |s: &mut tokio::net::TcpStream| {
-        let mut p = [0u8; 4];
-        s.read_exact(&mut p).await.unwrap();
-        let mut b = vec![0u8; u32::from_le_bytes(p) as usize];
-        s.read_exact(&mut b).await.unwrap();
-        kvtier::pd::protocol::decode(&b).unwrap()
-    };
-    let Message::Challenge { nonce, .. } = read_msg(&mut s).await else {
-        panic!("no challenge")
-    };
-    let mac = kvtier_transport::auth::respond(None, b"kvtier-pd-control-v1", &nonce);
-    s.write_all(&encode(&Message::Hello {
-        version: VERSION,
-        name: "raw".into(),
-        mac,
-    }))
-    .await
-    .unwrap();
-    assert_eq!(read_msg(&mut s).await, Message::Welcome);
+    let mut s = raw_sender(&receiver).await;
     let chunks = (0..2)
         .map(|i| ChunkRequest {
             key: kvtier::ChunkKey(i + 1),

@@ -15,6 +15,14 @@ class StoreReport:
     bytes: int
     seconds: float
 
+class SendReport:
+    """What a P/D send did."""
+
+    tokens: int
+    skipped_tokens: int
+    bytes: int
+    seconds: float
+
 class PagedCache:
     """vLLM's paged KV cache seen as whole blocks (made by ``Engine.paged_cache``)."""
 
@@ -57,6 +65,8 @@ class Engine:
     def bytes_per_token(self) -> int: ...
     @property
     def pd_role(self) -> Optional[str]: ...
+    @property
+    def tiers(self) -> list[str]: ...
     def chunk_keys(self, tokens: Sequence[int]) -> list[str]: ...
     def lookup(self, tokens: Sequence[int]) -> int: ...
     def store(self, tokens: Sequence[int], kv: Any) -> StoreReport:
@@ -80,6 +90,17 @@ class Engine:
         block_ids: Sequence[int],
         skip_tokens: int = 0,
     ) -> int: ...
+    def send_blocks(
+        self,
+        cache: PagedCache,
+        req_id: str,
+        tokens: Sequence[int],
+        block_ids: Sequence[int],
+        receiver_host: str,
+        receiver_init_port: int,
+        receiver_alloc_port: int,
+    ) -> SendReport:
+        """Pushes whole blocks to a P/D receiver and notifies the proxy (pd_role: sender)."""
     def serve_lookups(self, path: str) -> None: ...
 
 def configured_chunk_size(
