@@ -499,6 +499,12 @@ class KvtierConnector(KVConnectorBase_V1):
                 self._engine.flush()
             except kvtier.KvtierError as e:
                 logger.warning("kvtier: flush at shutdown failed: %s", e)
+            if self._tp_rank == 0:
+                # The lookup socket's file outlives the listener otherwise.
+                try:
+                    os.unlink(self._socket)
+                except OSError:
+                    pass
 
     def metrics_text(self) -> str:
         """The worker engine's Prometheus metrics (empty on the scheduler side)."""
