@@ -33,7 +33,6 @@ import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,8 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
-from kvtier.demo import DECODER_YAML, PREFILLER_YAML, kvtier_binary  # noqa: E402
-from kvtier.harness import OpenAiEndpoint, VllmServer, free_port, kvtier_transfer_config, wait_http  # noqa: E402
+from kvtier.demo import DECODER_YAML, PREFILLER_YAML  # noqa: E402
+from kvtier.harness import OpenAiEndpoint, VllmServer, free_port, kvtier_transfer_config, start_proxy  # noqa: E402
 from kvtier.tiny_llama import kv_bytes_per_token, make  # noqa: E402
 
 SIZES = dict(layers=16, kv_heads=8, head_dim=64, heads=8)
@@ -83,7 +82,9 @@ def summary(values: list[float]) -> str:
 
 
 def nixl_xfer(server: OpenAiEndpoint) -> tuple[float, float]:
-    return server.metric("vllm:nixl_xfer_time_seconds_sum"), server.metric("vllm:nixl_xfer_time_seconds_count")
+    # Absent until the first transfer.
+    return (server.metric("vllm:nixl_xfer_time_seconds_sum", 0.0),
+            server.metric("vllm:nixl_xfer_time_seconds_count", 0.0))
 
 
 def run_kvtier(model: Path, work: Path, prompts: list[list[int]], args, reference: list[list[int]]) -> dict:
@@ -100,14 +101,9 @@ def run_kvtier(model: Path, work: Path, prompts: list[list[int]], args, referenc
     try:
         prefiller.wait_ready()
         decoder.wait_ready()
-        proxy = subprocess.Popen(
-            [kvtier_binary(), "proxy", "--host", "127.0.0.1", "--port", str(proxy_port),
-             "--prefiller-host", "127.0.0.1", "--prefiller-port", str(prefiller.port),
-             "--decoder-host", "127.0.0.1", "--decoder-port", str(decoder.port),
-             "--decoder-init-port", str(init_port), "--decoder-alloc-port", str(alloc_port),
-             "--proxy-host", "127.0.0.1", "--proxy-port", str(notify_port)],
-            stdout=open(work / f"kvtier-{args.transport}-proxy.log", "wb"), stderr=subprocess.STDOUT)
-        wait_http(proxy_port)
+        proxy = start_proxy(work / f"kvtier-{args.transport}-proxy.log", port=proxy_port,
+                            prefiller_port=prefiller.port, decoder_port=decoder.port,
+                            init_port=init_port, alloc_port=alloc_port, notify_port=notify_port)
         ttfts, mismatches = [], 0
         for i, ids in enumerate(prompts):
             ttft, tokens = stream_ttft(proxy_port, str(model), ids, args.output_len)

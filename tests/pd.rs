@@ -102,6 +102,25 @@ async fn raw_sender(receiver: &PdReceiver) -> tokio::net::TcpStream {
     s
 }
 
+/// Allocates pages for `n` chunks of 256 tokens (keys 1..=n) on a raw connection.
+async fn raw_alloc(s: &mut tokio::net::TcpStream, req_id: &str, n: u128) {
+    use kvtier::pd::protocol::{encode, ChunkRequest, Message};
+    use tokio::io::AsyncWriteExt;
+    let chunks = (0..n)
+        .map(|i| ChunkRequest {
+            key: kvtier::ChunkKey(i + 1),
+            tokens: 256,
+        })
+        .collect();
+    s.write_all(&encode(&Message::Alloc {
+        req_id: req_id.into(),
+        chunks,
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(read_msg(s).await, Message::Allocated { .. }));
+}
+
 /// The next control message on a raw connection.
 async fn read_msg(s: &mut tokio::net::TcpStream) -> kvtier::pd::protocol::Message {
     use tokio::io::AsyncReadExt;
@@ -297,24 +316,10 @@ async fn control_ports_refuse_a_sender_without_the_secret() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_sender_s_allocations_are_reclaimed() {
-    use kvtier::pd::protocol::{encode, ChunkRequest, Message};
-    use tokio::io::AsyncWriteExt;
     let receiver = tcp_receiver(4).await;
     // A raw sender: handshake, allocate two pages, then disappear without committing.
     let mut s = raw_sender(&receiver).await;
-    let chunks = (0..2)
-        .map(|i| ChunkRequest {
-            key: kvtier::ChunkKey(i + 1),
-            tokens: 256,
-        })
-        .collect();
-    s.write_all(&encode(&Message::Alloc {
-        req_id: "ghost".into(),
-        chunks,
-    }))
-    .await
-    .unwrap();
-    assert!(matches!(read_msg(&mut s).await, Message::Allocated { .. }));
+    raw_alloc(&mut s, "ghost", 2).await;
     assert_eq!(receiver.usage().used_pages, 2);
     drop(s);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -327,25 +332,13 @@ async fn a_vanished_sender_s_allocations_are_reclaimed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_whose_bytes_changed_in_flight_never_becomes_visible() {
-    use kvtier::pd::protocol::{encode, ChunkCommit, ChunkRequest, Message};
+    use kvtier::pd::protocol::{encode, ChunkCommit, Message};
     use tokio::io::AsyncWriteExt;
     let receiver = tcp_receiver(4).await;
     // A raw sender: allocate two pages, write nothing, then commit one with the checksum
     // of what is there (zeros) and one with the checksum of bytes that never arrived.
     let mut s = raw_sender(&receiver).await;
-    let chunks = (0..2)
-        .map(|i| ChunkRequest {
-            key: kvtier::ChunkKey(i + 1),
-            tokens: 256,
-        })
-        .collect();
-    s.write_all(&encode(&Message::Alloc {
-        req_id: "r".into(),
-        chunks,
-    }))
-    .await
-    .unwrap();
-    assert!(matches!(read_msg(&mut s).await, Message::Allocated { .. }));
+    raw_alloc(&mut s, "r", 2).await;
     let zeros = vec![0u8; 256 * model().bytes_per_token()];
     let intended: Vec<u8> = (0..zeros.len()).map(|i| i as u8).collect();
     s.write_all(&encode(&Message::Commit {

@@ -14,8 +14,6 @@ import argparse
 import os
 import random
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,22 +56,6 @@ pd_buffer_device: "cpu"
 """
 
 
-def kvtier_binary() -> str:
-    """The `kvtier` executable: $KVTIER_BIN, else on PATH, else a build in this checkout."""
-    explicit = os.environ.get("KVTIER_BIN")
-    if explicit:
-        return explicit
-    found = shutil.which("kvtier")
-    if found:
-        return found
-    root = Path(__file__).resolve().parents[2]
-    for build in ("release", "debug"):
-        candidate = root / "target" / build / "kvtier"
-        if candidate.is_file():
-            return str(candidate)
-    raise SystemExit("kvtier demo: the `kvtier` binary was not found (cargo build --release, or set KVTIER_BIN)")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvtier.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"kvtier demo: {e}\n\n{INSTALL_HINT}", file=sys.stderr)
         return 2
-    from kvtier.harness import OpenAiEndpoint, VllmServer, free_port, kvtier_transfer_config, wait_http
+    from kvtier.harness import OpenAiEndpoint, VllmServer, free_port, kvtier_transfer_config, start_proxy
     from kvtier.tiny_llama import kv_bytes_per_token, make
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="kvtier-vllm-demo-"))
@@ -128,15 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prefiller.wait_ready()
         decoder.wait_ready()
-        proxy_log = open(work / "proxy.log", "wb")
-        proxy = subprocess.Popen(
-            [kvtier_binary(), "proxy", "--host", "127.0.0.1", "--port", str(proxy_port),
-             "--prefiller-host", "127.0.0.1", "--prefiller-port", str(pre_port),
-             "--decoder-host", "127.0.0.1", "--decoder-port", str(dec_port),
-             "--decoder-init-port", str(init_port), "--decoder-alloc-port", str(alloc_port),
-             "--proxy-host", "127.0.0.1", "--proxy-port", str(notify_port)],
-            stdout=proxy_log, stderr=subprocess.STDOUT)
-        wait_http(proxy_port)
+        proxy = start_proxy(work / "proxy.log", port=proxy_port, prefiller_port=pre_port,
+                            decoder_port=dec_port, init_port=init_port, alloc_port=alloc_port,
+                            notify_port=notify_port)
         front = OpenAiEndpoint(proxy_port, str(model))
         rng = random.Random(0)
         print(f"{args.requests} requests of {args.input_len} prompt tokens through kvtier proxy "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -82,15 +83,58 @@ class OpenAiEndpoint:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.load(r)
 
-    def metric(self, name: str) -> float:
-        """Sum of a Prometheus metric's samples at the endpoint's /metrics."""
+    def metric(self, name: str, default: Optional[float] = None) -> float:
+        """Sum of a Prometheus metric's samples at the endpoint's /metrics. A metric the
+        endpoint does not export is `default`, or a `KeyError` without one (so a check of
+        a missing metric fails instead of reading 0)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
             text = r.read().decode()
-        total = 0.0
+        total, found = 0.0, False
         for line in text.splitlines():
             if line.startswith(name) and (line[len(name)] in " {"):
                 total += float(line.rsplit(" ", 1)[1])
+                found = True
+        if not found:
+            if default is None:
+                raise KeyError(f"port {self.port} exports no metric {name}")
+            return default
         return total
+
+
+def kvtier_binary() -> str:
+    """The `kvtier` executable: $KVTIER_BIN, else on PATH, else a build in the kvtier
+    checkout this package was installed from in place, or the one in the working directory."""
+    explicit = os.environ.get("KVTIER_BIN")
+    if explicit:
+        return explicit
+    found = shutil.which("kvtier")
+    if found:
+        return found
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        for build in ("release", "debug"):
+            candidate = root / "target" / build / "kvtier"
+            if candidate.is_file():
+                return str(candidate)
+    raise FileNotFoundError("the `kvtier` binary was not found (cargo build --release, or set KVTIER_BIN)")
+
+
+def start_proxy(log: Path, *, port: int, prefiller_port: int, decoder_port: int, init_port: int,
+                alloc_port: int, notify_port: int, args: tuple = ()) -> subprocess.Popen:
+    """`kvtier proxy` on 127.0.0.1 with the reference 1p1d flags, in front of one prefiller
+    and one decoder; waits until it answers."""
+    proxy = subprocess.Popen(
+        [kvtier_binary(), "proxy", "--host", "127.0.0.1", "--port", str(port),
+         "--prefiller-host", "127.0.0.1", "--prefiller-port", str(prefiller_port),
+         "--decoder-host", "127.0.0.1", "--decoder-port", str(decoder_port),
+         "--decoder-init-port", str(init_port), "--decoder-alloc-port", str(alloc_port),
+         "--proxy-host", "127.0.0.1", "--proxy-port", str(notify_port), *args],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_http(port)
+    except BaseException:
+        proxy.kill()
+        raise
+    return proxy
 
 
 _RUNNING: "set[VllmServer]" = set()

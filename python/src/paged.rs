@@ -17,6 +17,12 @@ use kvtier::{Engine, Error, KvLayout};
 
 use crate::memory::{tensor_region, Region};
 
+/// Bytes of one layer's block of `block_size` tokens for `engine`'s model.
+fn block_bytes(engine: &Engine, block_size: usize) -> usize {
+    let model = engine.model();
+    model.bytes_per_token() / (model.layers.max(1) as usize) * block_size
+}
+
 /// The blocks of vLLM's paged KV cache, one region per layer.
 #[pyclass(module = "kvtier._kvtier", frozen)]
 pub struct PagedCache {
@@ -76,7 +82,7 @@ impl PagedCache {
                  tokens: set chunk_size to a multiple of the block size"
             )));
         }
-        let block_bytes = model.bytes_per_token() / model.layers as usize * block_size;
+        let block_bytes = block_bytes(engine, block_size);
         let mut layers = Vec::with_capacity(tensors.len());
         let mut num_blocks = None;
         for (i, t) in tensors.iter().enumerate() {
@@ -109,10 +115,9 @@ impl PagedCache {
     /// Refuses an engine whose model does not match the one the cache was checked against.
     pub(crate) fn check_engine(&self, engine: &Engine) -> PyResult<()> {
         let model = engine.model();
-        let per_block = model.bytes_per_token() / (model.layers.max(1) as usize) * self.block_size;
         if model.layout != KvLayout::Paged
             || model.layers as usize != self.layers.len()
-            || per_block != self.block_bytes
+            || block_bytes(engine, self.block_size) != self.block_bytes
         {
             return Err(PyValueError::new_err(format!(
                 "this paged cache was made for another model than {}",

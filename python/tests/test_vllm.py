@@ -28,7 +28,7 @@ except ImportError:
     pytest.skip("vLLM is not installed (scripts/install-vllm.sh)", allow_module_level=True)
 
 from kvtier.tiny_llama import VOCAB, make
-from kvtier.harness import VllmServer, kvtier_transfer_config
+from kvtier.harness import VllmServer, kvtier_binary, kvtier_transfer_config
 
 HITS = "vllm:external_prefix_cache_hits_total"
 
@@ -122,14 +122,6 @@ def test_caching_hits_after_a_restart_and_never_uses_corrupt_kv(model, reference
     assert "reported for recomputation" in log
 
 
-def kvtier_binary() -> Path:
-    root = Path(__file__).resolve().parents[2]
-    for candidate in (os.environ.get("KVTIER_BIN"), root / "target/debug/kvtier", root / "target/release/kvtier"):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    pytest.fail("the kvtier binary is not built (cargo build), or set KVTIER_BIN")
-
-
 def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
     """(a) LMCache's 1p1d example: the reference prefiller/decoder YAML as written
     (transport switched to tcp and the buffers to host memory: no GPU, no NIXL on this
@@ -137,11 +129,10 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
     front. (d) Then a frozen decoder and a killed one: the proxy answers an error within
     its timeout, the decoder's P/D buffer ends empty, the survivors keep serving."""
     import signal
-    import subprocess
     import time
     import urllib.error
 
-    from kvtier.harness import OpenAiEndpoint, free_port, wait_http
+    from kvtier.harness import OpenAiEndpoint, free_port, start_proxy
 
     configs = Path(__file__).resolve().parents[2] / "configs"
     init_port, alloc_port, notify_port, proxy_port, metrics_port = (free_port() for _ in range(5))
@@ -175,15 +166,10 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
     prefiller = VllmServer(model, tmp_path / "prefiller.log", env=prefiller_env, transfer_config=prefiller_config)
     decoder = VllmServer(model, tmp_path / "decoder.log", env=decoder_env, transfer_config=decoder_config)
     with prefiller, decoder:
-        proxy = subprocess.Popen(
-            [str(kvtier_binary()), "proxy", "--host", "127.0.0.1", "--port", str(proxy_port),
-             "--prefiller-host", "127.0.0.1", "--prefiller-port", str(prefiller.port),
-             "--decoder-host", "127.0.0.1", "--decoder-port", str(decoder.port),
-             "--decoder-init-port", str(init_port), "--decoder-alloc-port", str(alloc_port),
-             "--proxy-host", "127.0.0.1", "--proxy-port", str(notify_port), "--timeout-sec", str(timeout)],
-            stdout=open(tmp_path / "proxy.log", "wb"), stderr=subprocess.STDOUT)
+        proxy = start_proxy(tmp_path / "proxy.log", port=proxy_port, prefiller_port=prefiller.port,
+                            decoder_port=decoder.port, init_port=init_port, alloc_port=alloc_port,
+                            notify_port=notify_port, args=("--timeout-sec", str(timeout)))
         try:
-            wait_http(proxy_port)
             front = OpenAiEndpoint(proxy_port, str(model))
             buffer = OpenAiEndpoint(metrics_port, "")
             # What benchmark clients ask besides completions passes through to a decoder.
@@ -242,11 +228,11 @@ def test_two_instances_share_hits_through_the_remote_store(model, reference, tmp
     instances: what one stores, the other loads."""
     import subprocess
 
-    from kvtier.harness import free_port, wait_http  # noqa: F401
+    from kvtier.harness import free_port
 
     master_port = free_port()
     master = subprocess.Popen(
-        [str(kvtier_binary()), "master", "--listen", f"127.0.0.1:{master_port}", "--segment-size", "256MiB",
+        [kvtier_binary(), "master", "--listen", f"127.0.0.1:{master_port}", "--segment-size", "256MiB",
          "--protocol", "tcp"],
         stdout=open(tmp_path / "master.log", "wb"), stderr=subprocess.STDOUT)
     try:
@@ -274,7 +260,7 @@ def test_demo_runs_the_1p1d_example_on_vllm(tmp_path):
     import subprocess
     import sys
 
-    env = dict(os.environ, KVTIER_BIN=str(kvtier_binary()))
+    env = dict(os.environ, KVTIER_BIN=kvtier_binary())
     out = subprocess.run(
         [sys.executable, "-m", "kvtier.demo", "pd", "--free-ports", "--requests", "1",
          "--input-len", "600", "--output-len", "2", "--dir", str(tmp_path)],
