@@ -91,6 +91,8 @@ impl ModelSpec {
             model: self.name.clone(),
             dtype: self.dtype,
             layout: self.layout,
+            layers: self.layers,
+            hidden: self.hidden(),
             tp_size: self.tp_size,
             tp_rank: self.tp_rank,
             chunk_size: chunk_size as u32,
@@ -559,9 +561,12 @@ impl Engine {
         Ok(hit_tokens)
     }
 
-    /// The cached chunks of the longest cached prefix of `tokens`, without copying.
+    /// The cached chunks of the longest cached prefix of `tokens`, without copying. Every
+    /// chunk, from whichever tier, has been checked against its key and the model's shape
+    /// (see [`Engine::retrieve_prefix`]).
     pub async fn retrieve_chunks(&self, tokens: &[u32]) -> Result<Vec<ChunkRef>> {
-        let keys = self.inner.hasher.keys(tokens);
+        let spans = self.inner.hasher.spans(tokens);
+        let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
         let plan = self.inner.storage.plan_prefix(&keys);
         let mut chunks = if plan.reads() == 0 {
             // Everything is in memory: no I/O, no need to leave this task.
@@ -579,7 +584,43 @@ impl Engine {
                 chunks.extend(fetched);
             }
         }
-        Ok(chunks)
+        Ok(self.model_prefix(&spans, chunks))
+    }
+
+    /// The leading `chunks` whose key and shape are what `spans` and the model call for.
+    /// A chunk of another shape (a file or store object written for another model, or one
+    /// whose header was damaged consistently with its checksum) ends the prefix like a
+    /// miss and is counted in `kvtier_corrupt_chunks_total{tier="shape"}`: nobody slices a
+    /// payload by a shape that is not the model's.
+    fn model_prefix(&self, spans: &[ChunkSpan], mut chunks: Vec<ChunkRef>) -> Vec<ChunkRef> {
+        let model = &self.inner.model;
+        let good = spans
+            .iter()
+            .zip(&chunks)
+            .take_while(|(span, chunk)| {
+                let expected = model.chunk_shape(span.tokens());
+                let ok = chunk.key == span.key
+                    && chunk.shape == expected
+                    && chunk.payload().len() == expected.payload_len();
+                if !ok {
+                    self.inner
+                        .metrics
+                        .corrupt_chunks
+                        .with_label_values(&["shape"])
+                        .inc();
+                    tracing::error!(
+                        "chunk {} ({} bytes): shape {:?} does not match the model's {expected:?}; \
+                         treated as a miss",
+                        span.key,
+                        chunk.payload().len(),
+                        chunk.shape
+                    );
+                }
+                ok
+            })
+            .count();
+        chunks.truncate(good);
+        chunks
     }
 
     /// The leading `keys` the remote tier holds, verified (a damaged or foreign object
@@ -647,24 +688,7 @@ impl Engine {
         let spans = self.inner.hasher.spans(tokens);
         let chunks = self.retrieve_chunks(tokens).await?;
         let model = &self.inner.model;
-        let mut out = Vec::with_capacity(chunks.len());
-        for (span, chunk) in spans.into_iter().zip(chunks) {
-            let expected = model.chunk_shape(span.tokens());
-            if chunk.key != span.key || chunk.shape != expected {
-                self.inner
-                    .metrics
-                    .corrupt_chunks
-                    .with_label_values(&["shape"])
-                    .inc();
-                tracing::error!(
-                    "chunk {}: shape {:?} does not match the model's {expected:?}; treated as a miss",
-                    span.key,
-                    chunk.shape
-                );
-                break;
-            }
-            out.push((span, chunk));
-        }
+        let out: Vec<(ChunkSpan, ChunkRef)> = spans.into_iter().zip(chunks).collect();
         let loaded = out.last().map_or(0, |(span, _)| span.end);
         let bytes = (loaded * model.bytes_per_token()) as u64;
         let elapsed = start.elapsed();

@@ -63,15 +63,21 @@ impl FromStr for ChunkKey {
 }
 
 /// Everything besides the tokens that decides whether two KV caches are interchangeable:
-/// the model, its KV dtype and layout, the tensor-parallel shard and the chunk size.
+/// the model, its KV dtype, layout and shape, the tensor-parallel shard and the chunk size.
+/// Two models served under one name but with different layer counts or KV widths never
+/// share keys.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelNamespace {
     /// Model name as the serving engine knows it, e.g. `meta-llama/Llama-3.1-8B-Instruct`.
     pub model: String,
     /// Element type of the KV tensors.
     pub dtype: DType,
-    /// KV layout (`KV_2LTD` or MLA).
+    /// KV layout (`KV_2LTD`, MLA or paged blocks).
     pub layout: KvLayout,
+    /// Layers whose KV a chunk holds.
+    pub layers: u32,
+    /// Elements per token per layer (KV heads × head size of this shard).
+    pub hidden: u32,
     /// Tensor-parallel world size.
     pub tp_size: u32,
     /// This shard's tensor-parallel rank.
@@ -81,16 +87,18 @@ pub struct ModelNamespace {
 }
 
 impl ModelNamespace {
-    /// Stable encoding hashed into `h_{-1}`: `b"kvtier-ns-v1\0"`, then the model name as
+    /// Stable encoding hashed into `h_{-1}`: `b"kvtier-ns-v2\0"`, then the model name as
     /// `u32` LE length + UTF-8 bytes, then `dtype` and `layout` codes (one byte each), then
-    /// `tp_size`, `tp_rank`, `chunk_size` as `u32` LE.
+    /// `layers`, `hidden`, `tp_size`, `tp_rank`, `chunk_size` as `u32` LE.
     pub fn canonical_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32 + self.model.len());
-        out.extend_from_slice(b"kvtier-ns-v1\0");
+        let mut out = Vec::with_capacity(40 + self.model.len());
+        out.extend_from_slice(b"kvtier-ns-v2\0");
         out.extend_from_slice(&(self.model.len() as u32).to_le_bytes());
         out.extend_from_slice(self.model.as_bytes());
         out.push(self.dtype.code());
         out.push(self.layout.code());
+        out.extend_from_slice(&self.layers.to_le_bytes());
+        out.extend_from_slice(&self.hidden.to_le_bytes());
         out.extend_from_slice(&self.tp_size.to_le_bytes());
         out.extend_from_slice(&self.tp_rank.to_le_bytes());
         out.extend_from_slice(&self.chunk_size.to_le_bytes());
@@ -223,6 +231,8 @@ mod tests {
             model: "meta-llama/Llama-3.1-8B-Instruct".into(),
             dtype: DType::Bf16,
             layout: KvLayout::Kv2Ltd,
+            layers: 32,
+            hidden: 1024,
             tp_size: 1,
             tp_rank: 0,
             chunk_size: chunk,

@@ -1,6 +1,6 @@
 //! The engine through its public API: store, lookup, retrieve, tiers, restart, metrics.
 
-use kvtier::{Config, Engine, Error, ModelSpec};
+use kvtier::{ChunkShape, Config, Engine, Error, ModelSpec};
 
 /// A small model so tests move little data (synthetic KV: test bytes, not a model's).
 fn model() -> ModelSpec {
@@ -145,6 +145,83 @@ async fn eviction_to_disk_and_restart() {
     let engine2 = Engine::from_config(other, m.clone()).await.unwrap();
     drop(engine);
     assert_eq!(engine2.lookup(&prompts[0]).await.unwrap(), 0);
+}
+
+/// Replaces chunk `key`'s file in the disk tier at `dir` with a well-formed chunk (valid
+/// header and checksum) of `shape` whose payload is all `fill`.
+fn plant_disk_chunk(dir: &std::path::Path, key: kvtier::ChunkKey, shape: ChunkShape, fill: u8) {
+    let name = key.to_string();
+    let path = dir.join(&name[..2]).join(format!("{name}.kvc"));
+    assert!(path.is_file(), "{} was stored", path.display());
+    let payload = vec![fill; shape.payload_len()];
+    std::fs::write(&path, kvtier::chunk::encode_chunk(key, shape, &payload)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tier_chunk_of_another_shape_is_a_miss_never_a_panic_or_wrong_kv() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let a: Vec<u32> = (0..768).collect();
+    let b: Vec<u32> = (5_000..5_768).collect();
+    let (keys_a, keys_b) = {
+        let engine = Engine::from_config(config(64 << 20, Some(dir.path())), m.clone())
+            .await
+            .unwrap();
+        engine.store(&a, &kv_for(&m, &a)).await.unwrap();
+        engine.store(&b, &kv_for(&m, &b)).await.unwrap();
+        engine.flush().await.unwrap();
+        (engine.chunk_keys(&a), engine.chunk_keys(&b))
+    };
+    let shape = m.chunk_shape(256);
+    // Under a's second key: the same byte count laid out for another model (twice the
+    // layers, half the width) — slicing by byte count alone would hand out its bytes.
+    let same_bytes = ChunkShape {
+        layers: shape.layers * 2,
+        hidden: shape.hidden / 2,
+        ..shape
+    };
+    assert_eq!(same_bytes.payload_len(), shape.payload_len());
+    plant_disk_chunk(dir.path(), keys_a[1], same_bytes, 0xab);
+    // Under b's second key: a chunk claiming more tokens than a chunk has (slicing by its
+    // header would run past the caller's buffer).
+    let longer = ChunkShape {
+        tokens: 512,
+        ..shape
+    };
+    plant_disk_chunk(dir.path(), keys_b[1], longer, 0xcd);
+
+    let engine = Engine::from_config(config(64 << 20, Some(dir.path())), m.clone())
+        .await
+        .unwrap();
+    for (tokens, what) in [(&a, "same byte count"), (&b, "longer")] {
+        let mut out = vec![0u8; tokens.len() * m.bytes_per_token()];
+        let report = engine.retrieve(tokens, &mut out).await.unwrap();
+        assert_eq!(
+            report.tokens, 256,
+            "{what}: only the first chunk is the model's"
+        );
+        // The first chunk's rows in every plane are right; nothing else was written.
+        let want = kv_for(&m, tokens);
+        let row = m.chunk_shape(1).row_bytes();
+        let plane = tokens.len() * row;
+        for (p, (got, exp)) in out.chunks(plane).zip(want.chunks(plane)).enumerate() {
+            assert_eq!(got[..256 * row], exp[..256 * row], "{what}: plane {p}");
+            assert!(
+                got[256 * row..].iter().all(|&x| x == 0),
+                "{what}: plane {p}"
+            );
+        }
+        let chunks = engine.retrieve_chunks(tokens).await.unwrap();
+        assert_eq!(chunks.len(), 1, "{what}");
+    }
+    assert!(
+        engine
+            .metrics()
+            .corrupt_chunks
+            .with_label_values(&["shape"])
+            .get()
+            >= 2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,11 +29,25 @@ fn lcg(seed: u64, n: usize) -> Vec<u32> {
         .collect()
 }
 
-fn ns(model: &str, dtype: DType, layout: KvLayout, tp: (u32, u32), chunk: u32) -> ModelNamespace {
+/// Llama-3.1-8B's KV shape (32 layers × 8 KV heads × 128) and DeepSeek-V3's MLA latent
+/// (61 layers × 576).
+const LLAMA_SHAPE: (u32, u32) = (32, 1024);
+const DEEPSEEK_SHAPE: (u32, u32) = (61, 576);
+
+fn ns(
+    model: &str,
+    dtype: DType,
+    layout: KvLayout,
+    shape: (u32, u32),
+    tp: (u32, u32),
+    chunk: u32,
+) -> ModelNamespace {
     ModelNamespace {
         model: model.into(),
         dtype,
         layout,
+        layers: shape.0,
+        hidden: shape.1,
         tp_size: tp.0,
         tp_rank: tp.1,
         chunk_size: chunk,
@@ -45,28 +59,56 @@ fn cases() -> Vec<Case> {
     vec![
         Case {
             name: "llama-600-ascending",
-            ns: ns(llama, DType::Bf16, KvLayout::Kv2Ltd, (1, 0), 256),
+            ns: ns(
+                llama,
+                DType::Bf16,
+                KvLayout::Kv2Ltd,
+                LLAMA_SHAPE,
+                (1, 0),
+                256,
+            ),
             seed: 0,
             keep_partial: true,
             tokens: (0..600).collect(),
         },
         Case {
             name: "llama-600-ascending-drop-partial",
-            ns: ns(llama, DType::Bf16, KvLayout::Kv2Ltd, (1, 0), 256),
+            ns: ns(
+                llama,
+                DType::Bf16,
+                KvLayout::Kv2Ltd,
+                LLAMA_SHAPE,
+                (1, 0),
+                256,
+            ),
             seed: 0,
             keep_partial: false,
             tokens: (0..600).collect(),
         },
         Case {
             name: "llama-seed-42",
-            ns: ns(llama, DType::Bf16, KvLayout::Kv2Ltd, (1, 0), 256),
+            ns: ns(
+                llama,
+                DType::Bf16,
+                KvLayout::Kv2Ltd,
+                LLAMA_SHAPE,
+                (1, 0),
+                256,
+            ),
             seed: 42,
             keep_partial: true,
             tokens: (0..600).collect(),
         },
         Case {
             name: "llama-tp2-rank1-random-7500",
-            ns: ns(llama, DType::Bf16, KvLayout::Kv2Ltd, (2, 1), 256),
+            ns: ns(
+                llama,
+                DType::Bf16,
+                KvLayout::Kv2Ltd,
+                LLAMA_SHAPE,
+                (2, 1),
+                256,
+            ),
             seed: 0,
             keep_partial: true,
             tokens: lcg(7, 7500),
@@ -77,6 +119,7 @@ fn cases() -> Vec<Case> {
                 "deepseek-ai/DeepSeek-V3",
                 DType::Fp8E4m3,
                 KvLayout::Mla1Ltd,
+                DEEPSEEK_SHAPE,
                 (8, 3),
                 64,
             ),
@@ -86,7 +129,14 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "empty",
-            ns: ns(llama, DType::Bf16, KvLayout::Kv2Ltd, (1, 0), 256),
+            ns: ns(
+                llama,
+                DType::Bf16,
+                KvLayout::Kv2Ltd,
+                LLAMA_SHAPE,
+                (1, 0),
+                256,
+            ),
             seed: 0,
             keep_partial: true,
             tokens: vec![],
@@ -101,11 +151,14 @@ fn render(cases: &[Case]) -> String {
     );
     for c in cases {
         out.push_str(&format!(
-            "case {} model={} dtype={} layout={} tp={}/{} chunk={} seed={} partial={} tokens={}\n",
+            "case {} model={} dtype={} layout={} layers={} hidden={} tp={}/{} chunk={} seed={} \
+             partial={} tokens={}\n",
             c.name,
             c.ns.model,
             c.ns.dtype,
             c.ns.layout,
+            c.ns.layers,
+            c.ns.hidden,
             c.ns.tp_rank,
             c.ns.tp_size,
             c.ns.chunk_size,
@@ -138,12 +191,12 @@ fn keys_match_golden_vectors() {
 #[test]
 fn root_key_follows_the_documented_encoding() {
     // h_{-1} = xxh3_128(seed, canonical namespace bytes), spelled out byte by byte.
-    let n = ns("m", DType::Bf16, KvLayout::Kv2Ltd, (2, 1), 256);
-    let mut bytes = b"kvtier-ns-v1\0".to_vec();
+    let n = ns("m", DType::Bf16, KvLayout::Kv2Ltd, (4, 512), (2, 1), 256);
+    let mut bytes = b"kvtier-ns-v2\0".to_vec();
     bytes.extend_from_slice(&1u32.to_le_bytes());
     bytes.push(b'm');
     bytes.extend_from_slice(&[1, 1]);
-    for v in [2u32, 1, 256] {
+    for v in [4u32, 512, 2, 1, 256] {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
     assert_eq!(n.canonical_bytes(), bytes);
@@ -161,6 +214,26 @@ fn root_key_follows_the_documented_encoding() {
         hasher.keys(&[10, 20])[0].0,
         xxhash_rust::xxh3::xxh3_128_with_seed(&first, 5)
     );
+}
+
+#[test]
+fn models_of_another_shape_under_one_name_never_share_keys() {
+    let llama = "meta-llama/Llama-3.1-8B-Instruct";
+    let tokens: Vec<u32> = (0..512).collect();
+    let keys = |shape| {
+        ChunkHasher::new(
+            &ns(llama, DType::Bf16, KvLayout::Kv2Ltd, shape, (1, 0), 256),
+            0,
+            true,
+        )
+        .keys(&tokens)
+    };
+    let base = keys(LLAMA_SHAPE);
+    // A pruned model (fewer layers) and a model with wider KV heads, served as "llama".
+    for other in [(16, 1024), (32, 2048)] {
+        let k = keys(other);
+        assert!(base.iter().all(|b| !k.contains(b)), "{other:?}");
+    }
 }
 
 fn keys_in_subprocess(tokens_file: &Path) -> String {

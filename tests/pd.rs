@@ -6,6 +6,7 @@ use std::time::Duration;
 use kvtier::config::{PdRole, TransferChannel};
 use kvtier::pd::{PdError, PdReceiver, PdSender, ProxyListener, ReceiverSpec};
 use kvtier::{Config, Error, Metrics, ModelSpec};
+use kvtier_transport::handshake::HandshakeError;
 
 /// A small model: 16 KiB per token (synthetic KV: test bytes, not a model's).
 fn model() -> ModelSpec {
@@ -82,23 +83,19 @@ async fn tcp_sender() -> PdSender {
 /// A hand-driven control connection to `receiver`'s allocation port, past the handshake
 /// (no secret): for tests that play a sender misbehaving at the protocol level.
 async fn raw_sender(receiver: &PdReceiver) -> tokio::net::TcpStream {
-    use kvtier::pd::protocol::{encode, Message, VERSION};
-    use tokio::io::AsyncWriteExt;
+    use kvtier_transport::handshake::{self, Hello, Service};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", receiver.ports().1))
         .await
         .unwrap();
-    let Message::Challenge { nonce, .. } = read_msg(&mut s).await else {
-        panic!("no challenge")
+    let hello = Hello {
+        service: Service::PdReceiver,
+        version: kvtier::pd::protocol::VERSION,
+        name: "raw",
+        secret: None,
     };
-    let mac = kvtier_transport::auth::respond(None, b"kvtier-pd-control-v1", &nonce);
-    s.write_all(&encode(&Message::Hello {
-        version: VERSION,
-        name: "raw".into(),
-        mac,
-    }))
-    .await
-    .unwrap();
-    assert_eq!(read_msg(&mut s).await, Message::Welcome);
+    handshake::connect(&mut s, "receiver", hello, Duration::from_secs(5))
+        .await
+        .unwrap();
     s
 }
 
@@ -295,8 +292,15 @@ async fn control_ports_refuse_a_sender_without_the_secret() {
             .send("r", &tokens, &kv_for(&m, &tokens), &spec(&receiver))
             .await
             .unwrap_err();
+        // Without a secret the receiver refuses us; with another one we refuse the
+        // receiver, which cannot prove ours.
         assert!(
-            matches!(err, Error::Pd(PdError::Refused { .. })),
+            matches!(
+                err,
+                Error::Pd(PdError::Handshake(
+                    HandshakeError::Refused { .. } | HandshakeError::Unproven { .. }
+                ))
+            ),
             "{token:?}: {err}"
         );
     }
@@ -312,6 +316,113 @@ async fn control_ports_refuse_a_sender_without_the_secret() {
         .send("r", &tokens, &kv_for(&m, &tokens), &spec(&receiver))
         .await
         .unwrap();
+
+    // Mutual: a sender that has the secret refuses a receiver that cannot prove it (a
+    // rogue decoder named in kv_transfer_params), before any KV leaves.
+    let rogue = tcp_receiver(4).await;
+    let err = sender
+        .send("r2", &tokens, &kv_for(&m, &tokens), &spec(&rogue))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Pd(PdError::Handshake(HandshakeError::Unproven { .. }))
+        ),
+        "{err}"
+    );
+    assert_eq!(rogue.usage().used_pages, 0);
+    assert_eq!(rogue.lookup(&tokens), 0);
+
+    // The proxy's notification port proves the secret too, and refuses notifiers without it.
+    let open_proxy = ProxyListener::bind("127.0.0.1", 0, None).await.unwrap();
+    let with_proxy = |port, token: Option<&'static str>| {
+        let config = sender_config(TransferChannel::Tcp, Some(port), token);
+        let m = m.clone();
+        async move { PdSender::new(&config, m, Metrics::new()).await }
+    };
+    // (A failed notification is logged, not returned: the KV still reaches the decoder.)
+    let notifier = with_proxy(open_proxy.local_addr().port(), Some("k"))
+        .await
+        .unwrap();
+    notifier
+        .send("r3", &tokens, &kv_for(&m, &tokens), &spec(&receiver))
+        .await
+        .unwrap();
+    let told = open_proxy.wait("r3", Duration::from_millis(500)).await;
+    assert!(told.is_err(), "a notifier told an unproven proxy: {told:?}");
+    let guarded_proxy = ProxyListener::bind("127.0.0.1", 0, Some("k".into()))
+        .await
+        .unwrap();
+    let stranger = with_proxy(guarded_proxy.local_addr().port(), None)
+        .await
+        .unwrap();
+    let open_receiver = tcp_receiver(4).await;
+    stranger
+        .send("r4", &tokens, &kv_for(&m, &tokens), &spec(&open_receiver))
+        .await
+        .unwrap();
+    let waited = guarded_proxy.wait("r4", Duration::from_millis(500)).await;
+    assert!(waited.is_err(), "the proxy took a stranger's notification");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_pointed_at_the_wrong_port_is_told_what_is_there() {
+    let m = model();
+    let proxy = ProxyListener::bind("127.0.0.1", 0, None).await.unwrap();
+    let sender = PdSender::new(
+        &sender_config(TransferChannel::Tcp, None, None),
+        m.clone(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let tokens: Vec<u32> = (0..10).collect();
+    let port = proxy.local_addr().port();
+    let wrong = ReceiverSpec {
+        host: "127.0.0.1".into(),
+        init_port: port,
+        alloc_port: port,
+    };
+    let err = sender
+        .send("r", &tokens, &kv_for(&m, &tokens), &wrong)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is a kvtier P/D proxy notification port"),
+        "{err}"
+    );
+    assert!(err.contains("not a kvtier P/D receiver"), "{err}");
+
+    // A port where something other than kvtier listens (here: an HTTP server that answers
+    // every connection with a 400).
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = http.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = http.accept().await {
+            let mut b = [0u8; 64];
+            let _ = s.read(&mut b).await;
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        }
+    });
+    let err = sender
+        .send(
+            "r",
+            &tokens,
+            &kv_for(&m, &tokens),
+            &ReceiverSpec {
+                host: "127.0.0.1".into(),
+                init_port: port,
+                alloc_port: port,
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("HTTP server"), "{err}");
+    assert!(err.contains("pd_role: receiver"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -138,6 +138,18 @@ impl Proc {
         }
     }
 
+    /// Sends one probe command that must fail; returns the error after `err `.
+    fn ask_err(&mut self, command: &str) -> String {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+        let line = self.line(ASK_TIMEOUT);
+        match line.strip_prefix("err") {
+            Some(rest) => rest.trim().to_string(),
+            None => panic!("{}: `{command}` should fail, answered `{line}`", self.name),
+        }
+    }
+
     /// Like [`Proc::ask`], but an `err` answer is `None` (for polling while the store is
     /// expected to be unavailable, e.g. during a failover).
     fn try_ask(&mut self, command: &str) -> Option<String> {
@@ -670,6 +682,94 @@ fn in_engine_store_without_any_server() {
     assert_eq!(a.field("store 5 1024", "stored"), "1024");
     assert_eq!(a.field("lookup 5 1024", "hit"), "1024");
     assert_eq!(retrieve(&mut a, 5, 1024), 1024);
+}
+
+/// Mooncake's own master (`mooncake_master` from the `mooncake-transfer-engine` wheel,
+/// which the test command installs and names in `KVTIER_MOONCAKE_MASTER`).
+fn mooncake_master() -> Option<PathBuf> {
+    let path = std::env::var_os("KVTIER_MOONCAKE_MASTER").map(PathBuf::from);
+    match path {
+        Some(p) if p.is_file() => Some(p),
+        Some(p) => panic!("KVTIER_MOONCAKE_MASTER={} is not a file", p.display()),
+        None => None,
+    }
+}
+
+fn mooncake_probe_yaml(addr: &str) -> String {
+    format!(
+        "chunk_size: 256\nlocal_cpu: false\nremote_url: \"mooncakestore://{addr}/\"\n\
+         extra_config:\n  master_server_address: \"{addr}\"\n  protocol: \"tcp\"\n  \
+         local_hostname: \"127.0.0.1\"\n  transfer_timeout: 3\n"
+    )
+}
+
+#[test]
+fn a_store_url_that_names_something_else_says_what_is_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // Mooncake's own master where the reference config expects one: kvtier's engine must
+    // say that `kvtier master` serves this URL, not hang or print a protocol error.
+    match mooncake_master() {
+        Some(program) => {
+            let port = free_port();
+            let metrics = free_port();
+            let mut mc = Proc::spawn(
+                "mooncake_master",
+                &program,
+                &[
+                    &format!("--rpc_port={port}"),
+                    "--rpc_address=127.0.0.1",
+                    &format!("--metrics_port={metrics}"),
+                    "--metrics_host=127.0.0.1",
+                    "--enable_http_metadata_server=false",
+                ],
+                dir,
+            );
+            wait_for("mooncake_master listens", Duration::from_secs(20), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            let addr = format!("127.0.0.1:{port}");
+            let mut engine = probe("engine", &mooncake_probe_yaml(&addr), dir);
+            let err = engine.ask_err("stats");
+            assert!(
+                err.contains(&format!("{addr} is not a kvtier store master")),
+                "{err}"
+            );
+            assert!(err.contains("start `kvtier master` there"), "{err}");
+            assert!(err.contains("mooncake_master"), "{err}");
+            // A store that fails is a miss, never a hang: lookups answer.
+            assert_eq!(engine.field("lookup 1 512", "hit"), "0");
+            assert!(
+                mc.child.try_wait().unwrap().is_none(),
+                "mooncake_master died"
+            );
+        }
+        None => eprintln!(
+            "SKIP (part): mooncake_master not installed (KVTIER_MOONCAKE_MASTER unset); \
+             ./scripts/test.sh installs it"
+        ),
+    }
+
+    // An HTTP server there (say, a vLLM or the proxy).
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = http.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        for mut s in http.incoming().flatten() {
+            let mut b = [0u8; 64];
+            let _ = s.read(&mut b);
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
+        }
+    });
+    let mut engine = probe("engine-http", &mooncake_probe_yaml(&addr), dir);
+    let err = engine.ask_err("stats");
+    assert!(err.contains("like an HTTP server"), "{err}");
+    assert!(err.contains("`kvtier master`"), "{err}");
+
+    // Control: the same engine settings against `kvtier master` work.
+    let (_m, master_addr) = embedded_master("master", "tcp", "8MiB", dir, &[]);
+    let mut engine = probe("engine-ok", &embedded_engine_yaml(&master_addr, "tcp"), dir);
+    assert_eq!(engine.field("stats", "segments"), "1");
 }
 
 #[test]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use kvtier::config::TransferChannel;
 use kvtier::transport::{self, HostBuffer, RemoteIov, Transport, TransportConfig, TransportError};
+use kvtier_transport::handshake::HandshakeError;
 
 const CHUNK: usize = 32 << 20;
 
@@ -225,7 +226,12 @@ async fn tcp_wrong_secret_refused_across_processes() {
             transport::open(TransferChannel::Tcp, config(Duration::from_secs(5), token)).unwrap();
         let r = local.connect(&peer.descriptor).await;
         assert!(
-            matches!(r, Err(TransportError::Refused { .. })),
+            matches!(
+                r,
+                Err(TransportError::Handshake(
+                    HandshakeError::Refused { .. } | HandshakeError::Unproven { .. }
+                ))
+            ),
             "{token:?}: {:?}",
             r.err()
         );

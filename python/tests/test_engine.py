@@ -44,7 +44,8 @@ def test_chunk_keys_match_the_golden_vectors():
             continue
         tp_rank, tp_size = (int(x) for x in f["tp"].split("/"))
         e = kvtier.Engine(
-            f["model"], layers=1, kv_heads=8, head_dim=128, dtype=f["dtype"], layout=f["layout"],
+            f["model"], layers=int(f["layers"]), kv_heads=1, head_dim=int(f["hidden"]),
+            dtype=f["dtype"], layout=f["layout"],
             tp_size=tp_size, tp_rank=tp_rank,
             overrides={"chunk_size": int(f["chunk"]), "hash_seed": int(f["seed"]),
                        "save_unfull_chunk": f["partial"] == "true", "max_local_cpu_size": 0.01},

@@ -2,31 +2,26 @@
 
 use std::time::Duration;
 
-use kvtier_transport::auth;
+use kvtier_transport::handshake::{self, Hello, Service};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::protocol::{self, Message, VERSION};
 use super::PdError;
 
-const AUTH_CONTEXT: &[u8] = b"kvtier-pd-control-v1";
-/// Largest message before `Welcome` (a `Hello` is well under 5 KiB).
-const HANDSHAKE_FRAME: usize = 8 * 1024;
-
-/// One control connection.
+/// One control connection, past the handshake (which bounds everything an
+/// unauthenticated peer can send).
 pub(crate) struct ControlConn {
     stream: TcpStream,
-    /// Largest message accepted now: small until the handshake is done, so an
-    /// unauthenticated peer cannot make us allocate much.
-    max_frame: usize,
-    /// The other side's name (address and, for accepted connections, its `Hello` name).
+    /// The other side: the name it gave in the handshake, and its address.
     pub peer: String,
 }
 
 impl ControlConn {
-    /// Connects to `addr` and authenticates as `name`.
+    /// Connects to the `service` listening at `addr` and authenticates as `name`.
     pub async fn connect(
         addr: &str,
+        service: Service,
         name: &str,
         secret: Option<&str>,
         timeout: Duration,
@@ -35,7 +30,7 @@ impl ControlConn {
             addr: addr.to_string(),
             reason,
         };
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        let mut stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| PdError::Timeout {
                 what: format!("connecting to {addr}"),
@@ -43,44 +38,25 @@ impl ControlConn {
             })?
             .map_err(|e| connect_err(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        let mut conn = ControlConn {
-            stream,
-            max_frame: HANDSHAKE_FRAME,
-            peer: addr.to_string(),
-        };
-        let nonce = match conn.recv_within(timeout).await? {
-            Message::Challenge { version, nonce } if version == VERSION => nonce,
-            Message::Challenge { version, .. } => {
-                return Err(PdError::Refused {
-                    peer: addr.into(),
-                    reason: format!("speaks control protocol {version}, this build {VERSION}"),
-                })
-            }
-            other => return Err(conn.unexpected(&other)),
-        };
-        let mac = auth::respond(secret, AUTH_CONTEXT, &nonce);
-        conn.send(&Message::Hello {
+        let hello = Hello {
+            service,
             version: VERSION,
-            name: name.to_string(),
-            mac,
+            name,
+            secret,
+        };
+        let server = handshake::connect(&mut stream, addr, hello, timeout).await?;
+        Ok(ControlConn {
+            stream,
+            peer: format!("{} ({addr})", server.name),
         })
-        .await?;
-        match conn.recv_within(timeout).await? {
-            Message::Welcome => {
-                conn.max_frame = protocol::MAX_FRAME;
-                Ok(conn)
-            }
-            Message::Reject { reason } => Err(PdError::Refused {
-                peer: addr.into(),
-                reason,
-            }),
-            other => Err(conn.unexpected(&other)),
-        }
     }
 
-    /// Runs the accepting side's handshake on `stream`; refuses peers without `secret`.
+    /// Runs the accepting side's handshake on `stream` as the `service` named `name`;
+    /// refuses peers without `secret`.
     pub async fn accept(
-        stream: TcpStream,
+        mut stream: TcpStream,
+        service: Service,
+        name: &str,
         secret: Option<&str>,
         timeout: Duration,
     ) -> Result<Self, PdError> {
@@ -89,45 +65,17 @@ impl ControlConn {
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
-        let mut conn = ControlConn {
-            stream,
-            max_frame: HANDSHAKE_FRAME,
-            peer: addr.clone(),
-        };
-        let nonce = auth::nonce();
-        conn.send(&Message::Challenge {
+        let hello = Hello {
+            service,
             version: VERSION,
-            nonce,
+            name,
+            secret,
+        };
+        let client = handshake::accept(&mut stream, &addr, hello, timeout).await?;
+        Ok(ControlConn {
+            stream,
+            peer: format!("{} ({addr})", client.name),
         })
-        .await?;
-        let (version, name, mac) = match conn.recv_within(timeout).await? {
-            Message::Hello { version, name, mac } => (version, name, mac),
-            other => return Err(conn.unexpected(&other)),
-        };
-        let refusal = if version != VERSION {
-            Some(format!(
-                "control protocol {version}; this endpoint speaks {VERSION}"
-            ))
-        } else if !auth::verify(secret, AUTH_CONTEXT, &nonce, &mac) {
-            Some("wrong or missing transport_auth_token".to_string())
-        } else {
-            None
-        };
-        if let Some(reason) = refusal {
-            let _ = conn
-                .send(&Message::Reject {
-                    reason: reason.clone(),
-                })
-                .await;
-            return Err(PdError::Refused {
-                peer: format!("{name} ({addr})"),
-                reason,
-            });
-        }
-        conn.send(&Message::Welcome).await?;
-        conn.max_frame = protocol::MAX_FRAME;
-        conn.peer = format!("{name} ({addr})");
-        Ok(conn)
     }
 
     /// Sends one message.

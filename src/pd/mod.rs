@@ -39,14 +39,10 @@ pub enum PdError {
         /// Why.
         reason: String,
     },
-    /// The peer refused us (secret or version).
-    #[error("{peer} refused the connection: {reason}")]
-    Refused {
-        /// The peer.
-        peer: String,
-        /// Why.
-        reason: String,
-    },
+    /// The opening exchange failed: refused, unproven secret, another kind of listener
+    /// or not kvtier at all (the error names which).
+    #[error(transparent)]
+    Handshake(#[from] kvtier_transport::handshake::HandshakeError),
     /// The peer sent something malformed or out of place.
     #[error("protocol error with {peer}: {reason}")]
     Protocol {

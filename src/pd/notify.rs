@@ -11,6 +11,7 @@ use super::control::ControlConn;
 use super::protocol::Message;
 use super::PdError;
 use crate::error::{Error, Result};
+use kvtier_transport::handshake::Service;
 
 /// A sender's report that a request's KV reached the receiver (or did not).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,15 +108,21 @@ async fn accept_loop(listener: TcpListener, board: Arc<Board>, secret: Option<St
         };
         let (board, secret) = (board.clone(), secret.clone());
         tokio::spawn(async move {
-            let mut conn =
-                match ControlConn::accept(stream, secret.as_deref(), Duration::from_secs(10)).await
-                {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!("proxy notifications: {e}");
-                        return;
-                    }
-                };
+            let accepted = ControlConn::accept(
+                stream,
+                Service::PdProxy,
+                "kvtier proxy",
+                secret.as_deref(),
+                Duration::from_secs(10),
+            )
+            .await;
+            let mut conn = match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("proxy notifications: {e}");
+                    return;
+                }
+            };
             loop {
                 match conn.recv().await {
                     Ok(Message::TransferDone {
@@ -201,6 +208,7 @@ impl ProxyNotifier {
                 *slot = Some(
                     ControlConn::connect(
                         &self.addr,
+                        Service::PdProxy,
                         &self.name,
                         self.secret.as_deref(),
                         self.timeout,

@@ -6,16 +6,17 @@
 //! length against the body and the caps before allocating: any input gives a message or a
 //! [`ProtocolError`], never a panic.
 //!
-//! Every connection starts with the accepting side's `Challenge`, the connecting side's
-//! `Hello` (HMAC of the nonce with `transport_auth_token`, see
-//! [`kvtier_transport::auth`]) and `Welcome` or `Reject`.
+//! Every connection opens with kvtier's common handshake
+//! ([`kvtier_transport::handshake`]: service `PdReceiver` or `PdProxy`, protocol
+//! [`VERSION`], the shared secret proved both ways) before the first message.
 
 use kvtier_transport::wire::{self, Reader, WireError, Writer};
 
 use crate::keys::ChunkKey;
 
-/// Protocol version of this build (2: commits carry each chunk's checksum).
-pub const VERSION: u16 = 2;
+/// Protocol version of this build (2: commits carry each chunk's checksum; 3: the common
+/// handshake).
+pub const VERSION: u16 = 3;
 /// Largest message body.
 pub const MAX_FRAME: usize = 4 << 20;
 /// Most chunks in one allocation.
@@ -66,29 +67,6 @@ pub enum AllocFailure {
 /// A control-plane message.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Message {
-    /// Accepting side → connecting side, first.
-    Challenge {
-        /// Protocol version.
-        version: u16,
-        /// Random bytes to authenticate.
-        nonce: [u8; 32],
-    },
-    /// Connecting side's answer.
-    Hello {
-        /// Protocol version.
-        version: u16,
-        /// Who is connecting.
-        name: String,
-        /// HMAC-SHA256 of the nonce.
-        mac: [u8; 32],
-    },
-    /// Accepted.
-    Welcome,
-    /// Refused; the connection closes.
-    Reject {
-        /// Why.
-        reason: String,
-    },
     /// Sender → receiver: the receiver's transport descriptor, please.
     GetDescriptor,
     /// Receiver → sender: its transport descriptor and page size.
@@ -184,10 +162,6 @@ pub enum ProtocolError {
     BadCode(&'static str),
 }
 
-const CHALLENGE: u8 = 1;
-const HELLO: u8 = 2;
-const WELCOME: u8 = 3;
-const REJECT: u8 = 4;
 const GET_DESCRIPTOR: u8 = 5;
 const DESCRIPTOR: u8 = 6;
 const ALLOC: u8 = 7;
@@ -213,22 +187,6 @@ fn put_key(w: &mut Writer, k: ChunkKey) {
 pub fn encode(msg: &Message) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(64));
     match msg {
-        Message::Challenge { version, nonce } => {
-            w.u8(CHALLENGE);
-            w.u16(*version);
-            w.raw(nonce);
-        }
-        Message::Hello { version, name, mac } => {
-            w.u8(HELLO);
-            w.u16(*version);
-            put_str(&mut w, name);
-            w.raw(mac);
-        }
-        Message::Welcome => w.u8(WELCOME),
-        Message::Reject { reason } => {
-            w.u8(REJECT);
-            put_str(&mut w, reason);
-        }
         Message::GetDescriptor => w.u8(GET_DESCRIPTOR),
         Message::Descriptor {
             transport,
@@ -341,10 +299,6 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
     wire::check_len(body.len(), MAX_FRAME)?;
     let (&t, rest) = body.split_first().ok_or(WireError::Empty)?;
     let what = match t {
-        CHALLENGE => "challenge",
-        HELLO => "hello",
-        WELCOME => "welcome",
-        REJECT => "reject",
         GET_DESCRIPTOR => "get-descriptor",
         DESCRIPTOR => "descriptor",
         ALLOC => "alloc",
@@ -360,19 +314,6 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
     };
     let mut r = Reader::new(rest, what);
     let msg = match t {
-        CHALLENGE => Message::Challenge {
-            version: r.u16()?,
-            nonce: r.array()?,
-        },
-        HELLO => Message::Hello {
-            version: r.u16()?,
-            name: get_str(&mut r)?,
-            mac: r.array()?,
-        },
-        WELCOME => Message::Welcome,
-        REJECT => Message::Reject {
-            reason: get_str(&mut r)?,
-        },
         GET_DESCRIPTOR => Message::GetDescriptor,
         DESCRIPTOR => Message::Descriptor {
             transport: get_str(&mut r)?,
@@ -462,19 +403,6 @@ mod tests {
     fn all() -> Vec<Message> {
         let k = ChunkKey(0xabcdef);
         vec![
-            Message::Challenge {
-                version: 1,
-                nonce: [3; 32],
-            },
-            Message::Hello {
-                version: 1,
-                name: "prefiller-0".into(),
-                mac: [4; 32],
-            },
-            Message::Welcome,
-            Message::Reject {
-                reason: "wrong secret".into(),
-            },
             Message::GetDescriptor,
             Message::Descriptor {
                 transport: "tcp".into(),

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::keys::{ChunkHasher, ChunkKey, ChunkSpan};
 use crate::metrics::Metrics;
 use crate::transport;
+use kvtier_transport::handshake::Service;
 
 /// Occupancy of the P/D buffer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -538,7 +539,15 @@ async fn listen(inner: Arc<Inner>, listener: TcpListener) {
         tokio::spawn(async move {
             let conn_id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
             let mut closing = inner.closing.subscribe();
-            match ControlConn::accept(stream, inner.secret.as_deref(), inner.timeout).await {
+            let accepted = ControlConn::accept(
+                stream,
+                Service::PdReceiver,
+                &inner.name,
+                inner.secret.as_deref(),
+                inner.timeout,
+            )
+            .await;
+            match accepted {
                 Ok(conn) => {
                     let peer = conn.peer.clone();
                     let served = tokio::select! {

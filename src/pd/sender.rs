@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::keys::{ChunkHasher, ChunkSpan};
 use crate::metrics::Metrics;
 use crate::transport;
+use kvtier_transport::handshake::Service;
 
 /// Where a receiver listens.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -153,9 +154,14 @@ impl PdSender {
             }
         }
         let init_addr = format!("{}:{}", to.host, to.init_port);
-        let mut init =
-            ControlConn::connect(&init_addr, &self.name, self.secret.as_deref(), self.timeout)
-                .await?;
+        let mut init = ControlConn::connect(
+            &init_addr,
+            Service::PdReceiver,
+            &self.name,
+            self.secret.as_deref(),
+            self.timeout,
+        )
+        .await?;
         let (kind, page_bytes, descriptor) =
             match init.request(&Message::GetDescriptor, self.timeout).await? {
                 Message::Descriptor {
@@ -189,7 +195,14 @@ impl PdSender {
             init
         } else {
             let addr = format!("{}:{}", to.host, to.alloc_port);
-            ControlConn::connect(&addr, &self.name, self.secret.as_deref(), self.timeout).await?
+            ControlConn::connect(
+                &addr,
+                Service::PdReceiver,
+                &self.name,
+                self.secret.as_deref(),
+                self.timeout,
+            )
+            .await?
         };
         let link = Arc::new(Link {
             data,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
+use kvtier_transport::handshake::Service;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use xxhash_rust::xxh3::Xxh3;
@@ -180,7 +181,15 @@ impl StoreClient {
                 None => {
                     let mut found = None;
                     for addr in self.master_addrs().await {
-                        match RpcConn::connect(&addr, secret.as_deref(), timeout).await {
+                        let conn = RpcConn::connect(
+                            &addr,
+                            Service::StoreMaster,
+                            "engine",
+                            secret.as_deref(),
+                            timeout,
+                        )
+                        .await;
+                        match conn {
                             Ok(c) => {
                                 found = Some(c);
                                 break;

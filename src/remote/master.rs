@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvtier_transport::handshake::Service;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -106,6 +107,7 @@ impl MasterServer {
         let mut tasks = vec![
             tokio::spawn(super::rpc::serve(
                 listener,
+                Service::StoreMaster,
                 "master",
                 shared.config.auth_token.clone(),
                 shared.config.timeout,
@@ -289,6 +291,8 @@ async fn mirror(
                 if conn.is_none() {
                     conn = RpcConn::connect(
                         &info.control,
+                        Service::StoreNode,
+                        "master",
                         shared.config.auth_token.as_deref(),
                         shared.config.timeout,
                     )
@@ -357,8 +361,14 @@ async fn rebuild(shared: &Arc<Shared>, segments: Vec<SegmentInfo>) -> Placement 
 async fn fetch_index(shared: &Arc<Shared>, info: &SegmentInfo) -> Option<Vec<IndexEntry>> {
     let timeout = index_timeout(shared);
     let index = async {
-        let mut conn =
-            RpcConn::connect(&info.control, shared.config.auth_token.as_deref(), timeout).await?;
+        let mut conn = RpcConn::connect(
+            &info.control,
+            Service::StoreNode,
+            "master",
+            shared.config.auth_token.as_deref(),
+            timeout,
+        )
+        .await?;
         match conn.call(&Request::NodeIndex, timeout).await? {
             Response::NodeIndex(entries) => Ok(entries),
             other => Err(RemoteError::Rpc {

@@ -57,6 +57,10 @@ pub enum RemoteError {
         /// The bound.
         after: Duration,
     },
+    /// The opening exchange with a master or node failed (refused, unproven secret,
+    /// another kind of listener, or not kvtier at all: the error names which).
+    #[error(transparent)]
+    Handshake(#[from] kvtier_transport::handshake::HandshakeError),
     /// No master could be reached.
     #[error("no remote-store master reachable: {0}")]
     NoMaster(String),

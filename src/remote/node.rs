@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kvtier_transport::handshake::Service;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -114,6 +115,7 @@ impl StoreNode {
         let handler = shared.clone();
         let mut tasks = vec![tokio::spawn(super::rpc::serve(
             listener,
+            Service::StoreNode,
             "store node control",
             config.transport.auth_token.clone(),
             config.transport.timeout,

@@ -9,26 +9,23 @@
 
 use std::time::Duration;
 
-use kvtier_transport::auth;
+use kvtier_transport::handshake::{self, Hello, Service};
 use kvtier_transport::wire::{self, Reader, WireError, Writer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::RemoteError;
 
-/// Protocol version; both ends must speak the same one.
-pub const VERSION: u16 = 1;
-/// Largest frame after the handshake.
+/// Protocol version; both ends must speak the same one (2: the common handshake).
+pub const VERSION: u16 = 2;
+/// Largest frame.
 pub const MAX_FRAME: usize = 64 << 20;
-/// Largest frame before the handshake completes.
-const HANDSHAKE_FRAME: usize = 256;
 /// Most objects in one batched request.
 pub const MAX_BATCH: usize = 1 << 16;
 /// Most replicas of one object.
 pub const MAX_REPLICAS: usize = 16;
 const MAX_TEXT: usize = 4096;
 const MAX_DESCRIPTOR: usize = 1 << 20;
-const AUTH_CONTEXT: &[u8] = b"kvtier-remote-store-v1";
 
 /// An object's name: a chunk key, or any 128-bit name a client picks.
 pub type ObjectKey = u128;
@@ -602,10 +599,10 @@ pub fn decode_response(body: &[u8]) -> Result<Response, WireError> {
     Ok(resp)
 }
 
-/// One framed, authenticated control connection.
+/// One framed, authenticated control connection (past the handshake, which bounds what an
+/// unauthenticated peer can send).
 pub struct RpcConn {
     stream: TcpStream,
-    max_frame: usize,
     /// The other side (address).
     pub peer: String,
 }
@@ -632,50 +629,39 @@ async fn within<T>(
 }
 
 impl RpcConn {
-    /// Connects to `addr` and proves knowledge of `secret` (if the server has one).
+    /// Connects to the `service` (master or node) at `addr` as `name`; both sides prove
+    /// knowledge of `secret` (see [`kvtier_transport::handshake`]).
     pub async fn connect(
         addr: &str,
+        service: Service,
+        name: &str,
         secret: Option<&str>,
         timeout: Duration,
     ) -> Result<Self, RemoteError> {
-        within(addr, timeout, "connecting to", async {
-            let stream = TcpStream::connect(addr)
-                .await
-                .map_err(|e| io_err(addr, e))?;
-            let _ = stream.set_nodelay(true);
-            let mut conn = RpcConn {
-                stream,
-                max_frame: HANDSHAKE_FRAME,
-                peer: addr.to_string(),
-            };
-            let hello = conn.recv_frame().await?;
-            let mut r = Reader::new(&hello, "remote store challenge");
-            let version = r.u16().map_err(|e| io_err(addr, e))?;
-            let nonce: [u8; 32] = r.array().map_err(|e| io_err(addr, e))?;
-            if version != VERSION {
-                return Err(RemoteError::Rpc {
-                    peer: addr.into(),
-                    reason: format!("speaks remote-store protocol {version}, this build {VERSION}"),
-                });
-            }
-            conn.send_frame(&auth::respond(secret, AUTH_CONTEXT, &nonce))
-                .await?;
-            let verdict = conn.recv_frame().await?;
-            if verdict.first() != Some(&1) {
-                return Err(RemoteError::Rpc {
-                    peer: addr.into(),
-                    reason: "refused: wrong or missing transport_auth_token".into(),
-                });
-            }
-            conn.max_frame = MAX_FRAME;
-            Ok(conn)
+        let mut stream = within(addr, timeout, "connecting to", async {
+            TcpStream::connect(addr).await.map_err(|e| io_err(addr, e))
         })
-        .await
+        .await?;
+        let _ = stream.set_nodelay(true);
+        let hello = Hello {
+            service,
+            version: VERSION,
+            name,
+            secret,
+        };
+        handshake::connect(&mut stream, addr, hello, timeout).await?;
+        Ok(RpcConn {
+            stream,
+            peer: addr.to_string(),
+        })
     }
 
-    /// Runs the server side of the handshake; refuses clients without `secret`.
+    /// Runs the server side of the handshake as the `service` named `name`; refuses
+    /// clients without `secret`.
     pub async fn accept(
-        stream: TcpStream,
+        mut stream: TcpStream,
+        service: Service,
+        name: &str,
         secret: Option<&str>,
         timeout: Duration,
     ) -> Result<Self, RemoteError> {
@@ -684,33 +670,17 @@ impl RpcConn {
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
-        let mut conn = RpcConn {
-            stream,
-            max_frame: HANDSHAKE_FRAME,
-            peer: peer.clone(),
+        let hello = Hello {
+            service,
+            version: VERSION,
+            name,
+            secret,
         };
-        within(&peer, timeout, "handshake with", async {
-            let nonce = auth::nonce();
-            let mut w = Writer::default();
-            w.u16(VERSION);
-            w.raw(&nonce);
-            conn.send_frame(&w.0).await?;
-            let answer = conn.recv_frame().await?;
-            let ok = <[u8; 32]>::try_from(answer.as_slice())
-                .map(|mac| auth::verify(secret, AUTH_CONTEXT, &nonce, &mac))
-                .unwrap_or(false);
-            conn.send_frame(&[ok as u8]).await?;
-            if !ok {
-                return Err(RemoteError::Rpc {
-                    peer: peer.clone(),
-                    reason: "client refused: wrong or missing transport_auth_token".into(),
-                });
-            }
-            conn.max_frame = MAX_FRAME;
-            Ok(())
+        let client = handshake::accept(&mut stream, &peer, hello, timeout).await?;
+        Ok(RpcConn {
+            stream,
+            peer: format!("{} ({peer})", client.name),
         })
-        .await?;
-        Ok(conn)
     }
 
     async fn send_frame(&mut self, body: &[u8]) -> Result<(), RemoteError> {
@@ -738,7 +708,7 @@ impl RpcConn {
             .read_exact(&mut prefix)
             .await
             .map_err(|e| io_err(&self.peer, e))?;
-        let len = wire::frame_len(prefix, self.max_frame).map_err(|e| io_err(&self.peer, e))?;
+        let len = wire::frame_len(prefix, MAX_FRAME).map_err(|e| io_err(&self.peer, e))?;
         let mut body = vec![0u8; len];
         self.stream
             .read_exact(&mut body)
@@ -777,10 +747,11 @@ impl RpcConn {
     }
 }
 
-/// Accepts control connections on `listener` and answers each request with `handle`
-/// until the task is aborted. `who` names the server in logs.
+/// Accepts control connections on `listener` for `service` and answers each request with
+/// `handle` until the task is aborted. `who` names the server in logs and handshakes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    service: Service,
     who: &'static str,
     secret: Option<String>,
     timeout: Duration,
@@ -798,7 +769,8 @@ pub async fn serve(
         };
         let (secret, handle) = (secret.clone(), handle.clone());
         tokio::spawn(async move {
-            let mut conn = match RpcConn::accept(stream, secret.as_deref(), timeout).await {
+            let accepted = RpcConn::accept(stream, service, who, secret.as_deref(), timeout).await;
+            let mut conn = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("{who}: {e}");
@@ -937,6 +909,7 @@ mod conn_tests {
         let addr = listener.local_addr().unwrap().to_string();
         let server = tokio::spawn(serve(
             listener,
+            Service::StoreMaster,
             "test server",
             Some("s3cret".into()),
             Duration::from_secs(5),
@@ -947,13 +920,14 @@ mod conn_tests {
         ));
         let t = Duration::from_secs(5);
         for wrong in [None, Some("guess")] {
-            let err = RpcConn::connect(&addr, wrong, t)
+            let err = RpcConn::connect(&addr, Service::StoreMaster, "test", wrong, t)
                 .await
                 .err()
                 .expect("refused");
             assert!(err.to_string().contains("transport_auth_token"), "{err}");
         }
-        let mut conn = RpcConn::connect(&addr, Some("s3cret"), t).await.unwrap();
+        let master = |secret| RpcConn::connect(&addr, Service::StoreMaster, "test", secret, t);
+        let mut conn = master(Some("s3cret")).await.unwrap();
         for _ in 0..3 {
             let resp = conn.call(&Request::Exists(vec![1, 2, 3]), t).await.unwrap();
             assert_eq!(resp, Response::Flags(vec![true, false, true]));

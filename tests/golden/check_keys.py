@@ -2,8 +2,8 @@
 """Recomputes tests/golden/keys.txt with Python's `xxhash`, independently of the Rust code,
 from the key definition alone (DESIGN §2, src/keys.rs):
 
-    h_-1 = xxh3_128(seed, b"kvtier-ns-v1\\0" + u32le(len(model)) + model
-                          + u8(dtype) + u8(layout) + u32le(tp_size, tp_rank, chunk_size))
+    h_-1 = xxh3_128(seed, b"kvtier-ns-v2\\0" + u32le(len(model)) + model + u8(dtype)
+                          + u8(layout) + u32le(layers, hidden, tp_size, tp_rank, chunk_size))
     h_i  = xxh3_128(seed, u128le(h_{i-1}) + u32le(tokens of chunk i)...)
 
 Exits non-zero on any difference. Needs `pip install xxhash`.
@@ -16,7 +16,7 @@ from pathlib import Path
 import xxhash
 
 DTYPES = {"bfloat16": 1, "float16": 2, "float32": 3, "fp8_e4m3": 4, "fp8_e5m2": 5, "uint8": 6}
-LAYOUTS = {"KV_2LTD": 1, "MLA_1LTD": 2}
+LAYOUTS = {"KV_2LTD": 1, "MLA_1LTD": 2, "PAGED": 3}
 M64 = (1 << 64) - 1
 
 
@@ -38,10 +38,11 @@ TOKENS = {
 }
 
 
-def keys(model, dtype, layout, tp_rank, tp_size, chunk, seed, partial, tokens):
+def keys(model, dtype, layout, layers, hidden, tp_rank, tp_size, chunk, seed, partial, tokens):
     m = model.encode()
-    ns = b"kvtier-ns-v1\0" + struct.pack("<I", len(m)) + m
-    ns += bytes([DTYPES[dtype], LAYOUTS[layout]]) + struct.pack("<III", tp_size, tp_rank, chunk)
+    ns = b"kvtier-ns-v2\0" + struct.pack("<I", len(m)) + m
+    ns += bytes([DTYPES[dtype], LAYOUTS[layout]])
+    ns += struct.pack("<IIIII", layers, hidden, tp_size, tp_rank, chunk)
     h = xxhash.xxh3_128_intdigest(ns, seed=seed)
     for start in range(0, len(tokens), chunk):
         part = tokens[start:start + chunk]
@@ -55,7 +56,8 @@ def keys(model, dtype, layout, tp_rank, tp_size, chunk, seed, partial, tokens):
 def main():
     golden = Path(__file__).with_name("keys.txt").read_text().splitlines()
     header = re.compile(
-        r"case (\S+) model=(\S+) dtype=(\S+) layout=(\S+) tp=(\d+)/(\d+) chunk=(\d+) "
+        r"case (\S+) model=(\S+) dtype=(\S+) layout=(\S+) layers=(\d+) hidden=(\d+) "
+        r"tp=(\d+)/(\d+) chunk=(\d+) "
         r"seed=(\d+) partial=(true|false) tokens=(\d+)"
     )
     expected, cases = [], 0
@@ -64,12 +66,13 @@ def main():
         if not m:
             continue
         cases += 1
-        name, model, dtype, layout, rank, size, chunk, seed, partial, n = m.groups()
+        name, model, dtype, layout, layers, hidden, rank, size, chunk, seed, partial, n = m.groups()
         tokens = TOKENS[name]
         assert len(tokens) == int(n), f"{name}: token count"
         expected.append(line)
         for i, (s, e, k) in enumerate(
-            keys(model, dtype, layout, int(rank), int(size), int(chunk), int(seed), partial == "true", tokens)
+            keys(model, dtype, layout, int(layers), int(hidden), int(rank), int(size), int(chunk),
+                 int(seed), partial == "true", tokens)
         ):
             expected.append(f"  {i} {s} {e} {k}")
     actual = [l for l in golden if not l.startswith("#")]

@@ -5,10 +5,10 @@
 //! registrations, reads the bytes straight into the registered memory and acknowledges
 //! each frame, so a write completes only when its bytes are in place. Frames of a batch
 //! are pipelined: all are sent before any acknowledgement is awaited. `read` is the
-//! mirror image (`Read` frames answered by `Data` frames). The handshake checks the
-//! protocol version and, with `transport_auth_token`, an HMAC of a fresh challenge: a
-//! peer without the secret is refused. A malformed frame closes that connection with a
-//! logged error. See [`protocol`] for the wire format.
+//! mirror image (`Read` frames answered by `Data` frames). Connections open with kvtier's
+//! common handshake ([`kvtier_transport::handshake`]): protocol version and, with
+//! `transport_auth_token`, proof of the secret in both directions. A malformed frame closes
+//! that connection with a logged error. See [`protocol`] for the wire format.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kvtier_transport::handshake;
 use kvtier_transport::{
-    auth, region_slice, region_slice_mut, BoxFuture, Connection, Descriptor, LocalIov,
-    Notification, RegionMemory, RegionTable, RegistrationHandle, RemoteIov, Result, Transport,
-    TransportConfig, TransportError, MAX_NOTIFICATION,
+    region_slice, region_slice_mut, BoxFuture, Connection, Descriptor, LocalIov, Notification,
+    RegionMemory, RegionTable, RegistrationHandle, RemoteIov, Result, Transport, TransportConfig,
+    TransportError, MAX_NOTIFICATION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -52,7 +53,17 @@ fn io(context: &str, e: std::io::Error) -> TransportError {
     TransportError::Io(format!("{context}: {e}"))
 }
 
-const AUTH_CONTEXT: &[u8] = b"kvtier-tcp-v1";
+impl Inner {
+    /// This endpoint's side of the opening exchange.
+    fn hello(&self) -> handshake::Hello<'_> {
+        handshake::Hello {
+            service: handshake::Service::TcpTransport,
+            version: protocol::VERSION,
+            name: &self.name,
+            secret: self.config.auth_token.as_deref(),
+        }
+    }
+}
 
 /// Why reading a frame failed.
 enum ReadError {
@@ -107,7 +118,7 @@ impl TcpTransport {
             .local_addr()
             .map_err(|e| io("listener address", e))?;
         let (notify_tx, notify_rx) = mpsc::channel(1024);
-        let n = auth::nonce();
+        let n = kvtier_transport::auth::nonce();
         let tag = u32::from_le_bytes([n[0], n[1], n[2], n[3]]);
         let inner = Arc::new(Inner {
             name: format!("tcp://{addr}#{tag:08x}"),
@@ -170,57 +181,18 @@ async fn serve(
     mut stop: watch::Receiver<bool>,
 ) -> std::result::Result<(), String> {
     let _ = stream.set_nodelay(true);
+    let mut stream = stream;
+    let client = handshake::accept(
+        &mut stream,
+        &peer.to_string(),
+        inner.hello(),
+        inner.config.timeout,
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .name;
     let (mut r, mut w) = stream.into_split();
-    let nonce = auth::nonce();
     let timeout = inner.config.timeout;
-    let greet = Frame::Challenge {
-        version: protocol::VERSION,
-        name: inner.name.clone(),
-        nonce,
-    };
-    send(&mut w, &greet).await.map_err(|e| e.to_string())?;
-    let hello = match tokio::time::timeout(timeout, read_frame(&mut r)).await {
-        Err(_) => return Err("no hello within the timeout".into()),
-        Ok(Err(ReadError::Closed(e))) => return Err(format!("closed during handshake: {e}")),
-        Ok(Err(ReadError::Malformed(e))) => return Err(format!("malformed hello: {e}")),
-        Ok(Ok(f)) => f,
-    };
-    let Frame::Hello {
-        version,
-        name: client,
-        mac: their_mac,
-    } = hello
-    else {
-        return Err(format!("expected hello, got {hello:?}"));
-    };
-    let refusal = if version != protocol::VERSION {
-        Some(format!(
-            "protocol version {version}; this endpoint speaks {}",
-            protocol::VERSION
-        ))
-    } else if !auth::verify(
-        inner.config.auth_token.as_deref(),
-        AUTH_CONTEXT,
-        &nonce,
-        &their_mac,
-    ) {
-        Some("wrong or missing transport_auth_token".to_string())
-    } else {
-        None
-    };
-    if let Some(reason) = refusal {
-        let _ = send(
-            &mut w,
-            &Frame::Reject {
-                reason: reason.clone(),
-            },
-        )
-        .await;
-        return Err(format!("refused {client}: {reason}"));
-    }
-    send(&mut w, &Frame::Welcome)
-        .await
-        .map_err(|e| e.to_string())?;
     let client = format!("{client} ({peer})");
     loop {
         let frame = tokio::select! {
@@ -490,52 +462,9 @@ impl TcpConnection {
         let std_stream = stream.into_std().map_err(gone_io)?;
         let socket = std_stream.try_clone().map_err(gone_io)?;
         let stream = TcpStream::from_std(std_stream).map_err(gone_io)?;
-        let (mut r, mut w) = stream.into_split();
-        let gone = |reason: String| TransportError::PeerGone {
-            peer: peer.clone(),
-            reason,
-        };
-        let challenge = match tokio::time::timeout(timeout, read_frame(&mut r)).await {
-            Err(_) => return Err(timed_out("handshake")),
-            Ok(Err(ReadError::Closed(e))) => {
-                return Err(gone(format!("closed during handshake: {e}")))
-            }
-            Ok(Err(ReadError::Malformed(e))) => {
-                return Err(TransportError::Protocol(format!("handshake: {e}")))
-            }
-            Ok(Ok(f)) => f,
-        };
-        let Frame::Challenge { nonce, .. } = challenge else {
-            return Err(TransportError::Protocol(format!(
-                "expected challenge, got {challenge:?}"
-            )));
-        };
-        let hello = Frame::Hello {
-            version: protocol::VERSION,
-            name: inner.name.clone(),
-            mac: auth::respond(inner.config.auth_token.as_deref(), AUTH_CONTEXT, &nonce),
-        };
-        send(&mut w, &hello)
-            .await
-            .map_err(|e| gone(e.to_string()))?;
-        match tokio::time::timeout(timeout, read_frame(&mut r)).await {
-            Err(_) => return Err(timed_out("handshake")),
-            Ok(Ok(Frame::Welcome)) => {}
-            Ok(Ok(Frame::Reject { reason })) => {
-                return Err(TransportError::Refused { peer, reason })
-            }
-            Ok(Ok(other)) => {
-                return Err(TransportError::Protocol(format!(
-                    "expected welcome, got {other:?}"
-                )))
-            }
-            Ok(Err(ReadError::Closed(e))) => {
-                return Err(gone(format!("closed during handshake: {e}")))
-            }
-            Ok(Err(ReadError::Malformed(e))) => {
-                return Err(TransportError::Protocol(format!("handshake: {e}")))
-            }
-        }
+        let mut stream = stream;
+        handshake::connect(&mut stream, &addr, inner.hello(), timeout).await?;
+        let (r, w) = stream.into_split();
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             dead: Mutex::new(None),
@@ -839,6 +768,7 @@ impl Connection for TcpConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvtier_transport::handshake::HandshakeError;
     use kvtier_transport::HostBuffer;
 
     fn make(config: TransportConfig) -> Result<Box<dyn Transport>> {
@@ -859,11 +789,28 @@ mod tests {
             let client = TcpTransport::bind(with(bad)).unwrap();
             let r = client.connect(&d).await;
             assert!(
-                matches!(r, Err(TransportError::Refused { .. })),
+                matches!(
+                    r,
+                    Err(TransportError::Handshake(
+                        HandshakeError::Refused { .. } | HandshakeError::Unproven { .. }
+                    ))
+                ),
                 "{bad:?}: {:?}",
                 r.err()
             );
         }
+        // A client that has the secret refuses a server that does not prove it.
+        let open = TcpTransport::bind(with(None)).unwrap();
+        let client = TcpTransport::bind(with(Some("s3cret"))).unwrap();
+        let r = client.connect(&open.local_descriptor().unwrap()).await;
+        assert!(
+            matches!(
+                r,
+                Err(TransportError::Handshake(HandshakeError::Unproven { .. }))
+            ),
+            "{:?}",
+            r.err()
+        );
         let client = TcpTransport::bind(with(Some("s3cret"))).unwrap();
         let conn = client.connect(&d).await.unwrap();
         conn.notify(b"hi").await.unwrap();
@@ -930,20 +877,15 @@ mod tests {
         let _reg = server.register(mem.clone()).unwrap();
         // A raw client that completes the handshake, then sends garbage.
         let mut raw = TcpStream::connect(server.local_addr()).await.unwrap();
-        let Ok(Frame::Challenge { nonce, .. }) = read_frame(&mut raw).await else {
-            panic!("no challenge")
+        let hello = handshake::Hello {
+            service: handshake::Service::TcpTransport,
+            version: protocol::VERSION,
+            name: "raw",
+            secret: None,
         };
-        send(
-            &mut raw,
-            &Frame::Hello {
-                version: protocol::VERSION,
-                name: "raw".into(),
-                mac: auth::respond(None, AUTH_CONTEXT, &nonce),
-            },
-        )
-        .await
-        .unwrap();
-        assert!(matches!(read_frame(&mut raw).await, Ok(Frame::Welcome)));
+        handshake::connect(&mut raw, "server", hello, Duration::from_secs(5))
+            .await
+            .unwrap();
         raw.write_all(&[5, 0, 0, 0, 0xee, 1, 2, 3, 4])
             .await
             .unwrap();

@@ -1,54 +1,26 @@
-//! The TCP transport's wire protocol: handshake messages and control frames.
+//! The TCP transport's wire protocol: control frames.
 //!
 //! Every message is a control frame: `u32` LE body length (at most [`MAX_FRAME`]) then the
 //! body, whose first byte is the message type. A `Write` frame is followed on the stream
 //! by exactly `len` data bytes, and a `Data` frame likewise; those bytes are not part of
 //! the frame and go straight to/from registered memory.
 //!
-//! Handshake: the server speaks first with `Challenge { version, name, nonce }`; the
-//! client answers `Hello { version, name, mac }`, where `mac` is HMAC-SHA256 over the
-//! nonce keyed by the shared secret (all zeros without one); the server replies `Welcome`
-//! or `Reject { reason }` and closes.
+//! Frames follow kvtier's common opening ([`kvtier_transport::handshake`], service
+//! `TcpTransport`, protocol [`VERSION`]), which names both ends and proves the shared
+//! secret both ways.
 //!
 //! [`decode`] is total: any input gives a frame or a [`FrameError`], never a panic.
 
 use kvtier_transport::wire::{self, Reader, WireError, Writer};
 
 /// Protocol version spoken by this build.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest control-frame body.
 pub const MAX_FRAME: usize = 128 * 1024;
-/// Largest endpoint name.
-pub const MAX_NAME: usize = 256;
 
 /// One control frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
-    /// Server → client, first message.
-    Challenge {
-        /// Server's protocol version.
-        version: u16,
-        /// Server's endpoint name.
-        name: String,
-        /// Random bytes the client must MAC.
-        nonce: [u8; 32],
-    },
-    /// Client → server, answer to the challenge.
-    Hello {
-        /// Client's protocol version.
-        version: u16,
-        /// Client's endpoint name.
-        name: String,
-        /// HMAC-SHA256(secret, nonce), or zeros without a secret.
-        mac: [u8; 32],
-    },
-    /// Server → client: accepted.
-    Welcome,
-    /// Server → client: refused (then the server closes).
-    Reject {
-        /// Why.
-        reason: String,
-    },
     /// Client → server: `len` data bytes follow, for region `region` at `offset`.
     Write {
         /// Request id, echoed in the `Ack`.
@@ -122,10 +94,6 @@ pub enum FrameError {
     BadStatus(u8),
 }
 
-const T_CHALLENGE: u8 = 1;
-const T_HELLO: u8 = 2;
-const T_WELCOME: u8 = 3;
-const T_REJECT: u8 = 4;
 const T_WRITE: u8 = 5;
 const T_READ: u8 = 6;
 const T_NOTIFY: u8 = 7;
@@ -146,27 +114,6 @@ fn put_status(w: &mut Writer, s: Status) {
 pub fn encode(frame: &Frame) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(48));
     match frame {
-        Frame::Challenge {
-            version,
-            name,
-            nonce,
-        } => {
-            w.u8(T_CHALLENGE);
-            w.u16(*version);
-            w.str(name, MAX_NAME, false);
-            w.raw(nonce);
-        }
-        Frame::Hello { version, name, mac } => {
-            w.u8(T_HELLO);
-            w.u16(*version);
-            w.str(name, MAX_NAME, false);
-            w.raw(mac);
-        }
-        Frame::Welcome => w.u8(T_WELCOME),
-        Frame::Reject { reason } => {
-            w.u8(T_REJECT);
-            w.str(reason, MAX_NAME, false);
-        }
         Frame::Write {
             req,
             region,
@@ -228,10 +175,6 @@ pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
     wire::check_len(body.len(), MAX_FRAME)?;
     let (&t, rest) = body.split_first().ok_or(WireError::Empty)?;
     let name = match t {
-        T_CHALLENGE => "challenge",
-        T_HELLO => "hello",
-        T_WELCOME => "welcome",
-        T_REJECT => "reject",
         T_WRITE => "write",
         T_READ => "read",
         T_NOTIFY => "notify",
@@ -241,20 +184,6 @@ pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
     };
     let mut c = Reader::new(rest, name);
     let frame = match t {
-        T_CHALLENGE => Frame::Challenge {
-            version: c.u16()?,
-            name: c.str(MAX_NAME, false)?,
-            nonce: c.array()?,
-        },
-        T_HELLO => Frame::Hello {
-            version: c.u16()?,
-            name: c.str(MAX_NAME, false)?,
-            mac: c.array()?,
-        },
-        T_WELCOME => Frame::Welcome,
-        T_REJECT => Frame::Reject {
-            reason: c.str(MAX_NAME, false)?,
-        },
         T_WRITE | T_READ => {
             let (req, region, offset, len) = (c.u64()?, c.u64()?, c.u64()?, c.u64()?);
             if t == T_WRITE {
@@ -298,20 +227,6 @@ mod tests {
 
     fn all() -> Vec<Frame> {
         vec![
-            Frame::Challenge {
-                version: 1,
-                name: "srv".into(),
-                nonce: [7; 32],
-            },
-            Frame::Hello {
-                version: 1,
-                name: "cli".into(),
-                mac: [9; 32],
-            },
-            Frame::Welcome,
-            Frame::Reject {
-                reason: "bad secret".into(),
-            },
             Frame::Write {
                 req: 1,
                 region: 2,
@@ -360,7 +275,7 @@ mod tests {
             let wire = encode(&f);
             let body = &wire[4..];
             // Notify's message is the rest of the frame: every cut is still a frame.
-            if !matches!(f, Frame::Notify { .. } | Frame::Welcome) {
+            if !matches!(f, Frame::Notify { .. }) {
                 for cut in 0..body.len() {
                     assert!(decode(&body[..cut]).is_err(), "{f:?} cut at {cut}");
                 }
@@ -369,7 +284,11 @@ mod tests {
         assert_eq!(decode(&[0xee]), Err(FrameError::UnknownType(0xee)));
         assert!(body_len(u32::MAX.to_le_bytes()).is_err());
         assert!(body_len([0; 4]).is_err());
-        let mut long = encode(&Frame::Welcome)[4..].to_vec();
+        let mut long = encode(&Frame::Ack {
+            req: 1,
+            status: Status::Ok,
+        })[4..]
+            .to_vec();
         long.push(1);
         assert_eq!(decode(&long), Err(FrameError::Wire(WireError::Trailing(1))));
     }

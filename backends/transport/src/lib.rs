@@ -20,6 +20,7 @@ use std::time::Duration;
 pub mod auth;
 pub mod conformance;
 pub mod descriptor;
+pub mod handshake;
 mod memory;
 pub mod wire;
 
@@ -67,14 +68,10 @@ pub enum TransportError {
         /// What happened.
         reason: String,
     },
-    /// The peer refused us (wrong shared secret or protocol version).
-    #[error("peer {peer} refused the connection: {reason}")]
-    Refused {
-        /// The peer.
-        peer: String,
-        /// Why.
-        reason: String,
-    },
+    /// The opening exchange failed: the peer refused us, did not prove the shared secret,
+    /// is not the kind of kvtier listener we wanted, or is not kvtier at all.
+    #[error(transparent)]
+    Handshake(#[from] handshake::HandshakeError),
     /// The native runtime this transport needs cannot be loaded.
     #[error("{transport} runtime missing: {what}")]
     RuntimeMissing {

@@ -31,6 +31,15 @@ pub struct KeysArgs {
     /// KV layout.
     #[arg(long, default_value = "KV_2LTD")]
     layout: KvLayout,
+    /// Layers (part of the key namespace; default: Llama-3.1-8B's).
+    #[arg(long, default_value_t = 32)]
+    layers: u32,
+    /// KV heads of this shard.
+    #[arg(long, default_value_t = 8)]
+    kv_heads: u32,
+    /// Elements per head.
+    #[arg(long, default_value_t = 128)]
+    head_dim: u32,
     /// Tensor-parallel world size.
     #[arg(long, default_value_t = 1)]
     tp_size: u32,
@@ -69,6 +78,8 @@ pub fn run(args: KeysArgs) -> anyhow::Result<()> {
         model: args.model,
         dtype: args.dtype,
         layout: args.layout,
+        layers: args.layers,
+        hidden: args.kv_heads * args.head_dim,
         tp_size: args.tp_size,
         tp_rank: args.tp_rank,
         chunk_size,
@@ -76,10 +87,12 @@ pub fn run(args: KeysArgs) -> anyhow::Result<()> {
     let seed = args.seed.unwrap_or(config.hash_seed);
     let hasher = ChunkHasher::new(&namespace, seed, config.save_unfull_chunk);
     println!(
-        "# model={} dtype={} layout={} tp={}/{} chunk_size={} seed={} tokens={}",
+        "# model={} dtype={} layout={} layers={} hidden={} tp={}/{} chunk_size={} seed={} tokens={}",
         namespace.model,
         namespace.dtype,
         namespace.layout,
+        namespace.layers,
+        namespace.hidden,
         namespace.tp_rank,
         namespace.tp_size,
         chunk_size,
