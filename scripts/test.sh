@@ -42,6 +42,15 @@ fi
 etcd --version | sed -n 1p  # sed reads to the end: no SIGPIPE under pipefail
 redis-server --version
 
+step "Mooncake's own master (a kvtier client that reaches it must say so; wheel in target/py)"
+if ! dpkg -s libibverbs1 >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq libibverbs1
+fi
+target/py/bin/python -m pip install -q --disable-pip-version-check --no-deps \
+    mooncake-transfer-engine==0.3.13.post1
+KVTIER_MOONCAKE_MASTER=$(ls "$PWD"/target/py/lib/python3*/site-packages/mooncake/mooncake_master)
+export KVTIER_MOONCAKE_MASTER
+
 step "format"
 cargo fmt --all -- --check
 

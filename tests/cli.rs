@@ -178,3 +178,51 @@ fn bench_gpu_skips_cleanly_without_a_device_and_fails_when_one_is_required() {
     let err = text(&out.stderr);
     assert!(err.contains("CUDA") || err.contains("cuda"), "{err}");
 }
+
+/// Starts `kvtier master` (embedded, 8 MiB segment) with `extra` flags; returns its
+/// stderr after it printed `ready`, then stops it.
+fn master_log(extra: &[&str]) -> String {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("master.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvtier"))
+        .args(["master", "--segment-size", "8MiB"])
+        .args(extra)
+        .env_remove("KVTIER_TRANSPORT_AUTH_TOKEN")
+        .env("KVTIER_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.starts_with("ready"), "{line}");
+    std::fs::read_to_string(log).unwrap()
+}
+
+#[test]
+fn listeners_stay_on_loopback_unless_told_and_warn_when_open_beyond_it() {
+    let help = text(&kvtier(&["master", "--help"]).stdout);
+    assert!(help.contains("[default: 127.0.0.1:50051]"), "{help}");
+    let quiet = master_log(&["--listen", "127.0.0.1:0"]);
+    assert!(!quiet.contains("beyond this host"), "{quiet}");
+    // Every host, no secret: one warning naming what is exposed.
+    let open = master_log(&["--listen", "0.0.0.0:0"]);
+    assert!(
+        open.contains("kvtier store master listens on 0.0.0.0:")
+            && open.contains("without transport_auth_token")
+            && open.contains("transport descriptors"),
+        "{open}"
+    );
+    assert_eq!(
+        open.matches("kvtier store master listens").count(),
+        1,
+        "{open}"
+    );
+    let guarded = master_log(&["--listen", "0.0.0.0:0", "--auth-token", "s3cret"]);
+    assert!(!guarded.contains("beyond this host"), "{guarded}");
+}

@@ -67,6 +67,11 @@ impl ProxyListener {
             path: format!("{host}:{port}").into(),
             source: e,
         })?;
+        kvtier_transport::handshake::warn_if_exposed(
+            Service::PdProxy,
+            &addr,
+            auth_token.as_deref(),
+        );
         let board = Arc::new(Board::default());
         let task = tokio::spawn(accept_loop(listener, board.clone(), auth_token));
         Ok(ProxyListener { board, addr, task })

@@ -142,6 +142,14 @@ impl PdReceiver {
             }
         };
         let init = bind(init_port).await?;
+        if let Ok(addr) = init.local_addr() {
+            // One warning covers both control ports (same host, same secret).
+            kvtier_transport::handshake::warn_if_exposed(
+                Service::PdReceiver,
+                &addr,
+                config.transport_auth_token.as_deref(),
+            );
+        }
         let init_bound = init.local_addr().map(|a| a.port()).unwrap_or(init_port);
         let alloc = if alloc_port == init_port {
             None

@@ -88,6 +88,11 @@ impl MasterServer {
         let mut bound = listener
             .local_addr()
             .map_err(|e| RemoteError::Config(e.to_string()))?;
+        kvtier_transport::handshake::warn_if_exposed(
+            Service::StoreMaster,
+            &bound,
+            config.auth_token.as_deref(),
+        );
         if bound.ip().is_unspecified() && config.advertise.is_none() {
             tracing::warn!(
                 "master listens on {bound}; advertising 127.0.0.1 (set --advertise for other hosts)"

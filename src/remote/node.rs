@@ -94,8 +94,13 @@ impl StoreNode {
             })?;
         let control = listener
             .local_addr()
-            .map_err(|e| RemoteError::Config(e.to_string()))?
-            .to_string();
+            .map_err(|e| RemoteError::Config(e.to_string()))?;
+        kvtier_transport::handshake::warn_if_exposed(
+            Service::StoreNode,
+            &control,
+            config.transport.auth_token.as_deref(),
+        );
+        let control = control.to_string();
         let nonce = kvtier_transport::auth::nonce();
         let id = <[u8; 8]>::try_from(&nonce[..8]).expect("8 bytes");
         let info = SegmentInfo {

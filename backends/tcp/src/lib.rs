@@ -117,6 +117,11 @@ impl TcpTransport {
         let addr = listener
             .local_addr()
             .map_err(|e| io("listener address", e))?;
+        handshake::warn_if_exposed(
+            handshake::Service::TcpTransport,
+            &addr,
+            config.auth_token.as_deref(),
+        );
         let (notify_tx, notify_rx) = mpsc::channel(1024);
         let n = kvtier_transport::auth::nonce();
         let tag = u32::from_le_bytes([n[0], n[1], n[2], n[3]]);

@@ -95,6 +95,20 @@ impl Service {
         }
     }
 
+    /// What anyone who can reach this listener can do when no secret guards it.
+    fn exposure(self) -> &'static str {
+        match self {
+            Service::TcpTransport => "read and write this process's registered memory",
+            Service::PdReceiver => "fill this decoder's P/D buffer and commit KV into it",
+            Service::PdProxy => "post transfer-done notices for any request",
+            Service::StoreMaster => {
+                "read the store's placement and every node's transport descriptors (which \
+                 grant access to their memory), and put or remove objects"
+            }
+            Service::StoreNode => "read and rewrite this node's index",
+        }
+    }
+
     fn context(self, side: &[u8]) -> Vec<u8> {
         let mut c = b"kvtier-handshake-v1:".to_vec();
         c.push(self.code());
@@ -113,6 +127,24 @@ impl fmt::Display for Service {
             Service::StoreMaster => "store master",
             Service::StoreNode => "store node",
         })
+    }
+}
+
+/// Whether a listener on `addr` is reachable from other hosts without a shared secret.
+pub fn is_exposed(addr: &std::net::SocketAddr, secret: Option<&str>) -> bool {
+    secret.is_none() && !addr.ip().is_loopback()
+}
+
+/// Logs one warning when the `service` listening on `addr` is reachable from other hosts
+/// without a shared secret (kvtier listens on 127.0.0.1 unless configured otherwise).
+pub fn warn_if_exposed(service: Service, addr: &std::net::SocketAddr, secret: Option<&str>) {
+    if is_exposed(addr, secret) {
+        tracing::warn!(
+            "kvtier {service} listens on {addr}, beyond this host, without transport_auth_token: \
+             anyone who can reach it can {}. Set the same transport_auth_token on every kvtier \
+             process, or listen on 127.0.0.1",
+            service.exposure()
+        );
     }
 }
 
@@ -611,6 +643,16 @@ mod tests {
         let cr = connect(&mut c, &addr, client, t).await;
         drop(c);
         (cr, srv.await.unwrap())
+    }
+
+    #[test]
+    fn only_non_loopback_listeners_without_a_secret_are_exposed() {
+        let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert!(!is_exposed(&at("127.0.0.1:1"), None));
+        assert!(!is_exposed(&at("[::1]:1"), None));
+        assert!(is_exposed(&at("0.0.0.0:1"), None));
+        assert!(is_exposed(&at("10.1.2.3:1"), None));
+        assert!(!is_exposed(&at("0.0.0.0:1"), Some("k")));
     }
 
     #[tokio::test]

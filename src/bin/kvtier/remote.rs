@@ -22,8 +22,9 @@ use crate::transfer::{parse_channel, parse_size};
 /// Arguments of `kvtier master`.
 #[derive(Args)]
 pub struct MasterArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0:50051")]
+    /// Address to listen on (loopback by default: other hosts need `--listen 0.0.0.0:50051`
+    /// or an interface address, and should share a `--auth-token`).
+    #[arg(long, default_value = "127.0.0.1:50051")]
     listen: String,
     /// Address clients should use (published in etcd); default: the listen address.
     #[arg(long)]
