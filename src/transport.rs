@@ -23,6 +23,14 @@ pub fn transport_config(config: &Config, host: &str) -> TransportConfig {
     }
 }
 
+/// Prepares the process for the native transports built in (today: keeps the NIXL wheel's
+/// UCX from loading a module that crashes the process at exit, see
+/// `kvtier_nixl::prepare_environment`). Call first thing in `main`, before threads start.
+pub fn prepare_process() {
+    #[cfg(feature = "nixl")]
+    kvtier_nixl::prepare_environment();
+}
+
 /// Opens a transport of kind `channel`. Must be called within a tokio runtime.
 pub fn open(channel: TransferChannel, config: TransportConfig) -> Result<Box<dyn Transport>> {
     match channel {

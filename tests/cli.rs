@@ -226,3 +226,32 @@ fn listeners_stay_on_loopback_unless_told_and_warn_when_open_beyond_it() {
     let guarded = master_log(&["--listen", "0.0.0.0:0", "--auth-token", "s3cret"]);
     assert!(!guarded.contains("beyond this host"), "{guarded}");
 }
+
+/// `kvtier bench remote` over NIXL ends with status 0 (it used to print its results and
+/// then die of SIGSEGV in the NIXL wheel's exit handlers).
+#[cfg(feature = "nixl")]
+#[test]
+fn bench_remote_over_nixl_exits_cleanly() {
+    let out = kvtier(&[
+        "bench",
+        "remote",
+        "--transports",
+        "nixl",
+        "--objects",
+        "2",
+        "--size",
+        "1MiB",
+        "--iterations",
+        "1",
+        "--redis",
+        "none",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("kvtier store (nixl)"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{}; stderr:\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+}

@@ -439,6 +439,7 @@ fn configured_chunk_size(
 /// The Python module.
 #[pymodule]
 fn _kvtier(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    kvtier::transport::prepare_process();
     m.add("KvtierError", m.py().get_type::<KvtierError>())?;
     m.add_class::<Engine>()?;
     m.add_class::<StoreReport>()?;

@@ -39,7 +39,7 @@ use nixl_sys::{
 
 mod runtime;
 
-pub use runtime::{runtime_available, LIB_ENV};
+pub use runtime::{prepare_environment, runtime_available, LIB_ENV};
 
 const KIND: &str = "nixl";
 /// The NIXL backend plugin used.

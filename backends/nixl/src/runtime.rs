@@ -29,6 +29,28 @@ pub const LIB_NAME: &str = "libnixl_capi.so";
 const INSTALL: &str = "pip install --no-deps nixl-cu12==1.5.1 and set \
                        KVTIER_NIXL_LIB=<site-packages>/.nixl_cu12.mesonpy.libs";
 
+/// UCX's module filter (an allow list of glob patterns; `^` excludes).
+const UCX_MODULES: &str = "UCX_MODULES";
+
+/// Prepares the process environment for the NIXL runtime; call it as early as possible
+/// (before other threads start: it may set an environment variable), and in any case
+/// before the runtime loads, which calls it too.
+///
+/// The `nixl-cu12` wheel's UCX carries an EFA module linked against the wheel's own copy of
+/// libibverbs *and* the system's `libefa` (so the system's libibverbs and libnl load too).
+/// With rdma-core's providers installed, both copies end up in the process, and the
+/// wheel's libnl-route crashes in its exit-time destructor: the process dies with SIGSEGV
+/// after `main` returned. A module that mixes two libibverbs copies cannot work anyway, so
+/// unless the user chose modules with `UCX_MODULES`, it is kept out (`UCX_MODULES=^efa`).
+pub fn prepare_environment() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os(UCX_MODULES).is_none() {
+            std::env::set_var(UCX_MODULES, "^efa");
+        }
+    });
+}
+
 /// The outcome of the one load attempt of this process (the error explains it).
 static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
 
@@ -100,6 +122,7 @@ pub(crate) fn open(path: &Path) -> Result<(), String> {
 /// calls return the first outcome.
 pub(crate) fn load(candidates: impl FnOnce() -> Result<Vec<PathBuf>, String>) -> Result<()> {
     let outcome = LOADED.get_or_init(|| {
+        prepare_environment();
         let mut tried = Vec::new();
         for path in candidates()? {
             match open(&path) {

@@ -114,6 +114,7 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    kvtier::transport::prepare_process();
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
