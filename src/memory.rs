@@ -365,79 +365,136 @@ unsafe fn copy_nontemporal_x86(dst: *mut u8, src: *const u8, len: usize) {
     }
 }
 
-/// A host buffer registered with a transport that one sender at a time fills page by page
-/// (the P/D sender's staging buffer). [`Staging::lock`] hands out the only writer.
+/// A host buffer of equal pages registered with a transport, from which concurrent senders
+/// each take the pages they fill (the P/D sender's staging buffer). A page has one writer:
+/// the [`StagingPages`] holding it.
 pub struct Staging {
     buffer: Arc<kvtier_transport::HostBuffer>,
-    writer: tokio::sync::Mutex<()>,
+    page_bytes: usize,
+    pages: usize,
+    free: Mutex<Vec<usize>>,
+    permits: tokio::sync::Semaphore,
 }
 
-/// Exclusive access to a [`Staging`] buffer's bytes until dropped.
-pub struct StagingGuard<'a> {
-    buffer: &'a kvtier_transport::HostBuffer,
-    _writer: tokio::sync::MutexGuard<'a, ()>,
+/// Pages of a [`Staging`] buffer held exclusively until dropped.
+pub struct StagingPages<'a> {
+    staging: &'a Staging,
+    held: Vec<usize>,
+    // Released after `Drop::drop` put the pages back on the free list.
+    _permits: tokio::sync::SemaphorePermit<'a>,
 }
 
 impl Staging {
-    /// A zeroed staging buffer of `len` bytes.
-    pub fn new(len: usize) -> Staging {
+    /// A zeroed staging buffer of `pages` pages of `page_bytes` bytes (at least one page).
+    pub fn new(pages: usize, page_bytes: usize) -> Staging {
+        let pages = pages.max(1);
         Staging {
-            buffer: Arc::new(kvtier_transport::HostBuffer::new(len)),
-            writer: tokio::sync::Mutex::new(()),
+            buffer: Arc::new(kvtier_transport::HostBuffer::new(pages * page_bytes)),
+            page_bytes,
+            pages,
+            free: Mutex::new((0..pages).rev().collect()),
+            permits: tokio::sync::Semaphore::new(pages),
         }
     }
 
-    /// The buffer, for registering it with a transport (which reads it only during the
-    /// transfers the guard holder issues).
+    /// The buffer, for registering it with a transport (which reads a page only during
+    /// the transfers its holder issues).
     pub fn buffer(&self) -> &Arc<kvtier_transport::HostBuffer> {
         &self.buffer
     }
 
-    /// Waits until no other sender uses the buffer.
-    pub async fn lock(&self) -> StagingGuard<'_> {
-        StagingGuard {
-            buffer: &self.buffer,
-            _writer: self.writer.lock().await,
+    /// Pages in the buffer.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    /// Pages no sender holds now.
+    pub fn free_pages(&self) -> usize {
+        self.permits.available_permits()
+    }
+
+    /// Waits until `n` pages are free and takes them (`n` is clamped to `1..=pages()`;
+    /// waiters are served in order, and a request takes all its pages at once, so
+    /// concurrent senders never deadlock on the buffer).
+    pub async fn acquire(&self, n: usize) -> StagingPages<'_> {
+        let n = n.clamp(1, self.pages);
+        let permits = self
+            .permits
+            .acquire_many(n as u32)
+            .await
+            .expect("the staging semaphore is never closed");
+        let mut free = self.free.lock();
+        let at = free.len() - n;
+        let held = free.split_off(at);
+        StagingPages {
+            staging: self,
+            held,
+            _permits: permits,
         }
     }
 }
 
-impl StagingGuard<'_> {
-    /// xxh3-64 of each `pages[i] = (offset, len)`, on all cores.
-    pub fn digests(&self, pages: &[(usize, usize)]) -> Vec<u64> {
+impl Drop for StagingPages<'_> {
+    fn drop(&mut self) {
+        self.staging.free.lock().append(&mut self.held);
+    }
+}
+
+impl StagingPages<'_> {
+    /// Pages held.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether no page is held (never: at least one is).
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Byte offset in the buffer of the `i`-th page held.
+    pub fn offset(&self, i: usize) -> usize {
+        self.held[i] * self.staging.page_bytes
+    }
+
+    /// xxh3-64 of the first `lens[i]` bytes of each held page `i`, on all cores.
+    pub fn digests(&self, lens: &[usize]) -> Vec<u64> {
         use rayon::prelude::*;
-        pages
-            .par_iter()
-            .map(|&(offset, len)| self.buffer.digest(offset, len))
+        lens.par_iter()
+            .enumerate()
+            .map(|(i, &len)| self.staging.buffer.digest(self.offset(i), len))
             .collect()
     }
 
-    /// Runs `fill(i, page)` on all cores for each `pages[i] = (offset, len)`, with `page`
-    /// the buffer's bytes `offset..offset + len`. Panics if a page is out of bounds or two
-    /// pages overlap.
-    pub fn fill_pages<F>(&mut self, pages: &[(usize, usize)], fill: F)
+    /// Runs `fill(i, page)` on all cores for each held page `i < lens.len()`, with `page`
+    /// its first `lens[i]` bytes. Panics if there are more lengths than pages or a length
+    /// exceeds the page size.
+    pub fn fill<F>(&mut self, lens: &[usize], fill: F)
     where
         F: Fn(usize, &mut [u8]) + Sync,
     {
         use rayon::prelude::*;
-        let mut sorted: Vec<(usize, usize)> = pages.to_vec();
-        sorted.sort_unstable();
-        for pair in sorted.windows(2) {
-            assert!(pair[0].0 + pair[0].1 <= pair[1].0, "staging pages overlap");
-        }
-        let buffer = self.buffer;
-        pages
-            .par_iter()
-            .enumerate()
-            .for_each(|(i, &(offset, len))| {
-                // SAFETY: this guard is the buffer's only writer (`&mut self`, one guard at a
-                // time), the transport reads it only during transfers issued after this call,
-                // and the pages were checked disjoint above; bounds are checked by
-                // `region_slice_mut`.
-                let page = unsafe { kvtier_transport::region_slice_mut(buffer, offset, len) }
+        assert!(
+            lens.len() <= self.held.len(),
+            "more lengths than pages held"
+        );
+        let page_bytes = self.staging.page_bytes;
+        assert!(
+            lens.iter().all(|&l| l <= page_bytes),
+            "length past the page"
+        );
+        let buffer: &kvtier_transport::HostBuffer = &self.staging.buffer;
+        let held = &self.held;
+        lens.par_iter().enumerate().for_each(|(i, &len)| {
+            // SAFETY: this guard holds page `held[i]` exclusively (pages come off the free
+            // list one holder at a time, indices are distinct, and `&mut self` makes this
+            // the only writer through the guard); the transport reads the page only during
+            // transfers the holder issues after this call; `len <= page_bytes` keeps the
+            // slice inside the page, and `region_slice_mut` checks the buffer's bounds.
+            let page =
+                unsafe { kvtier_transport::region_slice_mut(buffer, held[i] * page_bytes, len) }
                     .expect("staging page out of bounds");
-                fill(i, page);
-            });
+            fill(i, page);
+        });
     }
 }
 
@@ -486,6 +543,34 @@ mod tests {
                 assert!(dst[offset + len..].iter().all(|&b| b == 0));
             }
         }
+    }
+
+    #[tokio::test]
+    async fn staging_pages_are_exclusive_and_come_back() {
+        let staging = Staging::new(4, 64);
+        let mut a = staging.acquire(3).await;
+        assert_eq!((a.len(), staging.free_pages()), (3, 1));
+        let offsets: Vec<usize> = (0..3).map(|i| a.offset(i)).collect();
+        a.fill(&[64, 64, 10], |i, page| page.fill(i as u8 + 1));
+        let digests = a.digests(&[64, 64, 10]);
+        // A waiter for more pages than are free waits until they come back.
+        let waiter = staging.acquire(2);
+        tokio::pin!(waiter);
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(50), &mut waiter);
+        assert!(pending.await.is_err(), "2 pages asked, 1 free: it waits");
+        let b = staging.acquire(1).await;
+        assert!(
+            !offsets.contains(&b.offset(0)),
+            "a free page, not one of a's"
+        );
+        drop(b);
+        drop(a);
+        let c = waiter.await;
+        assert_eq!((c.len(), staging.free_pages()), (2, 2));
+        drop(c);
+        assert_eq!(staging.acquire(99).await.len(), 4, "clamped to what exists");
+        assert_ne!(digests[0], digests[1]);
+        assert_eq!(staging.free_pages(), 4);
     }
 
     #[test]

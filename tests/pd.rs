@@ -481,3 +481,62 @@ async fn a_chunk_whose_bytes_changed_in_flight_never_becomes_visible() {
     assert_eq!(corrupt, 1);
     drop(s);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_decoder_stalls_no_other_send_and_sends_to_one_decoder_run_together() {
+    let m = model();
+    // A decoder whose every page is taken by a sender that never commits, and which lets
+    // new senders wait for room for a long time.
+    let mut full_config = receiver_config(TransferChannel::Tcp, 2, None);
+    full_config.pd_allocation_timeout_sec = 60.0;
+    let full = PdReceiver::start(&full_config, m.clone(), Metrics::new())
+        .await
+        .unwrap();
+    let mut hog = raw_sender(&full).await;
+    raw_alloc(&mut hog, "hog", 2).await;
+    let sender = std::sync::Arc::new(tcp_sender().await);
+    let stuck = {
+        let (sender, spec) = (sender.clone(), spec(&full));
+        let tokens: Vec<u32> = (0..512).collect();
+        let kv = kv_for(&m, &tokens);
+        tokio::spawn(async move { sender.send("stuck", &tokens, &kv, &spec).await })
+    };
+    // Give it time to reach the full decoder's allocation wait (if it has not, the rest
+    // still checks that concurrent sends complete).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Meanwhile eight requests to another decoder, all at once, all complete.
+    let other = tcp_receiver(64).await;
+    let sends: Vec<_> = (0..8u32)
+        .map(|i| {
+            let (sender, spec) = (sender.clone(), spec(&other));
+            let tokens: Vec<u32> = (i * 10_000..i * 10_000 + 700).collect();
+            let kv = kv_for(&m, &tokens);
+            tokio::spawn(async move {
+                let req = format!("r{i}");
+                let sent = sender.send(&req, &tokens, &kv, &spec);
+                let sent = tokio::time::timeout(Duration::from_secs(30), sent).await;
+                (tokens, sent)
+            })
+        })
+        .collect();
+    for send in sends {
+        let (tokens, sent) = send.await.unwrap();
+        let report = sent.expect("not held up by the full decoder").unwrap();
+        assert_eq!(report.tokens, 700);
+        assert_eq!(other.lookup(&tokens), 700);
+    }
+    assert!(
+        !stuck.is_finished(),
+        "still waiting for room at the full decoder"
+    );
+
+    // The hog goes away: its pages are reclaimed and the waiting send goes through.
+    drop(hog);
+    let report = tokio::time::timeout(Duration::from_secs(30), stuck)
+        .await
+        .expect("the waiting send completes once there is room")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.tokens, 512);
+}

@@ -175,13 +175,17 @@ async fn accept_loop(listener: TcpListener, board: Arc<Board>, secret: Option<St
     }
 }
 
-/// The sender's side: one lazily opened connection to the proxy.
+/// Idle connections to the proxy a sender keeps.
+const MAX_IDLE: usize = 4;
+
+/// The sender's side: connections to the proxy, opened when needed; a notification takes
+/// one for its request and answer, so no lock is held while the network is waited for.
 pub(crate) struct ProxyNotifier {
     addr: String,
     name: String,
     secret: Option<String>,
     timeout: Duration,
-    conn: tokio::sync::Mutex<Option<ControlConn>>,
+    idle: Mutex<Vec<ControlConn>>,
 }
 
 impl ProxyNotifier {
@@ -191,13 +195,13 @@ impl ProxyNotifier {
             name,
             secret,
             timeout,
-            conn: tokio::sync::Mutex::new(None),
+            idle: Mutex::new(Vec::new()),
         }
     }
 
-    /// Sends `done` and waits for the proxy's acknowledgement, reconnecting once if the
-    /// connection broke (a write into a connection the proxy already closed can succeed
-    /// locally: only the acknowledgement proves delivery).
+    /// Sends `done` and waits for the proxy's acknowledgement, on a fresh connection if an
+    /// idle one turns out broken (a write into a connection the proxy already closed can
+    /// succeed locally: only the acknowledgement proves delivery).
     pub async fn send(&self, done: &TransferDone) -> Result<(), PdError> {
         let msg = Message::TransferDone {
             req_id: done.req_id.clone(),
@@ -207,35 +211,46 @@ impl ProxyNotifier {
             bytes: done.bytes,
             elapsed_us: done.elapsed_us,
         };
-        let mut slot = self.conn.lock().await;
-        for attempt in 0..2 {
-            if slot.is_none() {
-                *slot = Some(
-                    ControlConn::connect(
-                        &self.addr,
-                        Service::PdProxy,
-                        &self.name,
-                        self.secret.as_deref(),
-                        self.timeout,
-                    )
-                    .await?,
-                );
-            }
-            let conn = slot.as_mut().expect("just connected");
-            let acked = match conn.request(&msg, self.timeout).await {
-                Ok(Message::Received { req_id }) if req_id == done.req_id => Ok(()),
-                Ok(other) => Err(conn.unexpected(&other)),
-                Err(e) => Err(e),
-            };
-            match acked {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt == 0 => {
-                    tracing::debug!("proxy connection broke ({e}); reconnecting");
-                    *slot = None;
-                }
-                Err(e) => return Err(e),
-            }
+        let idle = self.idle.lock().expect("lock").pop();
+        let reused = idle.is_some();
+        let mut conn = match idle {
+            Some(conn) => conn,
+            None => self.connect().await?,
+        };
+        let mut acked = self.request(&mut conn, &msg, &done.req_id).await;
+        if let (Err(e), true) = (&acked, reused) {
+            tracing::debug!("proxy connection broke ({e}); reconnecting");
+            conn = self.connect().await?;
+            acked = self.request(&mut conn, &msg, &done.req_id).await;
         }
-        unreachable!("two attempts return")
+        acked?;
+        let mut idle = self.idle.lock().expect("lock");
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
+        }
+        Ok(())
+    }
+
+    async fn connect(&self) -> Result<ControlConn, PdError> {
+        ControlConn::connect(
+            &self.addr,
+            Service::PdProxy,
+            &self.name,
+            self.secret.as_deref(),
+            self.timeout,
+        )
+        .await
+    }
+
+    async fn request(
+        &self,
+        conn: &mut ControlConn,
+        msg: &Message,
+        req_id: &str,
+    ) -> Result<(), PdError> {
+        match conn.request(msg, self.timeout).await? {
+            Message::Received { req_id: r } if r == req_id => Ok(()),
+            other => Err(conn.unexpected(&other)),
+        }
     }
 }

@@ -1,5 +1,11 @@
 //! The sender (prefiller) side: stages chunks in a registered buffer, writes them
 //! one-sided into the receiver's pages, commits, and tells the proxy.
+//!
+//! Sends run concurrently, to one receiver or many: each takes staging pages for one wave
+//! at a time (after the receiver granted room for it, so a full decoder holds no staging
+//! memory while it makes a sender wait) and a control connection of its own (the receiver
+//! ties pages to the connection that allocated them). No lock is held across a network
+//! wait; the receiver's buffer and the staging pages are the only back-pressure.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,15 +49,22 @@ pub struct SendReport {
     pub skipped_tokens: usize,
     /// Bytes written.
     pub bytes: u64,
-    /// Time the transfer took: allocation, staging, one-sided writes and commit (not the
-    /// wait for a connection or for another send using the staging buffer).
+    /// Time the transfer took, from the first allocation to the last commit: waits for
+    /// room at the receiver and for staging pages, staging, one-sided writes and commits
+    /// (not connecting).
     pub elapsed: Duration,
 }
+
+/// Idle control connections kept per receiver.
+const MAX_IDLE_CONTROL: usize = 8;
 
 /// An open link to one receiver.
 struct Link {
     data: Box<dyn Connection>,
-    control: tokio::sync::Mutex<ControlConn>,
+    /// The receiver's allocation port.
+    alloc_addr: String,
+    /// Idle control connections; a send takes one for its whole duration.
+    idle: parking_lot::Mutex<Vec<ControlConn>>,
     region: RegionId,
     /// Set when a send failed or was abandoned midway: answers may still be in flight on
     /// the control connection, so nothing may use this link again.
@@ -79,10 +92,9 @@ pub struct PdSender {
     model: ModelSpec,
     hasher: ChunkHasher,
     transport: Box<dyn Transport>,
-    /// One send uses the staging buffer at a time.
+    /// Pages each send takes for one wave at a time.
     staging: Staging,
     staging_reg: Option<RegistrationHandle>,
-    staging_pages: usize,
     page_bytes: usize,
     links: tokio::sync::Mutex<HashMap<ReceiverSpec, Arc<Link>>>,
     proxy: Option<ProxyNotifier>,
@@ -107,7 +119,7 @@ impl PdSender {
             config.transfer_channel,
             transport::transport_config(config, "127.0.0.1"),
         )?;
-        let staging = Staging::new(staging_pages * page_bytes);
+        let staging = Staging::new(staging_pages, page_bytes);
         let staging_reg = transport.register(staging.buffer().clone())?;
         let timeout = Duration::from_secs_f64(config.transport_timeout_sec);
         let name = format!("prefiller-{}-{}", std::process::id(), model.tp_rank);
@@ -127,7 +139,6 @@ impl PdSender {
             transport,
             staging,
             staging_reg: Some(staging_reg),
-            staging_pages,
             page_bytes,
             links: tokio::sync::Mutex::new(HashMap::new()),
             proxy,
@@ -191,27 +202,36 @@ impl PdSender {
             .map(|r| r.id)
             .ok_or_else(|| PdError::Mismatch(format!("receiver {init_addr} offers no buffer")))?;
         let data = self.transport.connect(&descriptor).await?;
-        let control = if to.alloc_port == to.init_port {
-            init
+        let alloc_addr = format!("{}:{}", to.host, to.alloc_port);
+        let idle = if to.alloc_port == to.init_port {
+            vec![init]
         } else {
-            let addr = format!("{}:{}", to.host, to.alloc_port);
-            ControlConn::connect(
-                &addr,
-                Service::PdReceiver,
-                &self.name,
-                self.secret.as_deref(),
-                self.timeout,
-            )
-            .await?
+            Vec::new()
         };
         let link = Arc::new(Link {
             data,
-            control: tokio::sync::Mutex::new(control),
+            alloc_addr,
+            idle: parking_lot::Mutex::new(idle),
             region,
             poisoned: AtomicBool::new(false),
         });
         self.links.lock().await.insert(to.clone(), link.clone());
         Ok(link)
+    }
+
+    /// A control connection to `link`'s receiver for one send: an idle one, or a new one.
+    async fn checkout(&self, link: &Link) -> Result<ControlConn> {
+        if let Some(conn) = link.idle.lock().pop() {
+            return Ok(conn);
+        }
+        Ok(ControlConn::connect(
+            &link.alloc_addr,
+            Service::PdReceiver,
+            &self.name,
+            self.secret.as_deref(),
+            self.timeout,
+        )
+        .await?)
     }
 
     /// Pushes the KV of `tokens` (laid out as for [`crate::Engine::store`]) into the
@@ -323,17 +343,17 @@ impl PdSender {
     {
         let bpt = self.model.bytes_per_token();
         let spans = self.hasher.spans(tokens);
-        let mut staging = self.staging.lock().await;
-        // Taken after the staging lock: a send that failed meanwhile poisoned the old link.
         let link = self.link(to).await?;
         let mut guard = PoisonGuard {
             link: &link,
             armed: true,
         };
-        // The transfer proper: from here (connected, staging buffer ours) to the commit.
+        // Ours alone until the send ends: an error or a dropped future drops it.
+        let mut control = self.checkout(&link).await?;
+        // The transfer proper: from the first allocation to the last commit.
         let start = Instant::now();
         let mut report = SendReport::default();
-        for wave in spans.chunks(self.staging_pages) {
+        for wave in spans.chunks(self.staging.pages()) {
             let chunks: Vec<ChunkRequest> = wave
                 .iter()
                 .map(|s| ChunkRequest {
@@ -341,7 +361,6 @@ impl PdSender {
                     tokens: s.tokens() as u32,
                 })
                 .collect();
-            let mut control = link.control.lock().await;
             // The receiver waits for room itself, bounded by its pd_allocation_timeout_sec.
             let answer = control
                 .request(
@@ -397,20 +416,20 @@ impl PdSender {
                 .filter(|(_, s)| **s == Slot::Held)
                 .map(|(s, _)| s.tokens())
                 .sum::<usize>();
-            let pages: Vec<(usize, usize)> = todo
-                .iter()
-                .enumerate()
-                .map(|(i, (s, _))| (i * self.page_bytes, s.tokens() * bpt))
-                .collect();
-            staging.fill_pages(&pages, |i, page| fill(todo[i].0, page));
+            if todo.is_empty() {
+                continue;
+            }
+            let lens: Vec<usize> = todo.iter().map(|(s, _)| s.tokens() * bpt).collect();
+            let mut pages = self.staging.acquire(todo.len()).await;
+            pages.fill(&lens, |i, page| fill(todo[i].0, page));
             // What the receiver checks before the chunk becomes visible: bytes that changed
             // on the way are a miss there, never wrong KV.
-            let checksums = staging.digests(&pages);
+            let checksums = pages.digests(&lens);
             let reg = self.staging_reg.as_ref().expect("registered while alive");
-            let local = todo
+            let local = lens
                 .iter()
                 .enumerate()
-                .map(|(i, (s, _))| reg.iov(i * self.page_bytes, s.tokens() * bpt))
+                .map(|(i, &len)| reg.iov(pages.offset(i), len))
                 .collect::<Result<Vec<_>, _>>()?;
             let remote: Vec<RemoteIov> = todo
                 .iter()
@@ -431,6 +450,8 @@ impl PdSender {
                     .await;
                 return Err(e.into());
             }
+            // The bytes are at the receiver: the pages can serve another send.
+            drop(pages);
             let chunks = todo
                 .iter()
                 .zip(checksums)
@@ -458,6 +479,11 @@ impl PdSender {
         }
         guard.armed = false;
         report.elapsed = start.elapsed();
+        let mut idle = link.idle.lock();
+        if idle.len() < MAX_IDLE_CONTROL {
+            idle.push(control);
+        }
+        drop(idle);
         tracing::info!(
             "P/D sent {req_id}: {} tokens ({} already at the receiver) to {}:{} in {:.2} ms ({:.2} GB/s)",
             report.tokens,

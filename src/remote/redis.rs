@@ -7,11 +7,12 @@ use super::rpc::ObjectKey;
 use super::RemoteError;
 use crate::memory::{BufferPool, KvBuffer};
 
-/// A Redis or Valkey server used as the remote tier.
+/// A Redis or Valkey server used as the remote tier. Calls run concurrently over one
+/// multiplexed connection (each holds a clone of it); no lock is held while Redis answers.
 pub struct RedisStore {
     client: redis::Client,
     url: String,
-    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    conn: parking_lot::Mutex<Option<MultiplexedConnection>>,
     timeout: std::time::Duration,
 }
 
@@ -30,7 +31,7 @@ impl RedisStore {
         Ok(RedisStore {
             client,
             url: url.to_string(),
-            conn: tokio::sync::Mutex::new(None),
+            conn: parking_lot::Mutex::new(None),
             timeout,
         })
     }
@@ -39,32 +40,35 @@ impl RedisStore {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, RemoteError> {
-        let mut guard = self.conn.lock().await;
+        let shared = self.conn.lock().clone();
         let result = tokio::time::timeout(self.timeout, async {
-            if guard.is_none() {
-                // Our own timeout bounds each call; the crate's default (500 ms) is too
-                // short for pipelines of large values.
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout));
-                *guard = Some(
-                    self.client
+            let mut conn = match shared {
+                Some(conn) => conn,
+                None => {
+                    // Our own timeout bounds each call; the crate's default (500 ms) is too
+                    // short for pipelines of large values.
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(self.timeout))
+                        .set_response_timeout(Some(self.timeout));
+                    let conn = self
+                        .client
                         .get_multiplexed_async_connection_with_config(&config)
-                        .await?,
-                );
-            }
-            let conn = guard.as_mut().expect("connected");
-            pipe.query_async::<T>(conn).await
+                        .await?;
+                    *self.conn.lock() = Some(conn.clone());
+                    conn
+                }
+            };
+            pipe.query_async::<T>(&mut conn).await
         })
         .await;
         match result {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                *guard = None;
+                *self.conn.lock() = None;
                 Err(RemoteError::Redis(format!("{}: {e}", self.url)))
             }
             Err(_) => {
-                *guard = None;
+                *self.conn.lock() = None;
                 Err(RemoteError::Timeout {
                     what: format!("Redis at {}", self.url),
                     after: self.timeout,
