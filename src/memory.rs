@@ -553,16 +553,17 @@ mod tests {
         let offsets: Vec<usize> = (0..3).map(|i| a.offset(i)).collect();
         a.fill(&[64, 64, 10], |i, page| page.fill(i as u8 + 1));
         let digests = a.digests(&[64, 64, 10]);
-        // A waiter for more pages than are free waits until they come back.
-        let waiter = staging.acquire(2);
-        tokio::pin!(waiter);
-        let pending = tokio::time::timeout(std::time::Duration::from_millis(50), &mut waiter);
-        assert!(pending.await.is_err(), "2 pages asked, 1 free: it waits");
         let b = staging.acquire(1).await;
         assert!(
             !offsets.contains(&b.offset(0)),
             "a free page, not one of a's"
         );
+        // A waiter for more pages than are free waits until they come back (and, waiters
+        // being served in order, holds up later ones meanwhile).
+        let waiter = staging.acquire(2);
+        tokio::pin!(waiter);
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(50), &mut waiter);
+        assert!(pending.await.is_err(), "2 pages asked, none free: it waits");
         drop(b);
         drop(a);
         let c = waiter.await;

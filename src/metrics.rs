@@ -50,6 +50,8 @@ pub struct Metrics {
     pub pd_buffer_used_bytes: IntGauge,
     /// Bytes of the P/D buffer (receiver).
     pub pd_buffer_capacity_bytes: IntGauge,
+    /// Bytes of P/D pages freed while writes may still land, not yet reusable (receiver).
+    pub pd_buffer_quarantined_bytes: IntGauge,
     /// Chunks sent (sender) or received and committed (receiver) over P/D.
     pub pd_chunks: IntCounter,
     /// P/D pages reclaimed from senders that vanished or requests never retrieved.
@@ -100,6 +102,10 @@ impl Metrics {
         Metrics {
             pd_buffer_used_bytes: gauge("kvtier_pd_buffer_used_bytes", "P/D buffer bytes in use"),
             pd_buffer_capacity_bytes: gauge("kvtier_pd_buffer_capacity_bytes", "P/D buffer bytes"),
+            pd_buffer_quarantined_bytes: gauge(
+                "kvtier_pd_buffer_quarantined_bytes",
+                "P/D buffer bytes freed while writes may still land, not yet reusable",
+            ),
             pd_chunks: counter("kvtier_pd_chunks_total", "Chunks moved over P/D"),
             pd_reclaimed_pages: counter(
                 "kvtier_pd_reclaimed_pages_total",

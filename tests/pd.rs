@@ -101,11 +101,22 @@ async fn raw_sender(receiver: &PdReceiver) -> tokio::net::TcpStream {
 
 /// Allocates pages for `n` chunks of 256 tokens (keys 1..=n) on a raw connection.
 async fn raw_alloc(s: &mut tokio::net::TcpStream, req_id: &str, n: u128) {
-    use kvtier::pd::protocol::{encode, ChunkRequest, Message};
+    raw_alloc_keys(s, req_id, 1, n).await;
+}
+
+/// Allocates pages for `n` chunks of 256 tokens with keys `first..first + n` on a raw
+/// connection; returns the pages' offsets.
+async fn raw_alloc_keys(
+    s: &mut tokio::net::TcpStream,
+    req_id: &str,
+    first: u128,
+    n: u128,
+) -> Vec<u64> {
+    use kvtier::pd::protocol::{encode, ChunkRequest, Message, Slot};
     use tokio::io::AsyncWriteExt;
     let chunks = (0..n)
         .map(|i| ChunkRequest {
-            key: kvtier::ChunkKey(i + 1),
+            key: kvtier::ChunkKey(first + i),
             tokens: 256,
         })
         .collect();
@@ -115,7 +126,16 @@ async fn raw_alloc(s: &mut tokio::net::TcpStream, req_id: &str, n: u128) {
     }))
     .await
     .unwrap();
-    assert!(matches!(read_msg(s).await, Message::Allocated { .. }));
+    match read_msg(s).await {
+        Message::Allocated { slots, .. } => slots
+            .into_iter()
+            .map(|slot| match slot {
+                Slot::Page { offset } => offset,
+                Slot::Held => panic!("a fresh key is held"),
+            })
+            .collect(),
+        other => panic!("allocation failed: {other:?}"),
+    }
 }
 
 /// The next control message on a raw connection.
@@ -539,4 +559,49 @@ async fn a_full_decoder_stalls_no_other_send_and_sends_to_one_decoder_run_togeth
         .unwrap()
         .unwrap();
     assert_eq!(report.tokens, 512);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_freed_while_writes_may_land_are_reused_only_after_a_quarantine() {
+    use kvtier::pd::protocol::{encode, Message};
+    use tokio::io::AsyncWriteExt;
+    let mut config = receiver_config(TransferChannel::Tcp, 4, None);
+    config.transport_timeout_sec = 2.0; // the quarantine
+    config.pd_allocation_timeout_sec = 30.0;
+    let receiver = PdReceiver::start(&config, model(), Metrics::new())
+        .await
+        .unwrap();
+    // A sender takes two pages, then aborts (as one whose write failed does): its writes
+    // may still be in flight, so the pages must not go to the next request yet.
+    let mut first = raw_sender(&receiver).await;
+    let mut aborted = raw_alloc_keys(&mut first, "aborted", 1, 2).await;
+    first
+        .write_all(&encode(&Message::Abort {
+            req_id: "aborted".into(),
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(
+        read_msg(&mut first).await,
+        Message::Committed { .. }
+    ));
+    let usage = receiver.usage();
+    assert_eq!((usage.used_pages, usage.quarantined_pages), (0, 2));
+    let quarantined = receiver.metrics().pd_buffer_quarantined_bytes.get();
+    assert_eq!(quarantined as usize, 2 * usage.page_bytes);
+
+    // The next request gets the two pages never used, not the aborted ones.
+    let mut second = raw_sender(&receiver).await;
+    let next = raw_alloc_keys(&mut second, "next", 10, 2).await;
+    assert!(
+        next.iter().all(|o| !aborted.contains(o)),
+        "{next:?} vs {aborted:?}"
+    );
+    // One more waits for the quarantine to end, then gets the aborted pages.
+    let mut third = raw_sender(&receiver).await;
+    let mut later = raw_alloc_keys(&mut third, "later", 20, 2).await;
+    later.sort_unstable();
+    aborted.sort_unstable();
+    assert_eq!(later, aborted);
+    assert_eq!(receiver.usage().quarantined_pages, 0);
 }

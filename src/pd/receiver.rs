@@ -1,7 +1,7 @@
 //! The receiver (decoder) side: a paged P/D buffer registered with the transport, the
 //! control listeners, and retrieve.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,6 +27,9 @@ use kvtier_transport::handshake::Service;
 pub struct BufferUsage {
     /// Pages allocated (written, committed or being written).
     pub used_pages: usize,
+    /// Pages freed without being consumed (aborted, reclaimed, failed their checksum),
+    /// kept out of use until writes that may still target them have landed or failed.
+    pub quarantined_pages: usize,
     /// Pages in the buffer.
     pub total_pages: usize,
     /// Bytes per page.
@@ -45,8 +48,28 @@ struct Page {
 
 #[derive(Default)]
 struct Pages {
-    free: Vec<u32>,
+    /// Oldest freed first, so a page is reused as late as possible.
+    free: VecDeque<u32>,
+    /// Pages freed before their writes were known to be done, with when they may be
+    /// reused, in that order.
+    quarantine: VecDeque<(u32, Instant)>,
     held: HashMap<ChunkKey, Page>,
+}
+
+impl Pages {
+    /// Moves pages whose quarantine has ended to the free list; returns how many.
+    fn thaw(&mut self, now: Instant) -> usize {
+        let mut n = 0;
+        while let Some(&(index, until)) = self.quarantine.front() {
+            if until > now {
+                break;
+            }
+            self.quarantine.pop_front();
+            self.free.push_back(index);
+            n += 1;
+        }
+        n
+    }
 }
 
 struct Inner {
@@ -64,6 +87,8 @@ struct Inner {
     timeout: Duration,
     alloc_timeout: Duration,
     ttl: Option<Duration>,
+    /// How long a page freed before its writes were known to be done stays out of use.
+    quarantine: Duration,
     metrics: Metrics,
     next_conn: AtomicU64,
     /// Set when the receiver is dropped: connection tasks end and release `Inner`.
@@ -170,8 +195,8 @@ impl PdReceiver {
             page_bytes,
             total_pages,
             pages: Mutex::new(Pages {
-                free: (0..total_pages as u32).rev().collect(),
-                held: HashMap::new(),
+                free: (0..total_pages as u32).collect(),
+                ..Pages::default()
             }),
             space: Notify::new(),
             secret: config.transport_auth_token.clone(),
@@ -180,6 +205,7 @@ impl PdReceiver {
             ttl: config
                 .pd_enable_gc
                 .then(|| Duration::from_secs_f64(config.pd_ttl_sec)),
+            quarantine: Duration::from_secs_f64(config.transport_timeout_sec),
             metrics,
             next_conn: AtomicU64::new(1),
             closing: tokio::sync::watch::channel(false).0,
@@ -331,7 +357,8 @@ impl Inner {
     fn usage(&self) -> BufferUsage {
         let pages = self.pages.lock().expect("lock");
         BufferUsage {
-            used_pages: self.total_pages - pages.free.len(),
+            used_pages: pages.held.len(),
+            quarantined_pages: pages.quarantine.len(),
             total_pages: self.total_pages,
             page_bytes: self.page_bytes,
         }
@@ -342,17 +369,45 @@ impl Inner {
         self.metrics
             .pd_buffer_used_bytes
             .set((u.used_pages * u.page_bytes) as i64);
+        self.metrics
+            .pd_buffer_quarantined_bytes
+            .set((u.quarantined_pages * u.page_bytes) as i64);
     }
 
+    /// Frees pages whose writes are done (committed and consumed): reusable at once.
     fn release(&self, indices: impl IntoIterator<Item = u32>) {
         self.pages.lock().expect("lock").free.extend(indices);
         self.space.notify_waiters();
         self.publish();
     }
 
-    /// Frees the uncommitted pages `keep` rejects; returns how many.
+    /// Frees pages that writes may still target — an abort, a sender gone or silent, a
+    /// chunk that failed its checksum — after a quarantine of the transport timeout: a
+    /// write queued or posted before the free lands or fails within it, instead of landing
+    /// in the next request's page after that request's checksum was verified.
+    fn quarantine(&self, indices: impl IntoIterator<Item = u32>) {
+        let until = Instant::now() + self.quarantine;
+        let mut pages = self.pages.lock().expect("lock");
+        pages
+            .quarantine
+            .extend(indices.into_iter().map(|i| (i, until)));
+        drop(pages);
+        self.publish();
+    }
+
+    /// Returns pages whose quarantine ended to the free list and wakes allocations.
+    fn thaw(&self) {
+        let n = self.pages.lock().expect("lock").thaw(Instant::now());
+        if n > 0 {
+            self.space.notify_waiters();
+            self.publish();
+        }
+    }
+
+    /// Frees the pages `doomed` picks; returns how many. Committed pages (their writes
+    /// done) are reusable at once; the others go through the quarantine.
     fn reclaim(&self, mut doomed: impl FnMut(&Page) -> bool) -> usize {
-        let freed: Vec<u32> = {
+        let freed: Vec<(u32, bool)> = {
             let mut pages = self.pages.lock().expect("lock");
             let keys: Vec<ChunkKey> = pages
                 .held
@@ -362,13 +417,20 @@ impl Inner {
                 .collect();
             keys.iter()
                 .filter_map(|k| pages.held.remove(k))
-                .map(|p| p.index)
+                .map(|p| (p.index, p.committed))
                 .collect()
         };
         let n = freed.len();
         if n > 0 {
             self.metrics.pd_reclaimed_pages.inc_by(n as u64);
-            self.release(freed);
+            let done = |want: bool| {
+                freed
+                    .iter()
+                    .filter(move |(_, c)| *c == want)
+                    .map(|(i, _)| *i)
+            };
+            self.release(done(true));
+            self.quarantine(done(false));
         }
         n
     }
@@ -393,6 +455,7 @@ impl Inner {
             space.as_mut().enable();
             {
                 let mut pages = self.pages.lock().expect("lock");
+                pages.thaw(Instant::now());
                 let needed = chunks
                     .iter()
                     .filter(|c| !pages.held.contains_key(&c.key))
@@ -412,7 +475,7 @@ impl Inner {
                             if pages.held.contains_key(&c.key) {
                                 return Slot::Held;
                             }
-                            let index = pages.free.pop().expect("counted");
+                            let index = pages.free.pop_front().expect("counted");
                             pages.held.insert(
                                 c.key,
                                 Page {
@@ -528,7 +591,7 @@ impl Inner {
                 .corrupt_chunks
                 .with_label_values(&["pd"])
                 .inc_by(corrupt.len() as u64);
-            self.release(corrupt.iter().map(|&(_, index)| index));
+            self.quarantine(corrupt.iter().map(|&(_, index)| index));
         }
         self.metrics.pd_chunks.inc_by(committed);
         Message::Committed {
@@ -615,6 +678,7 @@ async fn collect_garbage(inner: Arc<Inner>) {
     let stale_uncommitted = inner.alloc_timeout + 4 * inner.timeout;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
+        inner.thaw();
         let ttl = inner.ttl;
         let n = inner.reclaim(|p| {
             let age = p.since.elapsed();
