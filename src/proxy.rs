@@ -49,6 +49,9 @@ use tokio::net::TcpListener;
 use crate::error::{Error, Result};
 use crate::pd::{PdError, ProxyListener};
 
+/// Default of [`ProxyConfig::max_in_flight`].
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+
 /// Largest request body the proxy accepts (long prompts as token-id arrays are large).
 pub const MAX_BODY_BYTES: usize = 64 << 20;
 
@@ -101,6 +104,9 @@ pub struct ProxyConfig {
     pub stats_interval: Duration,
     /// After a shutdown signal, how long in-flight responses may take to finish.
     pub shutdown_grace: Duration,
+    /// Most requests in flight at once (`--max-in-flight`); past it the proxy answers 503
+    /// with `Retry-After` instead of queueing without bound.
+    pub max_in_flight: usize,
 }
 
 impl ProxyConfig {
@@ -127,6 +133,7 @@ impl ProxyConfig {
             decode_timeout: Duration::from_secs(600),
             stats_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 
@@ -277,6 +284,7 @@ impl Proxy {
     /// Checks `config`, binds the HTTP front end and (unless `wait_for_kv` is off) the
     /// notification listener.
     pub async fn bind(config: ProxyConfig) -> Result<Proxy> {
+        let max_in_flight = config.max_in_flight.max(1);
         config.validate()?;
         let prefillers = config.prefiller_urls()?;
         let decoders = config.decoders()?;
@@ -323,6 +331,7 @@ impl Proxy {
             notify,
             default_auth,
             counter: AtomicU64::new(0),
+            admission: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             stats: Mutex::new(TtftStats::default()),
             metrics: ProxyMetrics::new(),
         });
@@ -456,6 +465,8 @@ struct Shared {
     counter: AtomicU64,
     stats: Mutex<TtftStats>,
     metrics: ProxyMetrics,
+    /// One permit per request in flight (`max_in_flight`).
+    admission: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -876,19 +887,26 @@ fn new_request_id(n: u64) -> String {
     )
 }
 
-/// Decrements the in-flight gauge when the request (or its streamed body) ends.
-struct InFlight(IntGauge);
+/// A request in flight: holds its admission permit and decrements the in-flight gauge when
+/// the request (or its streamed body) ends.
+struct InFlight {
+    gauge: IntGauge,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
 
 impl InFlight {
-    fn new(g: &IntGauge) -> Self {
-        g.inc();
-        InFlight(g.clone())
+    fn new(gauge: &IntGauge, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        gauge.inc();
+        InFlight {
+            gauge: gauge.clone(),
+            _permit: permit,
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
     }
 }
 
@@ -906,7 +924,25 @@ async fn handle(
         Endpoint::Chat => "chat_completions",
     };
     shared.metrics.requests.with_label_values(&[label]).inc();
-    let guard = InFlight::new(&shared.metrics.in_flight);
+    let Ok(permit) = shared.admission.clone().try_acquire_owned() else {
+        let limit = shared.config.max_in_flight;
+        shared
+            .metrics
+            .errors
+            .with_label_values(&["admission"])
+            .inc();
+        tracing::warn!("request {req_id}: refused, {limit} requests in flight (--max-in-flight)");
+        let mut resp = Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "admission",
+            format!("the proxy has {limit} requests in flight (--max-in-flight); retry later"),
+        )
+        .response(&req_id);
+        resp.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+        return resp;
+    };
+    let guard = InFlight::new(&shared.metrics.in_flight, permit);
     match serve(
         &shared, endpoint, &headers, body, &req_id, arrival, n, guard,
     )

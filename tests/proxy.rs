@@ -675,6 +675,81 @@ async fn failures_are_bounded_and_name_request_and_stage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_proxy_answers_503_instead_of_queueing() {
+    let p = free_ports(3);
+    // A prefiller that accepts connections and never answers: requests stay in flight.
+    let hang = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang_port = hang.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in hang.incoming() {
+            held.push(conn);
+        }
+    });
+    let proxy = Proc::spawn(&proxy_args(
+        p[0],
+        hang_port,
+        p[1],
+        p[2],
+        &["--timeout-sec", "60", "--max-in-flight", "2"],
+    ));
+    let base = format!("http://127.0.0.1:{}", p[0]);
+    wait_healthy(&base, &[&proxy]).await;
+    let url = format!("{base}/v1/completions");
+    let request = json!({"prompt": "hello", "max_tokens": 1});
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, request) = (url.clone(), request.clone());
+            tokio::spawn(async move { post(&url, request).await })
+        })
+        .collect();
+    // Both are admitted (the in-flight gauge says so) and hang at the prefiller.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !metrics_text(&base)
+        .await
+        .contains("kvtier_proxy_in_flight 2")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "two requests never got in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = post(&url, request.clone()).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["stage"], "admission", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-in-flight"),
+        "{v}"
+    );
+    // Once the held requests go away, new ones are admitted again.
+    for h in held {
+        h.abort();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !metrics_text(&base)
+        .await
+        .contains("kvtier_proxy_in_flight 0")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "aborted requests stayed in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admitted = tokio::time::timeout(Duration::from_secs(1), post(&url, request)).await;
+    assert!(
+        admitted.is_err(),
+        "admitted: it waits at the prefiller like the first two"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_lets_in_flight_streams_finish() {
     use futures_util::StreamExt;
     // The decoder takes 100 ms per token: a 15-token answer streams for 1.5 s.

@@ -12,6 +12,7 @@ use super::protocol::Message;
 use super::PdError;
 use crate::error::{Error, Result};
 use kvtier_transport::handshake::Service;
+use kvtier_transport::limits::{self, reply_within, ConnectionLimit};
 
 /// A sender's report that a request's KV reached the receiver (or did not).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,13 +31,40 @@ pub struct TransferDone {
     pub elapsed_us: u64,
 }
 
+/// How long the proxy waits for a sender to complete the handshake or read an ack.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an unclaimed notification is kept.
 const KEEP: Duration = Duration::from_secs(600);
+/// Most unclaimed notifications kept (the oldest go first past it).
+const MAX_UNCLAIMED: usize = 65_536;
 
+/// Unclaimed notifications, each with when and in which order it was posted.
 #[derive(Default)]
 struct Board {
-    done: Mutex<HashMap<String, (TransferDone, Instant)>>,
+    done: Mutex<HashMap<String, (TransferDone, Instant, u64)>>,
     posted: Notify,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Board {
+    /// Posts `done` for `req_id`: unclaimed notices older than [`KEEP`] go, and past
+    /// [`MAX_UNCLAIMED`] the oldest, so senders cannot grow the board without bound.
+    fn post(&self, req_id: String, done: TransferDone) {
+        let mut map = self.done.lock().expect("lock");
+        if map.len() >= MAX_UNCLAIMED {
+            map.retain(|_, (_, at, _)| at.elapsed() < KEEP);
+        }
+        while map.len() >= MAX_UNCLAIMED {
+            let oldest = map
+                .iter()
+                .min_by_key(|(_, (_, _, seq))| *seq)
+                .map(|(k, _)| k.clone())
+                .expect("not empty");
+            map.remove(&oldest);
+        }
+        let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        map.insert(req_id, (done, Instant::now(), seq));
+    }
 }
 
 /// The proxy's listener for senders' transfer-done notifications.
@@ -89,7 +117,7 @@ impl ProxyListener {
             let posted = self.board.posted.notified();
             tokio::pin!(posted);
             posted.as_mut().enable();
-            if let Some((done, _)) = self.board.done.lock().expect("lock").remove(req_id) {
+            if let Some((done, ..)) = self.board.done.lock().expect("lock").remove(req_id) {
                 return Ok(done);
             }
             if tokio::time::timeout_at(deadline, posted).await.is_err() {
@@ -106,19 +134,30 @@ impl ProxyListener {
 }
 
 async fn accept_loop(listener: TcpListener, board: Arc<Board>, secret: Option<String>) {
+    let where_ = listener
+        .local_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    let limit = ConnectionLimit::new(
+        format!("proxy notification port {where_}"),
+        limits::MAX_CONNECTIONS,
+    );
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Some(permit) = limit.admit(&peer) else {
             continue;
         };
         let (board, secret) = (board.clone(), secret.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let accepted = ControlConn::accept(
                 stream,
                 Service::PdProxy,
                 "kvtier proxy",
                 secret.as_deref(),
-                Duration::from_secs(10),
+                ACK_TIMEOUT,
             )
             .await;
             let mut conn = match accepted {
@@ -146,13 +185,10 @@ async fn accept_loop(listener: TcpListener, board: Arc<Board>, secret: Option<St
                             bytes,
                             elapsed_us,
                         };
-                        {
-                            let mut map = board.done.lock().expect("lock");
-                            map.retain(|_, (_, at)| at.elapsed() < KEEP);
-                            map.insert(req_id.clone(), (done, Instant::now()));
-                        }
+                        board.post(req_id.clone(), done);
                         board.posted.notify_waiters();
-                        if let Err(e) = conn.send(&Message::Received { req_id }).await {
+                        let ack = Message::Received { req_id };
+                        if let Err(e) = reply_within(ACK_TIMEOUT, conn.send(&ack)).await {
                             tracing::warn!("proxy notifications: cannot acknowledge: {e}");
                             return;
                         }
@@ -252,5 +288,33 @@ impl ProxyNotifier {
             Message::Received { req_id: r } if r == req_id => Ok(()),
             other => Err(conn.unexpected(&other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(req_id: &str) -> TransferDone {
+        TransferDone {
+            req_id: req_id.into(),
+            ok: true,
+            error: None,
+            tokens: 1,
+            bytes: 1,
+            elapsed_us: 1,
+        }
+    }
+
+    #[test]
+    fn the_board_keeps_at_most_its_cap_dropping_the_oldest() {
+        let board = Board::default();
+        for i in 0..MAX_UNCLAIMED + 10 {
+            board.post(format!("r{i}"), done(&format!("r{i}")));
+        }
+        let map = board.done.lock().unwrap();
+        assert_eq!(map.len(), MAX_UNCLAIMED);
+        assert!(!map.contains_key("r0") && !map.contains_key("r9"));
+        assert!(map.contains_key("r10") && map.contains_key(&format!("r{}", MAX_UNCLAIMED + 9)));
     }
 }

@@ -21,6 +21,7 @@ use crate::keys::{ChunkHasher, ChunkKey, ChunkSpan};
 use crate::metrics::Metrics;
 use crate::transport;
 use kvtier_transport::handshake::Service;
+use kvtier_transport::limits::{self, reply_within, ConnectionLimit, ReplyError};
 
 /// Occupancy of the P/D buffer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -89,6 +90,8 @@ struct Inner {
     ttl: Option<Duration>,
     /// How long a page freed before its writes were known to be done stays out of use.
     quarantine: Duration,
+    /// Control connections served at once (both ports).
+    limit: ConnectionLimit,
     metrics: Metrics,
     next_conn: AtomicU64,
     /// Set when the receiver is dropped: connection tasks end and release `Inner`.
@@ -206,6 +209,10 @@ impl PdReceiver {
                 .pd_enable_gc
                 .then(|| Duration::from_secs_f64(config.pd_ttl_sec)),
             quarantine: Duration::from_secs_f64(config.transport_timeout_sec),
+            limit: ConnectionLimit::new(
+                format!("P/D receiver decoder@{host}:{init_bound}"),
+                limits::MAX_CONNECTIONS,
+            ),
             metrics,
             next_conn: AtomicU64::new(1),
             closing: tokio::sync::watch::channel(false).0,
@@ -602,12 +609,16 @@ impl Inner {
 
 async fn listen(inner: Arc<Inner>, listener: TcpListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Some(permit) = inner.limit.admit(&peer) else {
             continue;
         };
         let inner = inner.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let conn_id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
             let mut closing = inner.closing.subscribe();
             let accepted = ControlConn::accept(
@@ -666,7 +677,16 @@ async fn serve(inner: &Inner, mut conn: ControlConn, conn_id: u64) -> Result<(),
             }
             other => return Err(conn.unexpected(&other)),
         };
-        conn.send(&answer).await?;
+        match reply_within(inner.timeout, conn.send(&answer)).await {
+            Ok(()) => {}
+            Err(ReplyError::Failed(e)) => return Err(e),
+            Err(ReplyError::Stalled(after)) => {
+                return Err(PdError::Timeout {
+                    what: format!("{} to read an answer", conn.peer),
+                    after,
+                })
+            }
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! misses. Without etcd the master runs alone with the segments it was given (embedded).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,7 +49,11 @@ enum Role {
 }
 
 /// The queue of index updates for one node and the task draining it.
-type NodeLink = (mpsc::UnboundedSender<NodeUpdate>, JoinHandle<()>);
+type NodeLink = (mpsc::Sender<NodeUpdate>, JoinHandle<()>);
+
+/// Index updates queued per node before new ones are dropped (the node's index then lags
+/// placement: harmless for readers, who verify every object).
+const MIRROR_QUEUE: usize = 1 << 16;
 
 struct Shared {
     config: MasterConfig,
@@ -58,6 +63,8 @@ struct Shared {
     valid_until: Mutex<Option<Instant>>,
     /// Per-segment queues of index updates, drained by one task per node.
     links: Mutex<HashMap<u64, NodeLink>>,
+    /// Index updates dropped because a node's queue was full.
+    mirror_dropped: AtomicU64,
     /// The etcd lease this master campaigns and leads with.
     lease: Mutex<Option<super::etcd::LeaseId>>,
 }
@@ -105,6 +112,7 @@ impl MasterServer {
                 leader: String::new(),
             }),
             valid_until: Mutex::new(None),
+            mirror_dropped: AtomicU64::new(0),
             links: Mutex::new(HashMap::new()),
             lease: Mutex::new(None),
             config,
@@ -221,14 +229,23 @@ impl Shared {
                 NodeUpdate::Commit(s, _) | NodeUpdate::Drop(s, ..) => *s,
             };
             if let Some((tx, _)) = links.get(&seg) {
-                let _ = tx.send(u);
+                if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(u) {
+                    let n = self.mirror_dropped.fetch_add(1, Ordering::Relaxed);
+                    if n % 1000 == 0 {
+                        tracing::warn!(
+                            "master: segment {seg}'s node is {MIRROR_QUEUE} index updates \
+                             behind; dropping updates ({} so far)",
+                            n + 1
+                        );
+                    }
+                }
             }
         }
     }
 
     /// Starts (or restarts) the task that mirrors index updates to `info`'s node.
     fn link(self: &Arc<Self>, info: &SegmentInfo) {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(MIRROR_QUEUE);
         let task = tokio::spawn(mirror(self.clone(), info.clone(), rx));
         if let Some((_, old)) = self.links.lock().insert(info.id, (tx, task)) {
             old.abort();
@@ -266,11 +283,7 @@ async fn sweep(shared: Arc<Shared>) {
 
 /// Sends index updates to one node in the order placement made them, batching runs of
 /// the same kind.
-async fn mirror(
-    shared: Arc<Shared>,
-    info: SegmentInfo,
-    mut rx: mpsc::UnboundedReceiver<NodeUpdate>,
-) {
+async fn mirror(shared: Arc<Shared>, info: SegmentInfo, mut rx: mpsc::Receiver<NodeUpdate>) {
     let mut conn: Option<RpcConn> = None;
     let mut queued: Vec<NodeUpdate> = Vec::new();
     while let Some(first) = rx.recv().await {

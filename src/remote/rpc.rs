@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use kvtier_transport::handshake::{self, Hello, Service};
+use kvtier_transport::limits::{self, reply_within, ConnectionLimit};
 use kvtier_transport::wire::{self, Reader, WireError, Writer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -757,9 +758,13 @@ pub async fn serve(
     timeout: Duration,
     handle: std::sync::Arc<dyn Fn(Request) -> Response + Send + Sync>,
 ) {
+    let where_ = listener
+        .local_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    let limit = ConnectionLimit::new(format!("{who} on {where_}"), limits::MAX_CONNECTIONS);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of descriptors and the like: do not spin.
                 tracing::warn!("{who}: accept: {e}");
@@ -767,8 +772,12 @@ pub async fn serve(
                 continue;
             }
         };
+        let Some(permit) = limit.admit(&peer) else {
+            continue;
+        };
         let (secret, handle) = (secret.clone(), handle.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let accepted = RpcConn::accept(stream, service, who, secret.as_deref(), timeout).await;
             let mut conn = match accepted {
                 Ok(c) => c,
@@ -782,7 +791,8 @@ pub async fn serve(
                     Ok(req) => handle(req),
                     Err(e) => Response::Error(e.to_string()),
                 };
-                if conn.reply(&resp).await.is_err() {
+                // A client that stops reading answers is dropped after the timeout.
+                if reply_within(timeout, conn.reply(&resp)).await.is_err() {
                     return;
                 }
             }

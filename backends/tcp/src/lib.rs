@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvtier_transport::handshake;
+use kvtier_transport::limits::{self, ConnectionLimit};
 use kvtier_transport::{
     region_slice, region_slice_mut, BoxFuture, Connection, Descriptor, LocalIov, Notification,
     RegionMemory, RegionTable, RegistrationHandle, RemoteIov, Result, Transport, TransportConfig,
@@ -43,6 +44,8 @@ pub struct TcpTransport {
 struct Inner {
     config: TransportConfig,
     name: String,
+    /// Connections served at once.
+    limit: ConnectionLimit,
     addr: SocketAddr,
     regions: RegionTable,
     notify_tx: mpsc::Sender<Notification>,
@@ -87,16 +90,26 @@ async fn send(w: &mut (impl AsyncWrite + Unpin), frame: &Frame) -> std::io::Resu
 }
 
 /// Acknowledges request `req` as done.
-async fn ack_ok(w: &mut (impl AsyncWrite + Unpin), req: u64) -> std::result::Result<(), String> {
-    send(
-        w,
-        &Frame::Ack {
-            req,
-            status: Status::Ok,
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())
+async fn ack_ok(
+    w: &mut (impl AsyncWrite + Unpin),
+    req: u64,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
+    let ack = Frame::Ack {
+        req,
+        status: Status::Ok,
+    };
+    replying(timeout, send(w, &ack)).await
+}
+
+/// A server-side write bounded by `timeout` (see [`limits::reply_within`]).
+async fn replying<E: std::fmt::Display>(
+    timeout: Duration,
+    write: impl std::future::Future<Output = std::result::Result<(), E>>,
+) -> std::result::Result<(), String> {
+    limits::reply_within(timeout, write)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 impl TcpTransport {
@@ -127,6 +140,10 @@ impl TcpTransport {
         let tag = u32::from_le_bytes([n[0], n[1], n[2], n[3]]);
         let inner = Arc::new(Inner {
             name: format!("tcp://{addr}#{tag:08x}"),
+            limit: ConnectionLimit::new(
+                format!("tcp transport on {addr}"),
+                limits::MAX_CONNECTIONS,
+            ),
             config,
             addr,
             regions: RegionTable::default(),
@@ -161,9 +178,11 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, mut stop: watch::
             _ = stop.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Some(permit) = inner.limit.admit(&peer) else { continue };
                     let inner = inner.clone();
                     let stop = stop.clone();
                     tokio::spawn(async move {
+                        let _permit = permit;
                         if let Err(e) = serve(&inner, stream, peer, stop).await {
                             tracing::warn!("tcp transport {}: connection from {peer} closed: {e}", inner.name);
                         }
@@ -231,7 +250,8 @@ async fn serve(
                         Err(TransportError::OutOfBounds { region_len, .. }) => {
                             // The data that follows cannot be placed: refuse and drop the stream.
                             let status = Status::OutOfBounds { region_len };
-                            let _ = send(&mut w, &Frame::Ack { req, status }).await;
+                            let refusal = Frame::Ack { req, status };
+                            let _ = replying(timeout, send(&mut w, &refusal)).await;
                             return Err(format!(
                                 "write to region {region} {offset}+{len} out of bounds"
                             ));
@@ -251,7 +271,7 @@ async fn serve(
                         return Err(format!("write data from {client} stalled past {timeout:?}"))
                     }
                 }
-                ack_ok(&mut w, req).await?;
+                ack_ok(&mut w, req, timeout).await?;
             }
             Frame::Read {
                 req,
@@ -268,30 +288,25 @@ async fn serve(
                         let src =
                             unsafe { region_slice(memory.as_ref(), offset as usize, len as usize) }
                                 .ok_or("range check failed")?;
-                        send(
-                            &mut w,
-                            &Frame::Data {
-                                req,
-                                status: Status::Ok,
-                                len,
-                            },
-                        )
-                        .await
-                        .map_err(|e| e.to_string())?;
-                        w.write_all(src).await.map_err(|e| e.to_string())?;
+                        let head = Frame::Data {
+                            req,
+                            status: Status::Ok,
+                            len,
+                        };
+                        replying(timeout, async {
+                            send(&mut w, &head).await?;
+                            w.write_all(src).await
+                        })
+                        .await?;
                     }
                     Err(TransportError::OutOfBounds { region_len, .. }) => {
                         let status = Status::OutOfBounds { region_len };
-                        send(
-                            &mut w,
-                            &Frame::Data {
-                                req,
-                                status,
-                                len: 0,
-                            },
-                        )
-                        .await
-                        .map_err(|e| e.to_string())?;
+                        let refusal = Frame::Data {
+                            req,
+                            status,
+                            len: 0,
+                        };
+                        replying(timeout, send(&mut w, &refusal)).await?;
                     }
                     Err(e) => return Err(e.to_string()),
                 }
@@ -313,7 +328,7 @@ async fn serve(
                 {
                     return Err("notification queue full past the timeout".into());
                 }
-                ack_ok(&mut w, req).await?;
+                ack_ok(&mut w, req, timeout).await?;
             }
             other => {
                 tracing::error!(
@@ -876,6 +891,48 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_stops_reading_answers_is_dropped() {
+        let len = 64usize << 20;
+        let config = TransportConfig {
+            timeout: Duration::from_millis(500),
+            ..TransportConfig::default()
+        };
+        let server = TcpTransport::bind(config).unwrap();
+        let mem = Arc::new(HostBuffer::new(len));
+        let reg = server.register(mem.clone()).unwrap();
+        let mut raw = TcpStream::connect(server.local_addr()).await.unwrap();
+        let hello = handshake::Hello {
+            service: handshake::Service::TcpTransport,
+            version: protocol::VERSION,
+            name: "raw",
+            secret: None,
+        };
+        handshake::connect(&mut raw, "server", hello, Duration::from_secs(5))
+            .await
+            .unwrap();
+        // Ask for the whole region, then read nothing for a while: the socket buffers fill
+        // and the server's write waits for us.
+        let read = Frame::Read {
+            req: 1,
+            region: reg.id().0,
+            offset: 0,
+            len: len as u64,
+        };
+        send(&mut raw, &read).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The server gave up on us: what it had buffered, then the end of the stream.
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut got))
+            .await
+            .expect("the server closed the connection");
+        assert!(
+            got.len() < len,
+            "{} of {len} bytes: the server never gave up",
+            got.len()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn malformed_frames_close_only_that_connection() {
         let server = TcpTransport::bind(TransportConfig::default()).unwrap();
         let mem = Arc::new(HostBuffer::new(4096));
@@ -900,15 +957,14 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(n, 0, "server closed the connection");
-        // An oversized length prefix is refused the same way.
+        // Bytes that do not open a kvtier handshake are refused the same way.
         let mut raw2 = TcpStream::connect(server.local_addr()).await.unwrap();
-        let _ = read_frame(&mut raw2).await;
         raw2.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
-        let n = tokio::time::timeout(Duration::from_secs(5), raw2.read_to_end(&mut rest))
+        let closed = tokio::time::timeout(Duration::from_secs(5), raw2.read_to_end(&mut rest))
             .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 0);
+            .expect("closed at once, not at the handshake timeout");
+        // End of stream, or a reset (what we sent was left unread).
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
         // The endpoint still serves others.
         let client = TcpTransport::bind(TransportConfig::default()).unwrap();
         let conn = client

@@ -551,14 +551,19 @@ async fn accept_inner<S: AsyncRead + AsyncWrite + Unpin>(
     peer: &str,
     hello: Hello<'_>,
 ) -> Result<Peer, HandshakeError> {
-    let mut magic = [0u8; 6];
-    read_exact(s, &mut magic, peer).await?;
-    if &magic != MAGIC {
-        return Err(HandshakeError::NotKvtier {
-            peer: peer.into(),
-            expected: hello.service,
-            seen: describe_foreign(&magic, "sent"),
-        });
+    // Byte by byte: a client that is not kvtier is dropped at its first wrong byte.
+    let mut magic = Vec::with_capacity(MAGIC.len());
+    while magic.len() < MAGIC.len() {
+        let mut b = [0u8; 1];
+        read_exact(s, &mut b, peer).await?;
+        magic.push(b[0]);
+        if !MAGIC.starts_with(&magic) {
+            return Err(HandshakeError::NotKvtier {
+                peer: peer.into(),
+                expected: hello.service,
+                seen: describe_foreign(&magic, "sent"),
+            });
+        }
     }
     let theirs = read_header_rest(s, peer).await?;
     let name = read_name(s, peer).await?;

@@ -21,6 +21,7 @@ pub mod auth;
 pub mod conformance;
 pub mod descriptor;
 pub mod handshake;
+pub mod limits;
 mod memory;
 pub mod wire;
 

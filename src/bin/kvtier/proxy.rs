@@ -88,6 +88,9 @@ pub struct ProxyArgs {
     /// After Ctrl+C or SIGTERM, seconds in-flight responses may take to finish.
     #[arg(long, default_value = "30", value_parser = seconds)]
     shutdown_grace_sec: Duration,
+    /// Most requests in flight; past it the proxy answers 503 with Retry-After.
+    #[arg(long, default_value_t = kvtier::proxy::DEFAULT_MAX_IN_FLIGHT)]
+    max_in_flight: usize,
     /// Secret the prefillers present when notifying (their `transport_auth_token`).
     #[arg(long, env = "KVTIER_TRANSPORT_AUTH_TOKEN", hide_env_values = true)]
     transport_auth_token: Option<String>,
@@ -120,6 +123,7 @@ pub fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         decode_timeout: args.decode_timeout_sec,
         stats_interval: args.stats_interval_sec,
         shutdown_grace: args.shutdown_grace_sec,
+        max_in_flight: args.max_in_flight,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
