@@ -207,6 +207,12 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (SIGSTOP freezes the process with its sockets open, SIGCONT thaws it).
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on the pid of a child we own and have not reaped.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
     /// Stops the process as a user does — Ctrl+C (SIGINT) for a server, end of input for
     /// a probe — and returns how it exited (within 20 s, else a failure).
     fn stop(&mut self, interrupt: bool) -> std::process::ExitStatus {
@@ -510,6 +516,83 @@ fn cluster_replicas_failover_and_killed_nodes() {
         lost >= dead_only,
         "lost={lost}, chunks only on dead nodes {dead_only}"
     );
+}
+
+#[test]
+fn frozen_master_and_node_are_passed_by_within_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let etcd = EtcdServer::start(dir);
+    let url = etcd.url("c4");
+    let nodes: Vec<Proc> = ["f1", "f2"]
+        .iter()
+        .map(|n| node(n, &url, "32MiB", dir))
+        .collect();
+    let (m1, a1) = master("fm1", &url, dir);
+    let (m2, a2) = master("fm2", &url, dir);
+    let masters = [(m1, a1.clone()), (m2, a2)];
+    let mut a = probe("engine-a", &kvtier_engine_yaml(&a1, &url, 2), dir);
+    let mut b = probe("engine-b", &kvtier_engine_yaml(&a1, &url, 2), dir);
+    wait_for("two segments in the pool", Duration::from_secs(30), || {
+        b.try_field("stats", "segments").as_deref() == Some("2")
+    });
+    assert_eq!(a.field("store 41 1024", "stored"), "1024");
+    a.ask("flush");
+    assert_eq!(b.field("lookup 41 1024", "hit"), "1024");
+    // Both engines now hold a connection to the leader.
+
+    // Freeze the leader (SIGSTOP: its sockets stay open, nothing answers).
+    let leader = etcd.leader("c4").expect("a leader is published");
+    let i = masters
+        .iter()
+        .position(|(_, addr)| *addr == leader)
+        .unwrap();
+    let standby = masters[1 - i].1.clone();
+    let frozen = Instant::now();
+    masters[i].0.signal(libc::SIGSTOP);
+    // The lease TTL + 5 s, with room for a loaded CI machine.
+    let bound = Duration::from_secs(3 + 5 + 5);
+    wait_for("the standby leads", bound, || {
+        etcd.leader("c4").as_deref() == Some(standby.as_str())
+    });
+    wait_for("engine B reaches the new leader", bound, || {
+        b.try_field("stats", "segments").as_deref() == Some("2")
+    });
+    let moved = frozen.elapsed();
+    b.ask("clear");
+    assert_eq!(
+        retrieve(&mut b, 41, 1024),
+        1024,
+        "objects survive the freeze"
+    );
+    assert_eq!(a.field("store 42 512", "stored"), "512");
+    a.ask("flush");
+    assert_eq!(retrieve(&mut b, 42, 512), 512);
+    eprintln!("frozen leader: engines on the standby after {moved:.2?} (lease TTL {LEASE_TTL} s)");
+    // Thawed, the old leader knows its term is over: it does not act as leader.
+    masters[i].0.signal(libc::SIGCONT);
+    assert_eq!(etcd.leader("c4").as_deref(), Some(standby.as_str()));
+
+    // Freeze a node: reads fall back to the other replica, and the master drops it when
+    // its lease expires.
+    let frozen = Instant::now();
+    nodes[0].signal(libc::SIGSTOP);
+    b.ask("clear");
+    assert_eq!(
+        retrieve(&mut b, 41, 1024),
+        1024,
+        "read from the live replica"
+    );
+    wait_for("the master drops the frozen node", bound, || {
+        b.try_field("stats", "segments").as_deref() == Some("1")
+    });
+    eprintln!(
+        "frozen node: dropped from the pool after {:.2?}",
+        frozen.elapsed()
+    );
+    b.ask("clear");
+    assert_eq!(retrieve(&mut b, 41, 1024), 1024);
+    nodes[0].signal(libc::SIGCONT);
 }
 
 #[test]
