@@ -853,12 +853,13 @@ impl Config {
     /// The effective configuration as YAML, one `key: value  # source` line per key in the
     /// key table's order. The source is `default`, `FILE:LINE`, the environment variable's
     /// name, or `set by caller` for a value changed in code. Sizes are printed in GB like
-    /// the input; `transport_auth_token` is printed as `"<redacted>"`. Apart from the
-    /// redaction the output loads back to the same configuration.
+    /// the input; `transport_auth_token` and passwords in URLs (`etcd://user:password@...`)
+    /// are printed as `<redacted>`. Apart from the redaction the output loads back to the
+    /// same configuration.
     pub fn render(&self) -> String {
         let mut out = String::new();
         for (i, spec) in KEYS.iter().enumerate() {
-            let mut value = spec.slot.render(self);
+            let mut value = redact_passwords(&spec.slot.render(self));
             if spec.secret && value != "null" {
                 value = "\"<redacted>\"".to_owned();
             }
@@ -1209,5 +1210,33 @@ pub fn reference_table_markdown() -> String {
          list keys also take `7300,7301`. A variable that is within two edits of a key but \
          names none is an error.\n",
     );
+    out
+}
+
+/// `text` with the password of every URL in it (`scheme://user:password@host...`) replaced
+/// by `<redacted>`, for rendering and messages.
+pub fn redact_passwords(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(scheme) = rest.find("://") {
+        let (head, tail) = rest.split_at(scheme + 3);
+        out.push_str(head);
+        // The authority ends at the first character that cannot be in it.
+        let end = tail
+            .find(|c: char| c == '/' || c.is_whitespace() || matches!(c, '"' | '\'' | ',' | '}'))
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) if userinfo.contains(':') => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                out.push_str(user);
+                out.push_str(":<redacted>@");
+                out.push_str(host);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
     out
 }

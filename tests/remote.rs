@@ -64,9 +64,20 @@ impl Drop for Proc {
 
 impl Proc {
     fn spawn(name: &str, program: &Path, args: &[&str], dir: &Path) -> Proc {
+        Proc::spawn_env(name, program, args, &[], dir)
+    }
+
+    fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        dir: &Path,
+    ) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let mut child = Command::new(program)
             .args(args)
+            .envs(envs.iter().copied())
             .env("KVTIER_LOG", "info")
             .env_remove("KVTIER_CONFIG_FILE")
             .env_remove("LMCACHE_CONFIG_FILE")
@@ -277,6 +288,10 @@ impl EtcdServer {
             &peer,
             "--initial-cluster",
             &format!("kvtier-test={peer}"),
+            // Short-lived auth tokens (where a test turns authentication on): clients must
+            // authenticate again when theirs expires.
+            "--auth-token-ttl",
+            "2",
         ];
         self.proc = Some(Proc::spawn("etcd", &etcd, &args, &self.dir));
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -593,6 +608,124 @@ fn frozen_master_and_node_are_passed_by_within_the_lease() {
     b.ask("clear");
     assert_eq!(retrieve(&mut b, 41, 1024), 1024);
     nodes[0].signal(libc::SIGCONT);
+}
+
+/// Turns on etcd's authentication: user `root` (needed to enable it) and user `kv`
+/// (password `kvpw`) with read-write access to kvtier's keys only.
+fn enable_etcd_auth(client_port: u16) {
+    use base64_for_test::b64;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{client_port}/v3/auth");
+    let calls = [
+        ("role/add", serde_json::json!({"name": "root"})),
+        (
+            "user/add",
+            serde_json::json!({"name": "root", "password": "rootpw"}),
+        ),
+        (
+            "user/grant",
+            serde_json::json!({"user": "root", "role": "root"}),
+        ),
+        ("role/add", serde_json::json!({"name": "kvtier"})),
+        (
+            "role/grant",
+            serde_json::json!({"name": "kvtier", "perm": {
+                "permType": "READWRITE", "key": b64(b"/kvtier/"), "range_end": b64(b"/kvtier0")}}),
+        ),
+        (
+            "user/add",
+            serde_json::json!({"name": "kv", "password": "kvpw"}),
+        ),
+        (
+            "user/grant",
+            serde_json::json!({"user": "kv", "role": "kvtier"}),
+        ),
+        ("enable", serde_json::json!({})),
+    ];
+    for (path, body) in calls {
+        let resp = rt
+            .block_on(http.post(format!("{base}/{path}")).json(&body).send())
+            .unwrap();
+        let status = resp.status();
+        let text = rt.block_on(resp.text()).unwrap();
+        assert!(status.is_success(), "etcd auth/{path}: {status}: {text}");
+    }
+}
+
+/// Base64 for etcd's JSON gateway (test side, written out so the test does not lean on
+/// the code under test).
+mod base64_for_test {
+    pub fn b64(data: &[u8]) -> String {
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for c in data.chunks(3) {
+            let n = (c[0] as u32) << 16
+                | (*c.get(1).unwrap_or(&0) as u32) << 8
+                | *c.get(2).unwrap_or(&0) as u32;
+            for i in 0..4 {
+                out.push(if i <= c.len() {
+                    T[(n >> (18 - 6 * i) & 63) as usize] as char
+                } else {
+                    '='
+                });
+            }
+        }
+        out
+    }
+}
+
+#[test]
+fn etcd_with_authentication_serves_only_who_has_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let etcd = EtcdServer::start(dir);
+    enable_etcd_auth(etcd.client_port);
+    let with_user = format!("etcd://kv:kvpw@127.0.0.1:{}/c6", etcd.client_port);
+    let _n = node("a1", &with_user, "16MiB", dir);
+    // The password from the environment, the user from the URL.
+    let user_only = format!("etcd://kv@127.0.0.1:{}/c6", etcd.client_port);
+    let args = ["master", "--listen", "127.0.0.1:0", "--etcd", &user_only];
+    let kvtier = Path::new(env!("CARGO_BIN_EXE_kvtier"));
+    let mut m = Proc::spawn_env(
+        "am1",
+        kvtier,
+        &args,
+        &[("KVTIER_ETCD_PASSWORD", "kvpw")],
+        dir,
+    );
+    let addr = m.ready().remove(0);
+    let mut engine = probe("engine", &kvtier_engine_yaml(&addr, &with_user, 1), dir);
+    wait_for("the node joins", Duration::from_secs(30), || {
+        engine.try_field("stats", "segments").as_deref() == Some("1")
+    });
+    assert_eq!(engine.field("store 51 512", "stored"), "512");
+    engine.ask("flush");
+    engine.ask("clear");
+    assert_eq!(retrieve(&mut engine, 51, 512), 512);
+    // The password never shows in the logs.
+    assert!(!engine.log().contains("kvpw"), "{}", engine.log());
+
+    // Without credentials, or with a wrong password, etcd refuses: the error says why.
+    let anonymous = format!("etcd://127.0.0.1:{}/c6", etcd.client_port);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let e = Etcd::new(&anonymous, Duration::from_secs(5)).unwrap();
+    let err = rt.block_on(e.list("segments/")).unwrap_err().to_string();
+    assert!(err.contains("authentication is on"), "{err}");
+    let wrong = format!("etcd://kv:nope@127.0.0.1:{}/c6", etcd.client_port);
+    let e = Etcd::new(&wrong, Duration::from_secs(5)).unwrap();
+    let err = rt.block_on(e.list("segments/")).unwrap_err().to_string();
+    assert!(err.contains("etcd refused user `kv`"), "{err}");
+    assert!(!err.contains("nope"), "{err}");
+    // Right user, right password: it sees the node's registration, and again after its
+    // token expired (etcd runs with --auth-token-ttl 2).
+    let e = Etcd::new(&with_user, Duration::from_secs(5)).unwrap();
+    assert_eq!(rt.block_on(e.list("segments/")).unwrap().len(), 1);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(rt.block_on(e.list("segments/")).unwrap().len(), 1);
+    // The cluster kept working past many token lifetimes.
+    engine.ask("clear");
+    assert_eq!(retrieve(&mut engine, 51, 512), 512);
 }
 
 #[test]

@@ -1195,3 +1195,17 @@ fn random_yaml_like_input_never_panics_and_round_trips() {
     }
     assert!(loaded > 50, "generator too weak: {loaded} loads");
 }
+
+#[test]
+fn passwords_in_urls_are_redacted() {
+    assert_eq!(
+        redact_passwords("metadata_server: \"etcd://kv:s3cret@h:2379/prod\""),
+        "metadata_server: \"etcd://kv:<redacted>@h:2379/prod\""
+    );
+    assert_eq!(
+        redact_passwords("{a: etcd://u@h:1, b: redis://:pw@r:6379/0}"),
+        "{a: etcd://u@h:1, b: redis://:<redacted>@r:6379/0}"
+    );
+    assert_eq!(redact_passwords("no urls here"), "no urls here");
+    assert_eq!(redact_passwords("x://"), "x://");
+}

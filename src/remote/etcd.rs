@@ -2,6 +2,12 @@
 //! its client port): leases, puts, ranges, deletes and the compare-and-create
 //! transaction leader election needs. JSON over HTTP keeps the build free of protobuf
 //! tooling; membership traffic is a few small requests per second.
+//!
+//! With etcd's authentication enabled, name the user in the URL
+//! (`etcd://user:password@host:port/cluster`, or `etcd://user@host:port/cluster` with the
+//! password in `KVTIER_ETCD_PASSWORD`): the client authenticates once, sends the token
+//! with every request, and authenticates again when etcd says the token expired. The
+//! password is never logged ([`Etcd::endpoint`] and errors name the host only).
 
 use std::time::Duration;
 
@@ -16,6 +22,39 @@ pub struct Etcd {
     base: String,
     /// `/kvtier/<cluster>/`.
     prefix: String,
+    /// The user to authenticate as, when etcd's authentication is on.
+    auth: Option<std::sync::Arc<Credentials>>,
+}
+
+/// The environment variable holding the etcd password when the URL names only the user.
+pub const PASSWORD_ENV: &str = "KVTIER_ETCD_PASSWORD";
+
+/// An etcd user, its password and the current token.
+struct Credentials {
+    user: String,
+    password: String,
+    token: parking_lot::Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Credentials {{ user: {:?}, password: <redacted> }}",
+            self.user
+        )
+    }
+}
+
+/// Whether etcd refused a request for want of (valid) authentication.
+fn auth_refused(status: reqwest::StatusCode, body: &Value) -> bool {
+    let text = body["error"]
+        .as_str()
+        .or(body["message"].as_str())
+        .unwrap_or("");
+    status == reqwest::StatusCode::UNAUTHORIZED
+        || text.contains("invalid auth token")
+        || text.contains("user name is empty")
 }
 
 /// An etcd lease id.
@@ -87,9 +126,33 @@ impl Etcd {
             .or_else(|| url.strip_prefix("http://"))
             .ok_or_else(|| {
                 RemoteError::Config(format!(
-                    "metadata server `{url}`: expected etcd://host:port[/cluster]"
+                    "metadata server `{}`: expected etcd://[user[:password]@]host:port[/cluster]",
+                    crate::config::redact_passwords(url)
                 ))
             })?;
+        let (auth, rest) = match rest.split_once('@') {
+            Some((userinfo, after)) if !userinfo.contains('/') => {
+                let (user, password) = match userinfo.split_once(':') {
+                    Some((u, p)) => (u.to_string(), p.to_string()),
+                    None => (
+                        userinfo.to_string(),
+                        std::env::var(PASSWORD_ENV).map_err(|_| {
+                            RemoteError::Config(format!(
+                                "metadata server etcd://{userinfo}@{after}: no password (put it \
+                                 in the URL as user:password@ or in {PASSWORD_ENV})"
+                            ))
+                        })?,
+                    ),
+                };
+                let auth = Credentials {
+                    user,
+                    password,
+                    token: parking_lot::Mutex::new(None),
+                };
+                (Some(std::sync::Arc::new(auth)), after)
+            }
+            _ => (None, rest),
+        };
         let (hostport, cluster) = match rest.split_once('/') {
             Some((h, c)) if !c.trim_matches('/').is_empty() => (h, c.trim_matches('/')),
             Some((h, _)) => (h, "default"),
@@ -109,7 +172,51 @@ impl Etcd {
             http,
             base: format!("http://{hostport}/v3"),
             prefix: format!("/kvtier/{cluster}/"),
+            auth,
         })
+    }
+
+    /// A fresh token for the configured user.
+    async fn authenticate(&self, auth: &Credentials) -> Result<String, RemoteError> {
+        let url = format!("{}/auth/authenticate", self.base);
+        let body = json!({ "name": auth.user, "password": auth.password });
+        let (status, value) = self.send(&url, &body, None).await?;
+        match value["token"].as_str() {
+            Some(token) if status.is_success() => {
+                *auth.token.lock() = Some(token.to_string());
+                Ok(token.to_string())
+            }
+            _ => Err(RemoteError::Etcd(format!(
+                "{url}: etcd refused user `{}`: {status}: {}",
+                auth.user,
+                value["error"]
+                    .as_str()
+                    .or(value["message"].as_str())
+                    .unwrap_or("?")
+            ))),
+        }
+    }
+
+    async fn send(
+        &self,
+        url: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Result<(reqwest::StatusCode, Value), RemoteError> {
+        let mut req = self.http.post(url).json(body);
+        if let Some(t) = token {
+            req = req.header("Authorization", t);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| RemoteError::Etcd(format!("{url}: {e}")))?;
+        let status = resp.status();
+        let value: Value = resp
+            .json()
+            .await
+            .map_err(|e| RemoteError::Etcd(format!("{url}: bad answer: {e}")))?;
+        Ok((status, value))
     }
 
     /// The endpoint, for messages.
@@ -124,20 +231,32 @@ impl Etcd {
 
     async fn post(&self, path: &str, body: Value) -> Result<Value, RemoteError> {
         let url = format!("{}/{path}", self.base);
-        let resp = self
-            .http
-            .post(&url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| RemoteError::Etcd(format!("{url}: {e}")))?;
-        let status = resp.status();
-        let value: Value = resp
-            .json()
-            .await
-            .map_err(|e| RemoteError::Etcd(format!("{url}: bad answer: {e}")))?;
+        let (status, value) = match &self.auth {
+            None => self.send(&url, &body, None).await?,
+            Some(auth) => {
+                let cached = auth.token.lock().clone();
+                let token = match cached {
+                    Some(t) => t,
+                    None => self.authenticate(auth).await?,
+                };
+                let (status, value) = self.send(&url, &body, Some(&token)).await?;
+                if auth_refused(status, &value) {
+                    // Expired (etcd's simple tokens live minutes): once more, afresh.
+                    let token = self.authenticate(auth).await?;
+                    self.send(&url, &body, Some(&token)).await?
+                } else {
+                    (status, value)
+                }
+            }
+        };
         if !status.is_success() {
-            return Err(RemoteError::Etcd(format!("{url}: {status}: {value}")));
+            let hint = if self.auth.is_none() && auth_refused(status, &value) {
+                " (etcd's authentication is on: name the user in the URL, \
+                 etcd://user:password@host:port/cluster)"
+            } else {
+                ""
+            };
+            return Err(RemoteError::Etcd(format!("{url}: {status}: {value}{hint}")));
         }
         Ok(value)
     }
@@ -280,6 +399,10 @@ mod tests {
         assert_eq!(e.endpoint(), "http://h:2379/v3");
         let e = Etcd::new("etcd://h:2379/prod/", Duration::from_secs(1)).unwrap();
         assert_eq!(e.key("segments/"), "/kvtier/prod/segments/");
+        let e = Etcd::new("etcd://kv:pw@h:2379/prod", Duration::from_secs(1)).unwrap();
+        assert_eq!(e.endpoint(), "http://h:2379/v3");
+        assert_eq!(e.key("master"), "/kvtier/prod/master");
+        assert!(!format!("{e:?}").contains("pw"));
         assert!(Etcd::new("h:2379", Duration::from_secs(1)).is_err());
         assert!(Etcd::new("etcd://nohost", Duration::from_secs(1)).is_err());
     }
