@@ -14,11 +14,18 @@ Each system gets a prefiller and a decoder (vLLM, one pinned OpenMP thread each)
   is the proxy (prefill with `max_tokens: 1` and `do_remote_decode`, then the decoder with
   the returned `kv_transfer_params`, streamed), as vLLM's own P/D proxy does.
 
-Reported per system (median and p99 over the requests, sequential, after one warm-up
-request): TTFT at the client, and the per-request KV transfer time — for kvtier the
-prefiller's send (allocation, copy out of vLLM's blocks, writes, commit), for NIXL the
-decoder's `vllm:nixl_xfer_time_seconds` (the transfer alone: NIXL reads vLLM's blocks in
-place). Every completion is checked against a plain vLLM's token ids.
+Two phases per system:
+1. Sequential requests (after one warm-up): TTFT at the client and the per-request KV
+   transfer time — for kvtier the prefiller's send (allocation, copy out of vLLM's blocks,
+   writes, commit), for NIXL the decoder's `vllm:nixl_xfer_time_seconds` (the transfer
+   alone: NIXL reads vLLM's blocks in place). Every completion is checked against a plain
+   vLLM's token ids.
+2. Load from vLLM's own client, `vllm bench serve` (random dataset, `--load-prompts`
+   prompts of `--input-len` tokens, `--load-concurrency` at a time), through the same
+   front door: `kvtier proxy` for kvtier; for NixlConnector a minimal proxy in this script
+   doing what vLLM's P/D proxy does (prefill with `max_tokens: 1` and
+   `do_remote_decode`, then the decoder with the returned `kv_transfer_params`, streamed
+   back). The client's TTFT median / p99 and request throughput are reported.
 
 This is a benchmark, not a test: no assertion on times. The model is a random-weight Llama
 (16 layers, 8 KV heads of 64, fp32: 64 KiB of KV per token, 125 MiB per 2,000-token
@@ -28,7 +35,10 @@ request); no model hub is needed.
 from __future__ import annotations
 
 import argparse
+import http.server
 import json
+import subprocess
+import threading
 import os
 import random
 import re
@@ -87,6 +97,76 @@ def nixl_xfer(server: OpenAiEndpoint) -> tuple[float, float]:
             server.metric("vllm:nixl_xfer_time_seconds_count", 0.0))
 
 
+def bench_serve(port: int, model: Path, work: Path, label: str, args) -> dict:
+    """Drives `port` with `vllm bench serve`; returns its TTFT and throughput figures."""
+    result = work / f"serve-{label}.json"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve",
+           "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions",
+           "--model", str(model), "--tokenizer", str(model),
+           "--dataset-name", "random", "--random-input-len", str(args.input_len),
+           "--random-output-len", str(args.output_len), "--num-prompts", str(args.load_prompts),
+           "--max-concurrency", str(args.load_concurrency), "--request-rate", "inf", "--ignore-eos",
+           "--seed", "7", "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99",
+           "--save-result", "--result-dir", str(work), "--result-filename", result.name]
+    log = work / f"serve-{label}.log"
+    with open(log, "w") as out:
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=3600)
+    if done.returncode != 0 or not result.exists():
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"vllm bench serve against {label} failed ({done.returncode}):\n{tail}")
+    r = json.loads(result.read_text())
+    return {"completed": r.get("completed", 0), "failed": r.get("failed", 0),
+            "ttft_median": r.get("median_ttft_ms"), "ttft_p99": r.get("p99_ttft_ms"),
+            "req_per_s": r.get("request_throughput")}
+
+
+class NixlProxy:
+    """vLLM's P/D proxy flow for NixlConnector, as a tiny HTTP server: prefill with
+    `max_tokens: 1` and `do_remote_decode`, then stream the decoder's answer back."""
+
+    def __init__(self, prefiller: int, decoder: int):
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # the body ends when the connection closes
+
+            def log_message(self, *_):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                pre = dict(body, max_tokens=1, stream=False,
+                           kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False,
+                                               "remote_engine_id": None, "remote_block_ids": None,
+                                               "remote_host": None, "remote_port": None})
+                pre.pop("stream_options", None)
+                answer = outer.post(prefiller, pre)
+                body["kv_transfer_params"] = answer.get("kv_transfer_params")
+                req = urllib.request.Request(f"http://127.0.0.1:{decoder}{self.path}", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    self.send_response(r.status)
+                    self.send_header("Content-Type", r.headers.get("Content-Type", "application/json"))
+                    self.end_headers()
+                    while chunk := r.read1(65536):
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def post(port: int, body: dict) -> dict:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.loads(r.read())
+
+    def close(self):
+        self.server.shutdown()
+
+
 def run_kvtier(model: Path, work: Path, prompts: list[list[int]], args, reference: list[list[int]]) -> dict:
     init_port, alloc_port, notify_port, proxy_port = (free_port() for _ in range(4))
     ports = dict(transport=args.transport, notify_port=notify_port, init_port=init_port, alloc_port=alloc_port)
@@ -111,7 +191,8 @@ def run_kvtier(model: Path, work: Path, prompts: list[list[int]], args, referenc
                 ttfts.append(ttft)
             mismatches += tokens != reference[i]
         sends = [float(ms) / 1e3 for ms in re.findall(r"stored \d+ tokens in ([\d.]+) ms", prefiller.log_text())]
-        return {"ttft": ttfts, "transfer": sends[1:], "mismatches": mismatches}
+        load = bench_serve(proxy_port, model, work, f"kvtier-{args.transport}", args)
+        return {"ttft": ttfts, "transfer": sends[1:], "mismatches": mismatches, "load": load}
     finally:
         if proxy is not None:
             proxy.terminate()
@@ -149,7 +230,12 @@ def run_nixl(model: Path, work: Path, prompts: list[list[int]], args, reference:
                 if after[1] > before[1]:
                     transfers.append(after[0] - before[0])
             mismatches += tokens != reference[i]
-        return {"ttft": ttfts, "transfer": transfers, "mismatches": mismatches}
+        proxy = NixlProxy(prefiller.port, decoder.port)
+        try:
+            load = bench_serve(proxy.port, model, work, "nixl", args)
+        finally:
+            proxy.close()
+        return {"ttft": ttfts, "transfer": transfers, "mismatches": mismatches, "load": load}
     finally:
         prefiller.stop()
         decoder.stop()
@@ -164,6 +250,8 @@ def main() -> int:
                         help="kvtier transports to run, comma-separated (ucx/nixl need the package "
                              "built with them: maturin build --release --features ucx,nixl)")
     parser.add_argument("--skip-nixl", action="store_true")
+    parser.add_argument("--load-prompts", type=int, default=16, help="prompts `vllm bench serve` sends")
+    parser.add_argument("--load-concurrency", type=int, default=4, help="its --max-concurrency")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kvtier-vllm-bench-"))
     model = make(work / "model", **SIZES)
@@ -185,6 +273,14 @@ def main() -> int:
     for name, r in results.items():
         ok = len(prompts) - r["mismatches"]
         print(f"| {name} | {summary(r['ttft'])} | {summary(r['transfer'])} | {ok}/{len(prompts)} |")
+    print(f"\nUnder load (`vllm bench serve`, {args.load_prompts} random prompts of {args.input_len} tokens, "
+          f"{args.load_concurrency} at a time):\n")
+    print("| system | TTFT ms median / p99 | requests/s | completed / failed |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        x = r["load"]
+        print(f"| {name} | {x['ttft_median']:.1f} / {x['ttft_p99']:.1f} | {x['req_per_s']:.3f} | "
+              f"{x['completed']} / {x['failed']} |")
     return 0
 
 

@@ -8,7 +8,6 @@
 #![no_main]
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use kvtier::chunk::encode_chunk;
 use kvtier::{ChunkShape, Config, DType, Engine, KvLayout, ModelSpec};
@@ -16,9 +15,13 @@ use libfuzzer_sys::fuzz_target;
 
 const CHUNK: usize = 16;
 
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| tokio::runtime::Runtime::new().unwrap())
+/// A runtime per input: dropped at the end of it, so no thread outlives the run (a
+/// runtime kept in a static leaves its blocking threads to the leak checker at exit).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn model() -> ModelSpec {
