@@ -568,7 +568,7 @@ impl Engine {
         let spans = self.inner.hasher.spans(tokens);
         let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
         let plan = self.inner.storage.plan_prefix(&keys);
-        let mut chunks = if plan.reads() == 0 {
+        let local = if plan.reads() == 0 {
             // Everything is in memory: no I/O, no need to leave this task.
             self.inner.storage.fetch(plan)
         } else {
@@ -577,14 +577,19 @@ impl Engine {
                 .await
                 .map_err(|e| Error::Task(format!("retrieve: {e}")))?
         };
-        if chunks.len() < keys.len() {
+        let found = local.len();
+        let mut chunks = self.model_prefix(&spans, local);
+        if chunks.len() == found && found < keys.len() {
             if let Some(remote) = &self.inner.remote {
-                let fetched = self.read_remote(remote, &keys[chunks.len()..]).await;
+                let fetched = self.read_remote(remote, &keys[found..]).await;
+                // Checked before promotion: a chunk of another shape never enters the
+                // local tiers (where lookups would count it as a hit).
+                let fetched = self.model_prefix(&spans[found..], fetched);
                 self.inner.storage.promote(&fetched);
                 chunks.extend(fetched);
             }
         }
-        Ok(self.model_prefix(&spans, chunks))
+        Ok(chunks)
     }
 
     /// The leading `chunks` whose key and shape are what `spans` and the model call for.

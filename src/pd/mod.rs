@@ -96,6 +96,19 @@ pub enum PdError {
         /// How long we waited.
         after: Duration,
     },
+    /// The sender's staging buffer stayed taken by other sends for the transport timeout.
+    #[error(
+        "request {req_id}: other sends held all {pages} staging pages for {after:?}; \
+         raise pd_buffer_size on the prefiller or send fewer requests at once"
+    )]
+    StagingFull {
+        /// The request.
+        req_id: String,
+        /// Pages in the sender's staging buffer.
+        pages: usize,
+        /// How long we waited.
+        after: Duration,
+    },
     /// Sender and receiver disagree on the setup.
     #[error("P/D setup mismatch: {0}")]
     Mismatch(String),

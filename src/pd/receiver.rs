@@ -49,7 +49,8 @@ struct Page {
 
 #[derive(Default)]
 struct Pages {
-    /// Oldest freed first, so a page is reused as late as possible.
+    /// Allocation takes from the front. Pages consumed after a commit go back to the front
+    /// (reused while still warm); pages out of quarantine to the back (reused last).
     free: VecDeque<u32>,
     /// Pages freed before their writes were known to be done, with when they may be
     /// reused, in that order.
@@ -383,7 +384,11 @@ impl Inner {
 
     /// Frees pages whose writes are done (committed and consumed): reusable at once.
     fn release(&self, indices: impl IntoIterator<Item = u32>) {
-        self.pages.lock().expect("lock").free.extend(indices);
+        let mut pages = self.pages.lock().expect("lock");
+        for index in indices {
+            pages.free.push_front(index);
+        }
+        drop(pages);
         self.space.notify_waiters();
         self.publish();
     }
@@ -460,9 +465,16 @@ impl Inner {
             let space = self.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
+            // When the oldest quarantined page comes free: a waiter wakes then by itself
+            // (a thaw by another allocation takes what it needs and may leave the rest).
+            let next_thaw;
             {
                 let mut pages = self.pages.lock().expect("lock");
-                pages.thaw(Instant::now());
+                let thawed = pages.thaw(Instant::now());
+                next_thaw = pages.quarantine.front().map(|&(_, until)| until);
+                if thawed > 0 {
+                    self.space.notify_waiters();
+                }
                 let needed = chunks
                     .iter()
                     .filter(|c| !pages.held.contains_key(&c.key))
@@ -507,7 +519,15 @@ impl Inner {
                     };
                 }
             }
-            if tokio::time::timeout_at(deadline, space).await.is_err() {
+            let wake = match next_thaw {
+                Some(t) => tokio::time::Instant::from_std(t).min(deadline),
+                None => deadline,
+            };
+            let woken = tokio::select! {
+                _ = &mut space => true,
+                _ = tokio::time::sleep_until(wake) => wake < deadline,
+            };
+            if !woken {
                 let needed = chunks.len();
                 return Message::AllocFailed {
                     req_id: req_id.into(),
@@ -613,7 +633,7 @@ async fn listen(inner: Arc<Inner>, listener: TcpListener) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Some(permit) = inner.limit.admit(&peer) else {
+        let Some((stream, permit)) = inner.limit.admit_or_refuse(stream, &peer) else {
             continue;
         };
         let inner = inner.clone();

@@ -71,8 +71,9 @@ struct Link {
     poisoned: AtomicBool,
 }
 
-/// Poisons a link unless disarmed: a send that errs, or whose future is dropped, leaves
-/// the control stream out of step.
+/// Poisons a link unless disarmed: a data-plane write that failed, or whose future was
+/// dropped, may have left the data connection out of step. (A send's control connection is
+/// its own: an error or a dropped future drops it, and the link stays usable.)
 struct PoisonGuard<'a> {
     link: &'a Link,
     armed: bool,
@@ -301,8 +302,18 @@ impl PdSender {
             Ok(()) => self.send_inner(req_id, tokens, fill, to).await,
             Err(e) => Err(e),
         };
-        if result.is_err() {
-            // A broken link is rebuilt on the next send.
+        let link_broken = match &result {
+            // The receiver answered: the link is fine, this request did not fit.
+            Err(Error::Pd(
+                PdError::NeverFits { .. }
+                | PdError::BufferFull { .. }
+                | PdError::StagingFull { .. },
+            )) => false,
+            Err(_) => true,
+            Ok(_) => false,
+        };
+        if link_broken {
+            // Rebuilt on the next send (sends already using it keep their handle).
             self.links.lock().await.remove(to);
         }
         if let Some(proxy) = &self.proxy {
@@ -344,10 +355,6 @@ impl PdSender {
         let bpt = self.model.bytes_per_token();
         let spans = self.hasher.spans(tokens);
         let link = self.link(to).await?;
-        let mut guard = PoisonGuard {
-            link: &link,
-            armed: true,
-        };
         // Ours alone until the send ends: an error or a dropped future drops it.
         let mut control = self.checkout(&link).await?;
         // The transfer proper: from the first allocation to the last commit.
@@ -420,7 +427,26 @@ impl PdSender {
                 continue;
             }
             let lens: Vec<usize> = todo.iter().map(|(s, _)| s.tokens() * bpt).collect();
-            let mut pages = self.staging.acquire(todo.len()).await;
+            // Bounded: the receiver reclaims pages left uncommitted too long, and a write
+            // that lands after that could reach a page it gave to another request.
+            let Ok(mut pages) =
+                tokio::time::timeout(self.timeout, self.staging.acquire(todo.len())).await
+            else {
+                let _ = control
+                    .request(
+                        &Message::Abort {
+                            req_id: req_id.into(),
+                        },
+                        self.timeout,
+                    )
+                    .await;
+                return Err(PdError::StagingFull {
+                    req_id: req_id.into(),
+                    pages: self.staging.pages(),
+                    after: self.timeout,
+                }
+                .into());
+            };
             pages.fill(&lens, |i, page| fill(todo[i].0, page));
             // What the receiver checks before the chunk becomes visible: bytes that changed
             // on the way are a miss there, never wrong KV.
@@ -439,7 +465,14 @@ impl PdSender {
                     len: (s.tokens() * bpt) as u64,
                 })
                 .collect();
-            if let Err(e) = link.data.write(&local, &remote).await {
+            let mut guard = PoisonGuard {
+                link: &link,
+                armed: true,
+            };
+            let written = link.data.write(&local, &remote).await;
+            guard.armed = written.is_err();
+            drop(guard);
+            if let Err(e) = written {
                 let _ = control
                     .request(
                         &Message::Abort {
@@ -477,7 +510,6 @@ impl PdSender {
             report.bytes += remote.iter().map(|r| r.len).sum::<u64>();
             self.metrics.pd_chunks.inc_by(todo.len() as u64);
         }
-        guard.armed = false;
         report.elapsed = start.elapsed();
         let mut idle = link.idle.lock();
         if idle.len() < MAX_IDLE_CONTROL {

@@ -130,15 +130,18 @@ impl Etcd {
                     crate::config::redact_passwords(url)
                 ))
             })?;
-        let (auth, rest) = match rest.split_once('@') {
-            Some((userinfo, after)) if !userinfo.contains('/') => {
+        // The authority ends at the first '/'; the user information at its last '@'
+        // (reserved characters in a user or password are percent-encoded).
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let (auth, rest) = match rest[..authority_end].rsplit_once('@') {
+            Some((userinfo, host)) => {
                 let (user, password) = match userinfo.split_once(':') {
-                    Some((u, p)) => (u.to_string(), p.to_string()),
+                    Some((u, p)) => (percent_decode(u), percent_decode(p)),
                     None => (
-                        userinfo.to_string(),
+                        percent_decode(userinfo),
                         std::env::var(PASSWORD_ENV).map_err(|_| {
                             RemoteError::Config(format!(
-                                "metadata server etcd://{userinfo}@{after}: no password (put it \
+                                "metadata server etcd://{userinfo}@{host}: no password (put it \
                                  in the URL as user:password@ or in {PASSWORD_ENV})"
                             ))
                         })?,
@@ -149,10 +152,12 @@ impl Etcd {
                     password,
                     token: parking_lot::Mutex::new(None),
                 };
-                (Some(std::sync::Arc::new(auth)), after)
+                let rest = format!("{host}{}", &rest[authority_end..]);
+                (Some(std::sync::Arc::new(auth)), rest)
             }
-            _ => (None, rest),
+            None => (None, rest.to_string()),
         };
+        let rest = rest.as_str();
         let (hostport, cluster) = match rest.split_once('/') {
             Some((h, c)) if !c.trim_matches('/').is_empty() => (h, c.trim_matches('/')),
             Some((h, _)) => (h, "default"),
@@ -353,6 +358,31 @@ impl Etcd {
     }
 }
 
+/// `%XX` sequences decoded (an invalid one is kept as written).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, ..) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn kvs(v: &Value) -> Vec<(String, Vec<u8>)> {
     v["kvs"]
         .as_array()
@@ -403,6 +433,10 @@ mod tests {
         assert_eq!(e.endpoint(), "http://h:2379/v3");
         assert_eq!(e.key("master"), "/kvtier/prod/master");
         assert!(!format!("{e:?}").contains("pw"));
+        // Reserved characters percent-encoded; the last '@' of the authority ends it.
+        let e = Etcd::new("etcd://kv:p%40ss%2Fw@h:2379/prod", Duration::from_secs(1)).unwrap();
+        assert_eq!(e.auth.as_ref().unwrap().password, "p@ss/w");
+        assert_eq!(e.endpoint(), "http://h:2379/v3");
         assert!(Etcd::new("h:2379", Duration::from_secs(1)).is_err());
         assert!(Etcd::new("etcd://nohost", Duration::from_secs(1)).is_err());
     }

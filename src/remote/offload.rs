@@ -76,7 +76,8 @@ impl RemoteLink {
     pub fn open(tier: RemoteTier, metrics: Metrics) -> RemoteLink {
         let tier = Arc::new(tier);
         let health = Arc::new(Health {
-            url: tier.url().to_string(),
+            // For logs: never with a password.
+            url: crate::config::redact_passwords(tier.url()),
             down: AtomicBool::new(false),
             retry_at: Mutex::new(None),
         });

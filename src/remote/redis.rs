@@ -30,7 +30,8 @@ impl RedisStore {
             .map_err(|e| RemoteError::Config(format!("remote_url `{url}`: {e}")))?;
         Ok(RedisStore {
             client,
-            url: url.to_string(),
+            // For messages: never with a password.
+            url: crate::config::redact_passwords(url),
             conn: parking_lot::Mutex::new(None),
             timeout,
         })

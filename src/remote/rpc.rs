@@ -772,7 +772,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let Some(permit) = limit.admit(&peer) else {
+        let Some((stream, permit)) = limit.admit_or_refuse(stream, &peer) else {
             continue;
         };
         let (secret, handle) = (secret.clone(), handle.clone());

@@ -47,6 +47,10 @@ pub fn prepare_environment() {
     ONCE.call_once(|| {
         if std::env::var_os(UCX_MODULES).is_none() {
             std::env::set_var(UCX_MODULES, "^efa");
+            tracing::info!(
+                "NIXL: set UCX_MODULES=^efa (the nixl-cu12 wheel's EFA module crashes the \
+                 process at exit when rdma-core is installed); set UCX_MODULES to choose"
+            );
         }
     });
 }

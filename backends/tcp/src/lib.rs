@@ -178,7 +178,9 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, mut stop: watch::
             _ = stop.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let Some(permit) = inner.limit.admit(&peer) else { continue };
+                    let Some((stream, permit)) = inner.limit.admit_or_refuse(stream, &peer) else {
+                        continue;
+                    };
                     let inner = inner.clone();
                     let stop = stop.clone();
                     tokio::spawn(async move {
@@ -577,6 +579,14 @@ impl TcpConnection {
         requests: Vec<Request>,
         receivers: Vec<oneshot::Receiver<Result<()>>>,
     ) -> Result<()> {
+        // Once every frame of a batch without reads is on the stream, a caller that stops
+        // waiting for the answers harms no one: they arrive and are dropped. Until then
+        // (half a frame sent), or while the peer's data for a read may still land in the
+        // caller's memory, dropping the request must give the connection up.
+        let reads = requests
+            .iter()
+            .any(|r| matches!(r.frame, Frame::Read { .. }));
+        let sent_all = std::sync::atomic::AtomicBool::new(false);
         let work = async {
             {
                 let mut w = self.writer.lock().await;
@@ -618,6 +628,7 @@ impl TcpConnection {
                     }
                 }
             }
+            sent_all.store(!reads, Ordering::Release);
             for rx in receivers {
                 match rx.await {
                     Ok(r) => r?,
@@ -637,6 +648,7 @@ impl TcpConnection {
             shared: &self.shared,
             peer: &self.peer,
             armed: true,
+            harmless: &sent_all,
         };
         let outcome = tokio::time::timeout(self.timeout, work).await;
         abandoned.armed = false;
@@ -654,16 +666,18 @@ impl TcpConnection {
     }
 }
 
-/// Fails the connection if dropped while armed (see [`TcpConnection::exchange`]).
+/// Fails the connection if dropped while armed, unless the request had reached a point
+/// where abandoning it is harmless (see [`TcpConnection::exchange`]).
 struct Abandoned<'a> {
     shared: &'a Shared,
     peer: &'a str,
     armed: bool,
+    harmless: &'a std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
-        if self.armed {
+        if self.armed && !self.harmless.load(Ordering::Acquire) {
             self.shared
                 .fail_all("request abandoned by its caller", self.peer);
         }

@@ -38,6 +38,8 @@ pub const HANDSHAKE_VERSION: u8 = 1;
 pub const MAX_NAME: usize = 256;
 /// Longest refusal reason.
 const MAX_REASON: usize = 1024;
+/// The service code of a listener's answer "at my connection limit" (see [`refuse_busy`]).
+const BUSY: u8 = 0xff;
 
 /// The kinds of kvtier listeners.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,6 +184,20 @@ pub enum HandshakeError {
         expected: Service,
         /// What it saw instead.
         seen: String,
+    },
+    /// (Accepting side) the client is not kvtier, or did not finish in time: closed.
+    #[error("{peer} {what}; closed the connection")]
+    Stranger {
+        /// The other side.
+        peer: String,
+        /// What it did.
+        what: String,
+    },
+    /// The listener is at its connection limit.
+    #[error("{peer} is at its connection limit; retry later")]
+    Busy {
+        /// The other side.
+        peer: String,
     },
     /// A kvtier listener of another kind.
     #[error(
@@ -332,7 +348,11 @@ async fn read_header_rest<S: AsyncRead + Unpin>(
     peer: &str,
 ) -> Result<Header, HandshakeError> {
     let mut b = [0u8; 36];
-    read_exact(s, &mut b, peer).await?;
+    read_exact(s, &mut b[..2], peer).await?;
+    if b[1] == BUSY {
+        return Err(HandshakeError::Busy { peer: peer.into() });
+    }
+    read_exact(s, &mut b[2..], peer).await?;
     if b[0] != HANDSHAKE_VERSION {
         return Err(HandshakeError::Malformed {
             peer: peer.into(),
@@ -511,6 +531,14 @@ async fn connect_inner<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Tells a client the listener is at its connection limit (the client's handshake fails
+/// with [`HandshakeError::Busy`]), within `timeout`, without reading anything from it.
+pub async fn refuse_busy<S: AsyncWrite + Unpin>(stream: &mut S, timeout: Duration) {
+    let mut answer = MAGIC.to_vec();
+    answer.extend_from_slice(&[HANDSHAKE_VERSION, BUSY]);
+    let _ = tokio::time::timeout(timeout, stream.write_all(&answer)).await;
+}
+
 /// Runs the accepting side of the exchange on `stream` from `peer` (an address, for
 /// errors), within `timeout`: refuses clients that want another service, speak another
 /// version or cannot prove `hello.secret`. Returns what the client said about itself.
@@ -522,10 +550,9 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Peer, HandshakeError> {
     match tokio::time::timeout(timeout, accept_inner(stream, peer, hello)).await {
         Ok(r) => r,
-        Err(_) => Err(HandshakeError::Timeout {
+        Err(_) => Err(HandshakeError::Stranger {
             peer: peer.into(),
-            expected: hello.service,
-            after: timeout,
+            what: format!("did not finish kvtier's handshake within {timeout:?}"),
         }),
     }
 }
@@ -558,10 +585,12 @@ async fn accept_inner<S: AsyncRead + AsyncWrite + Unpin>(
         read_exact(s, &mut b, peer).await?;
         magic.push(b[0]);
         if !MAGIC.starts_with(&magic) {
-            return Err(HandshakeError::NotKvtier {
+            return Err(HandshakeError::Stranger {
                 peer: peer.into(),
-                expected: hello.service,
-                seen: describe_foreign(&magic, "sent"),
+                what: format!(
+                    "is not a kvtier client ({})",
+                    describe_foreign(&magic, "sent")
+                ),
             });
         }
     }
@@ -792,6 +821,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_full_listener_says_so() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            refuse_busy(&mut s, Duration::from_secs(1)).await;
+        });
+        let mut c = TcpStream::connect(&addr).await.unwrap();
+        let e = connect(
+            &mut c,
+            &addr,
+            hello(Service::PdReceiver, None),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, HandshakeError::Busy { .. }), "{e}");
+        assert!(e.to_string().contains("connection limit"), "{e}");
+    }
+
+    #[tokio::test]
     async fn a_server_drops_a_foreign_client_at_once() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -812,7 +862,8 @@ mod tests {
             .expect("the server gave up at once")
             .unwrap()
             .unwrap_err();
-        assert!(matches!(e, HandshakeError::NotKvtier { .. }), "{e}");
+        assert!(matches!(e, HandshakeError::Stranger { .. }), "{e}");
+        assert!(e.to_string().contains("is not a kvtier client"), "{e}");
         // Closed without a word (a reset, since our request was left unread).
         let mut b = [0u8; 8];
         assert!(matches!(c.read(&mut b).await, Ok(0) | Err(_)));

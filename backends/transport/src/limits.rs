@@ -53,6 +53,25 @@ impl ConnectionLimit {
         }
     }
 
+    /// Admits the connection `stream` from `peer`, or answers it that the listener is
+    /// full (in a task of its own, at most a second) and returns `None`.
+    pub fn admit_or_refuse(
+        &self,
+        stream: tokio::net::TcpStream,
+        peer: &std::net::SocketAddr,
+    ) -> Option<(tokio::net::TcpStream, OwnedSemaphorePermit)> {
+        match self.admit(peer) {
+            Some(permit) => Some((stream, permit)),
+            None => {
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    crate::handshake::refuse_busy(&mut stream, Duration::from_secs(1)).await;
+                });
+                None
+            }
+        }
+    }
+
     /// Connections refused so far.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
