@@ -143,7 +143,7 @@ fn remote_store_commands_refuse_incomplete_settings_naming_what_is_missing() {
     let out = kvtier(&["store-node", "--etcd", "127.0.0.1:2379"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        text(&out.stderr).contains("etcd://host:port"),
+        text(&out.stderr).contains("expected etcd://[user[:password]@]host:port"),
         "{}",
         text(&out.stderr)
     );
