@@ -1092,7 +1092,24 @@ async fn serve(
             )),
         }
     };
-    let (answered_at, transferred) = tokio::try_join!(prefill, transfer)?;
+    // A prefill failure ends the request at once. A transfer failure waits for the prefill
+    // (bounded by the same deadline): when both fail — a prefiller that never answers also
+    // never notifies — the prefill's failure is the one to report.
+    tokio::pin!(prefill, transfer);
+    let (answered_at, transferred) = tokio::select! {
+        biased;
+        prefilled = &mut prefill => {
+            let at = prefilled?;
+            (at, (&mut transfer).await?)
+        }
+        transferred = &mut transfer => match transferred {
+            Ok(t) => ((&mut prefill).await?, t),
+            Err(f) => {
+                (&mut prefill).await?;
+                return Err(f);
+            }
+        },
+    };
     // Arrival to transfer-done (to the prefiller's answer when not waiting for KV).
     let prefill_time = transferred.as_ref().map_or(answered_at, |(at, _)| *at) - arrival;
     shared
