@@ -150,9 +150,9 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
     }
     prefiller_env = dict(pd_env, LMCACHE_CONFIG_FILE=str(configs / "lmcache-1p1d-pd-prefiller.yaml"))
     # KV that arrives for a request the proxy already gave up on is never claimed: the
-    # decoder frees it after `pd_ttl_sec` (300 s by default; 3 s here, so the test sees it).
+    # decoder frees it after `pd_ttl_sec` (300 s by default; 5 s here, so the test sees it).
     decoder_env = dict(pd_env, LMCACHE_CONFIG_FILE=str(configs / "lmcache-1p1d-pd-decoder.yaml"),
-                       LMCACHE_MAX_LOCAL_CPU_SIZE="0", KVTIER_PD_TTL_SEC="3")
+                       LMCACHE_MAX_LOCAL_CPU_SIZE="0", KVTIER_PD_TTL_SEC="5")
     # The reference launch lines' extra config, as written, plus the engine's metrics port.
     decoder_config = kvtier_transfer_config(
         "kv_consumer",
@@ -177,6 +177,10 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
                 assert json.load(r)["data"][0]["id"] == str(model)
             tokenized = front.post("/tokenize", {"model": str(model), "prompt": "cache prefill decode"})
             assert tokenized["count"] == len(tokenized["tokens"]) > 0
+            # A vLLM's first request is slow (lazy start-up work): warm the decoder with a
+            # prompt shorter than a block (nothing to load), so the P/D requests below reach
+            # it well inside the short TTL of their KV.
+            OpenAiEndpoint(decoder.port, str(model)).complete(prompt(40, 9))
 
             for name, ids in PROMPTS.items():
                 assert_same(front.complete(ids), reference[name], f"{name} through the proxy")
