@@ -235,6 +235,15 @@ impl PdSender {
         .await?)
     }
 
+    /// Tells the receiver to free `req_id`'s uncommitted pages (best effort: a receiver
+    /// that does not answer reclaims them when the connection closes).
+    async fn abort(&self, control: &mut ControlConn, req_id: &str) {
+        let msg = Message::Abort {
+            req_id: req_id.into(),
+        };
+        let _ = control.request(&msg, self.timeout).await;
+    }
+
     /// Pushes the KV of `tokens` (laid out as for [`crate::Engine::store`]) into the
     /// receiver's buffer, skipping chunks it already holds, and notifies the proxy that
     /// `req_id` is done (or failed).
@@ -432,14 +441,7 @@ impl PdSender {
             let Ok(mut pages) =
                 tokio::time::timeout(self.timeout, self.staging.acquire(todo.len())).await
             else {
-                let _ = control
-                    .request(
-                        &Message::Abort {
-                            req_id: req_id.into(),
-                        },
-                        self.timeout,
-                    )
-                    .await;
+                self.abort(&mut control, req_id).await;
                 return Err(PdError::StagingFull {
                     req_id: req_id.into(),
                     pages: self.staging.pages(),
@@ -473,14 +475,7 @@ impl PdSender {
             guard.armed = written.is_err();
             drop(guard);
             if let Err(e) = written {
-                let _ = control
-                    .request(
-                        &Message::Abort {
-                            req_id: req_id.into(),
-                        },
-                        self.timeout,
-                    )
-                    .await;
+                self.abort(&mut control, req_id).await;
                 return Err(e.into());
             }
             // The bytes are at the receiver: the pages can serve another send.

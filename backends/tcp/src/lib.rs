@@ -904,16 +904,8 @@ mod tests {
         .unwrap();
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_peer_that_stops_reading_answers_is_dropped() {
-        let len = 64usize << 20;
-        let config = TransportConfig {
-            timeout: Duration::from_millis(500),
-            ..TransportConfig::default()
-        };
-        let server = TcpTransport::bind(config).unwrap();
-        let mem = Arc::new(HostBuffer::new(len));
-        let reg = server.register(mem.clone()).unwrap();
+    /// A hand-driven connection to `server`, past the handshake (no secret).
+    async fn raw_client(server: &TcpTransport) -> TcpStream {
         let mut raw = TcpStream::connect(server.local_addr()).await.unwrap();
         let hello = handshake::Hello {
             service: handshake::Service::TcpTransport,
@@ -924,6 +916,20 @@ mod tests {
         handshake::connect(&mut raw, "server", hello, Duration::from_secs(5))
             .await
             .unwrap();
+        raw
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_stops_reading_answers_is_dropped() {
+        let len = 64usize << 20;
+        let config = TransportConfig {
+            timeout: Duration::from_millis(500),
+            ..TransportConfig::default()
+        };
+        let server = TcpTransport::bind(config).unwrap();
+        let mem = Arc::new(HostBuffer::new(len));
+        let reg = server.register(mem.clone()).unwrap();
+        let mut raw = raw_client(&server).await;
         // Ask for the whole region, then read nothing for a while: the socket buffers fill
         // and the server's write waits for us.
         let read = Frame::Read {
@@ -952,16 +958,7 @@ mod tests {
         let mem = Arc::new(HostBuffer::new(4096));
         let _reg = server.register(mem.clone()).unwrap();
         // A raw client that completes the handshake, then sends garbage.
-        let mut raw = TcpStream::connect(server.local_addr()).await.unwrap();
-        let hello = handshake::Hello {
-            service: handshake::Service::TcpTransport,
-            version: protocol::VERSION,
-            name: "raw",
-            secret: None,
-        };
-        handshake::connect(&mut raw, "server", hello, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let mut raw = raw_client(&server).await;
         raw.write_all(&[5, 0, 0, 0, 0xee, 1, 2, 3, 4])
             .await
             .unwrap();
