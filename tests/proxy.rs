@@ -568,18 +568,24 @@ async fn prefill_and_decode_requests_and_round_robin() {
     }
 }
 
+/// A port that accepts connections and never answers (a hung server); returns the port.
+fn silent_listener() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    port
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_are_bounded_and_name_request_and_stage() {
     let p = free_ports(12);
     // A prefiller that accepts connections and never answers.
-    let hang = TcpListener::bind("127.0.0.1:0").unwrap();
-    let hang_port = hang.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for conn in hang.incoming() {
-            held.push(conn);
-        }
-    });
+    let hang_port = silent_listener();
     // A live prefiller that never sends a transfer-done notification (no P/D).
     let prefiller = test_server(p[0], &[]);
     let timeout = ["--timeout-sec", "2"];
@@ -678,14 +684,7 @@ async fn failures_are_bounded_and_name_request_and_stage() {
 async fn an_overloaded_proxy_answers_503_instead_of_queueing() {
     let p = free_ports(3);
     // A prefiller that accepts connections and never answers: requests stay in flight.
-    let hang = TcpListener::bind("127.0.0.1:0").unwrap();
-    let hang_port = hang.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for conn in hang.incoming() {
-            held.push(conn);
-        }
-    });
+    let hang_port = silent_listener();
     let proxy = Proc::spawn(&proxy_args(
         p[0],
         hang_port,

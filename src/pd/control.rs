@@ -60,22 +60,14 @@ impl ControlConn {
         secret: Option<&str>,
         timeout: Duration,
     ) -> Result<Self, PdError> {
-        let _ = stream.set_nodelay(true);
-        let addr = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "?".into());
         let hello = Hello {
             service,
             version: VERSION,
             name,
             secret,
         };
-        let client = handshake::accept(&mut stream, &addr, hello, timeout).await?;
-        Ok(ControlConn {
-            stream,
-            peer: format!("{} ({addr})", client.name),
-        })
+        let peer = handshake::accept_tcp(&mut stream, hello, timeout).await?;
+        Ok(ControlConn { stream, peer })
     }
 
     /// Sends one message.

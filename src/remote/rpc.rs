@@ -666,22 +666,14 @@ impl RpcConn {
         secret: Option<&str>,
         timeout: Duration,
     ) -> Result<Self, RemoteError> {
-        let _ = stream.set_nodelay(true);
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "?".into());
         let hello = Hello {
             service,
             version: VERSION,
             name,
             secret,
         };
-        let client = handshake::accept(&mut stream, &peer, hello, timeout).await?;
-        Ok(RpcConn {
-            stream,
-            peer: format!("{} ({peer})", client.name),
-        })
+        let peer = handshake::accept_tcp(&mut stream, hello, timeout).await?;
+        Ok(RpcConn { stream, peer })
     }
 
     async fn send_frame(&mut self, body: &[u8]) -> Result<(), RemoteError> {

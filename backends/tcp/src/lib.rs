@@ -185,7 +185,7 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, mut stop: watch::
                     let stop = stop.clone();
                     tokio::spawn(async move {
                         let _permit = permit;
-                        if let Err(e) = serve(&inner, stream, peer, stop).await {
+                        if let Err(e) = serve(&inner, stream, stop).await {
                             tracing::warn!("tcp transport {}: connection from {peer} closed: {e}", inner.name);
                         }
                     });
@@ -202,24 +202,14 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, mut stop: watch::
 /// Serves one peer: handshake, then frames until the peer leaves or misbehaves.
 async fn serve(
     inner: &Inner,
-    stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: TcpStream,
     mut stop: watch::Receiver<bool>,
 ) -> std::result::Result<(), String> {
-    let _ = stream.set_nodelay(true);
-    let mut stream = stream;
-    let client = handshake::accept(
-        &mut stream,
-        &peer.to_string(),
-        inner.hello(),
-        inner.config.timeout,
-    )
-    .await
-    .map_err(|e| e.to_string())?
-    .name;
+    let client = handshake::accept_tcp(&mut stream, inner.hello(), inner.config.timeout)
+        .await
+        .map_err(|e| e.to_string())?;
     let (mut r, mut w) = stream.into_split();
     let timeout = inner.config.timeout;
-    let client = format!("{client} ({peer})");
     loop {
         let frame = tokio::select! {
             _ = stop.changed() => return Ok(()),

@@ -531,6 +531,21 @@ async fn connect_inner<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// The accepting side on a freshly accepted TCP `stream` (no Nagle, peer named by its
+/// address): runs [`accept`] and returns the client as `"name (address)"`, for logs.
+pub async fn accept_tcp(
+    stream: &mut tokio::net::TcpStream,
+    hello: Hello<'_>,
+    timeout: Duration,
+) -> Result<String, HandshakeError> {
+    let _ = stream.set_nodelay(true);
+    let addr = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    let client = accept(stream, &addr, hello, timeout).await?;
+    Ok(format!("{} ({addr})", client.name))
+}
+
 /// Tells a client the listener is at its connection limit (the client's handshake fails
 /// with [`HandshakeError::Busy`]), within `timeout`, without reading anything from it.
 pub async fn refuse_busy<S: AsyncWrite + Unpin>(stream: &mut S, timeout: Duration) {
@@ -768,75 +783,69 @@ mod tests {
 
     #[tokio::test]
     async fn a_foreign_server_is_named_not_waited_for() {
-        let t = Duration::from_secs(2);
         // An HTTP server answers the preface with an HTTP error.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut b = [0u8; 16];
-            let _ = s.read(&mut b).await;
-            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
-        });
-        let mut c = TcpStream::connect(&addr).await.unwrap();
-        let e = connect(&mut c, &addr, hello(Service::StoreMaster, None), t)
-            .await
-            .unwrap_err();
+        let e = master_at(
+            |mut s| async move {
+                let mut b = [0u8; 16];
+                let _ = s.read(&mut b).await;
+                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            },
+            Duration::from_secs(2),
+        )
+        .await;
         assert!(e.to_string().contains("HTTP server"), "{e}");
         assert!(e.to_string().contains("not a kvtier store master"), "{e}");
 
         // A server that reads the preface and closes.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut b = [0u8; 16];
-            let _ = s.read(&mut b).await;
-        });
-        let mut c = TcpStream::connect(&addr).await.unwrap();
-        let e = connect(&mut c, &addr, hello(Service::StoreMaster, None), t)
-            .await
-            .unwrap_err();
+        let e = master_at(
+            |mut s| async move {
+                let mut b = [0u8; 16];
+                let _ = s.read(&mut b).await;
+            },
+            Duration::from_secs(2),
+        )
+        .await;
         assert!(matches!(e, HandshakeError::NotKvtier { .. }), "{e}");
 
         // A silent one: the deadline, and what to start there.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let _keep = tokio::spawn(async move {
-            let (s, _) = listener.accept().await.unwrap();
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            drop(s);
-        });
-        let mut c = TcpStream::connect(&addr).await.unwrap();
-        let e = connect(
-            &mut c,
-            &addr,
-            hello(Service::StoreMaster, None),
+        let e = master_at(
+            |s| async move {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                drop(s);
+            },
             Duration::from_millis(300),
         )
-        .await
-        .unwrap_err();
+        .await;
         assert!(matches!(e, HandshakeError::Timeout { .. }), "{e}");
         assert!(e.to_string().contains("`kvtier master`"), "{e}");
     }
 
-    #[tokio::test]
-    async fn a_full_listener_says_so() {
+    /// A client that wants a store master connects to a one-connection server running
+    /// `server` on the accepted stream; returns the client's (expected) error.
+    async fn master_at<F, Fut>(server: F, timeout: Duration) -> HandshakeError
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            refuse_busy(&mut s, Duration::from_secs(1)).await;
+            let (s, _) = listener.accept().await.unwrap();
+            server(s).await;
         });
         let mut c = TcpStream::connect(&addr).await.unwrap();
-        let e = connect(
-            &mut c,
-            &addr,
-            hello(Service::PdReceiver, None),
+        connect(&mut c, &addr, hello(Service::StoreMaster, None), timeout)
+            .await
+            .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn a_full_listener_says_so() {
+        let e = master_at(
+            |mut s| async move { refuse_busy(&mut s, Duration::from_secs(1)).await },
             Duration::from_secs(5),
         )
-        .await
-        .unwrap_err();
+        .await;
         assert!(matches!(e, HandshakeError::Busy { .. }), "{e}");
         assert!(e.to_string().contains("connection limit"), "{e}");
     }

@@ -6,6 +6,21 @@ use anyhow::Context;
 use clap::Args;
 use kvtier::{ChunkHasher, Config, DType, KvLayout, ModelNamespace};
 
+/// A model's KV shape on the command line (part of the key namespace; defaults:
+/// Llama-3.1-8B's).
+#[derive(Args)]
+pub struct ShapeArgs {
+    /// Transformer layers.
+    #[arg(long, default_value_t = 32)]
+    pub layers: u32,
+    /// KV heads (of this tensor-parallel shard).
+    #[arg(long, default_value_t = 8)]
+    pub kv_heads: u32,
+    /// Elements per head.
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: u32,
+}
+
 /// Arguments of `kvtier keys`.
 #[derive(Args)]
 pub struct KeysArgs {
@@ -31,15 +46,8 @@ pub struct KeysArgs {
     /// KV layout.
     #[arg(long, default_value = "KV_2LTD")]
     layout: KvLayout,
-    /// Layers (part of the key namespace; default: Llama-3.1-8B's).
-    #[arg(long, default_value_t = 32)]
-    layers: u32,
-    /// KV heads of this shard.
-    #[arg(long, default_value_t = 8)]
-    kv_heads: u32,
-    /// Elements per head.
-    #[arg(long, default_value_t = 128)]
-    head_dim: u32,
+    #[command(flatten)]
+    shape: ShapeArgs,
     /// Tensor-parallel world size.
     #[arg(long, default_value_t = 1)]
     tp_size: u32,
@@ -78,8 +86,8 @@ pub fn run(args: KeysArgs) -> anyhow::Result<()> {
         model: args.model,
         dtype: args.dtype,
         layout: args.layout,
-        layers: args.layers,
-        hidden: args.kv_heads * args.head_dim,
+        layers: args.shape.layers,
+        hidden: args.shape.kv_heads * args.shape.head_dim,
         tp_size: args.tp_size,
         tp_rank: args.tp_rank,
         chunk_size,

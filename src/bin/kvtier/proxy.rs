@@ -161,15 +161,9 @@ pub struct TestServerArgs {
     /// Model name (part of the chunk-key namespace; prefiller and decoder must agree).
     #[arg(long, default_value = "meta-llama/Llama-3.1-8B-Instruct")]
     model: String,
-    /// Transformer layers of the synthetic KV.
-    #[arg(long, default_value_t = 32)]
-    layers: u32,
-    /// KV heads of the synthetic KV.
-    #[arg(long, default_value_t = 8)]
-    kv_heads: u32,
-    /// Head dimension of the synthetic KV.
-    #[arg(long, default_value_t = 128)]
-    head_dim: u32,
+    /// Shape of the synthetic KV.
+    #[command(flatten)]
+    shape: crate::keys::ShapeArgs,
     /// Milliseconds to wait before each generated token.
     #[arg(long, default_value_t = 0)]
     token_delay_ms: u64,
@@ -203,15 +197,16 @@ fn load_config(file: Option<&PathBuf>) -> anyhow::Result<Option<Config>> {
 
 /// Runs `kvtier test-server` until Ctrl+C / SIGTERM.
 pub fn run_test_server(args: TestServerArgs) -> anyhow::Result<()> {
-    if args.layers == 0 || args.kv_heads == 0 || args.head_dim == 0 {
+    let shape = &args.shape;
+    if shape.layers == 0 || shape.kv_heads == 0 || shape.head_dim == 0 {
         bail!("--layers, --kv-heads and --head-dim must be > 0");
     }
     let config = load_config(args.config.as_ref())?;
     let model = ModelSpec {
         name: args.model,
-        layers: args.layers,
-        kv_heads: args.kv_heads,
-        head_dim: args.head_dim,
+        layers: shape.layers,
+        kv_heads: shape.kv_heads,
+        head_dim: shape.head_dim,
         ..ModelSpec::llama_3_1_8b()
     };
     let options = TestServerOptions {
