@@ -934,15 +934,30 @@ fn in_engine_store_without_any_server() {
     assert_eq!(retrieve(&mut a, 5, 1024), 1024);
 }
 
-/// Mooncake's own master (`mooncake_master` from the `mooncake-transfer-engine` wheel,
-/// which the test command installs and names in `KVTIER_MOONCAKE_MASTER`).
-fn mooncake_master() -> Option<PathBuf> {
-    let path = std::env::var_os("KVTIER_MOONCAKE_MASTER").map(PathBuf::from);
-    match path {
-        Some(p) if p.is_file() => Some(p),
-        Some(p) => panic!("KVTIER_MOONCAKE_MASTER={} is not a file", p.display()),
-        None => None,
+/// Mooncake's own master (`mooncake_master` from the `mooncake-transfer-engine` wheel):
+/// `KVTIER_MOONCAKE_MASTER`, else the wheel in `target/py` where the test command installs
+/// it. Missing, the test fails saying how to install it (as for etcd).
+fn mooncake_master() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVTIER_MOONCAKE_MASTER").map(PathBuf::from) {
+        assert!(
+            p.is_file(),
+            "KVTIER_MOONCAKE_MASTER={} is not a file",
+            p.display()
+        );
+        return p;
     }
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py/lib");
+    let found = std::fs::read_dir(&lib).ok().and_then(|dirs| {
+        dirs.flatten()
+            .map(|d| d.path().join("site-packages/mooncake/mooncake_master"))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "mooncake_master not found: install the mooncake-transfer-engine wheel into \
+             target/py (./scripts/test.sh does) or set KVTIER_MOONCAKE_MASTER"
+        )
+    })
 }
 
 fn mooncake_probe_yaml(addr: &str) -> String {
@@ -959,46 +974,39 @@ fn a_store_url_that_names_something_else_says_what_is_there() {
     let dir = dir.path();
     // Mooncake's own master where the reference config expects one: kvtier's engine must
     // say that `kvtier master` serves this URL, not hang or print a protocol error.
-    match mooncake_master() {
-        Some(program) => {
-            let port = free_port();
-            let metrics = free_port();
-            let mut mc = Proc::spawn(
-                "mooncake_master",
-                &program,
-                &[
-                    &format!("--rpc_port={port}"),
-                    "--rpc_address=127.0.0.1",
-                    &format!("--metrics_port={metrics}"),
-                    "--metrics_host=127.0.0.1",
-                    "--enable_http_metadata_server=false",
-                ],
-                dir,
-            );
-            wait_for("mooncake_master listens", Duration::from_secs(20), || {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            });
-            let addr = format!("127.0.0.1:{port}");
-            let mut engine = probe("engine", &mooncake_probe_yaml(&addr), dir);
-            let err = engine.ask_err("stats");
-            assert!(
-                err.contains(&format!("{addr} is not a kvtier store master")),
-                "{err}"
-            );
-            assert!(err.contains("start `kvtier master` there"), "{err}");
-            assert!(err.contains("mooncake_master"), "{err}");
-            // A store that fails is a miss, never a hang: lookups answer.
-            assert_eq!(engine.field("lookup 1 512", "hit"), "0");
-            assert!(
-                mc.child.try_wait().unwrap().is_none(),
-                "mooncake_master died"
-            );
-        }
-        None => eprintln!(
-            "SKIP (part): mooncake_master not installed (KVTIER_MOONCAKE_MASTER unset); \
-             ./scripts/test.sh installs it"
-        ),
-    }
+    let program = mooncake_master();
+    let port = free_port();
+    let metrics = free_port();
+    let mut mc = Proc::spawn(
+        "mooncake_master",
+        &program,
+        &[
+            &format!("--rpc_port={port}"),
+            "--rpc_address=127.0.0.1",
+            &format!("--metrics_port={metrics}"),
+            "--metrics_host=127.0.0.1",
+            "--enable_http_metadata_server=false",
+        ],
+        dir,
+    );
+    wait_for("mooncake_master listens", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let addr = format!("127.0.0.1:{port}");
+    let mut engine = probe("engine", &mooncake_probe_yaml(&addr), dir);
+    let err = engine.ask_err("stats");
+    assert!(
+        err.contains(&format!("{addr} is not a kvtier store master")),
+        "{err}"
+    );
+    assert!(err.contains("start `kvtier master` there"), "{err}");
+    assert!(err.contains("mooncake_master"), "{err}");
+    // A store that fails is a miss, never a hang: lookups answer.
+    assert_eq!(engine.field("lookup 1 512", "hit"), "0");
+    assert!(
+        mc.child.try_wait().unwrap().is_none(),
+        "mooncake_master died"
+    );
 
     // An HTTP server there (say, a vLLM or the proxy).
     let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
