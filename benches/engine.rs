@@ -244,6 +244,7 @@ fn bench_placement(c: &mut Criterion) {
                 size: 1 << 44,
             },
             &[],
+            Instant::now(),
         );
     }
     let meta = ObjectMeta {

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 mod control;
 mod notify;
+pub mod pages;
 pub mod protocol;
 mod receiver;
 mod sender;

@@ -1,7 +1,6 @@
 //! The receiver (decoder) side: a paged P/D buffer registered with the transport, the
 //! control listeners, and retrieve.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use super::control::ControlConn;
+use super::pages::{Committed, Grant, Page, PageTable, Placed};
 use super::protocol::{AllocFailure, ChunkCommit, ChunkRequest, Message, Slot};
 use super::PdError;
 use crate::config::{BufferDevice, Config};
@@ -37,43 +37,6 @@ pub struct BufferUsage {
     pub page_bytes: usize,
 }
 
-struct Page {
-    index: u32,
-    tokens: u32,
-    req_id: String,
-    /// Control connection that allocated it (its uncommitted pages die with it).
-    conn: u64,
-    committed: bool,
-    since: Instant,
-}
-
-#[derive(Default)]
-struct Pages {
-    /// Allocation takes from the front. Pages consumed after a commit go back to the front
-    /// (reused while still warm); pages out of quarantine to the back (reused last).
-    free: VecDeque<u32>,
-    /// Pages freed before their writes were known to be done, with when they may be
-    /// reused, in that order.
-    quarantine: VecDeque<(u32, Instant)>,
-    held: HashMap<ChunkKey, Page>,
-}
-
-impl Pages {
-    /// Moves pages whose quarantine has ended to the free list; returns how many.
-    fn thaw(&mut self, now: Instant) -> usize {
-        let mut n = 0;
-        while let Some(&(index, until)) = self.quarantine.front() {
-            if until > now {
-                break;
-            }
-            self.quarantine.pop_front();
-            self.free.push_back(index);
-            n += 1;
-        }
-        n
-    }
-}
-
 struct Inner {
     name: String,
     model: ModelSpec,
@@ -83,7 +46,7 @@ struct Inner {
     registration: Mutex<Option<RegistrationHandle>>,
     page_bytes: usize,
     total_pages: usize,
-    pages: Mutex<Pages>,
+    pages: Mutex<PageTable>,
     space: Notify,
     secret: Option<String>,
     timeout: Duration,
@@ -198,10 +161,7 @@ impl PdReceiver {
             registration: Mutex::new(Some(registration)),
             page_bytes,
             total_pages,
-            pages: Mutex::new(Pages {
-                free: (0..total_pages as u32).collect(),
-                ..Pages::default()
-            }),
+            pages: Mutex::new(PageTable::new(total_pages as u32)),
             space: Notify::new(),
             secret: config.transport_auth_token.clone(),
             timeout: Duration::from_secs_f64(config.transport_timeout_sec),
@@ -257,7 +217,7 @@ impl PdReceiver {
         let pages = self.inner.pages.lock().expect("lock");
         let mut hit = 0;
         self.inner.hasher.for_each_span(tokens, |span| {
-            let ok = pages.held.get(&span.key).is_some_and(|p| p.committed);
+            let ok = pages.is_committed(&span.key, None);
             if ok {
                 hit = span.end;
             }
@@ -347,15 +307,13 @@ impl PdReceiver {
         inner.hasher.for_each_span(tokens, |span| {
             // The page must hold exactly this span's tokens (a sender's `Alloc` said how
             // many; a disagreeing one is not this span's KV).
-            let committed = pages
-                .held
-                .get(&span.key)
-                .is_some_and(|p| p.committed && p.tokens as usize == span.tokens());
-            if committed {
-                let p = pages.held.remove(&span.key).expect("present");
-                taken.push((span, p.index));
+            match pages.take_committed(&span.key, span.tokens()) {
+                Some(index) => {
+                    taken.push((span, index));
+                    true
+                }
+                None => false,
             }
-            committed
         });
         taken
     }
@@ -365,8 +323,8 @@ impl Inner {
     fn usage(&self) -> BufferUsage {
         let pages = self.pages.lock().expect("lock");
         BufferUsage {
-            used_pages: pages.held.len(),
-            quarantined_pages: pages.quarantine.len(),
+            used_pages: pages.held(),
+            quarantined_pages: pages.quarantined(),
             total_pages: self.total_pages,
             page_bytes: self.page_bytes,
         }
@@ -384,11 +342,7 @@ impl Inner {
 
     /// Frees pages whose writes are done (committed and consumed): reusable at once.
     fn release(&self, indices: impl IntoIterator<Item = u32>) {
-        let mut pages = self.pages.lock().expect("lock");
-        for index in indices {
-            pages.free.push_front(index);
-        }
-        drop(pages);
+        self.pages.lock().expect("lock").release(indices);
         self.space.notify_waiters();
         self.publish();
     }
@@ -399,11 +353,7 @@ impl Inner {
     /// in the next request's page after that request's checksum was verified.
     fn quarantine(&self, indices: impl IntoIterator<Item = u32>) {
         let until = Instant::now() + self.quarantine;
-        let mut pages = self.pages.lock().expect("lock");
-        pages
-            .quarantine
-            .extend(indices.into_iter().map(|i| (i, until)));
-        drop(pages);
+        self.pages.lock().expect("lock").quarantine(indices, until);
         self.publish();
     }
 
@@ -418,31 +368,13 @@ impl Inner {
 
     /// Frees the pages `doomed` picks; returns how many. Committed pages (their writes
     /// done) are reusable at once; the others go through the quarantine.
-    fn reclaim(&self, mut doomed: impl FnMut(&Page) -> bool) -> usize {
-        let freed: Vec<(u32, bool)> = {
-            let mut pages = self.pages.lock().expect("lock");
-            let keys: Vec<ChunkKey> = pages
-                .held
-                .iter()
-                .filter(|(_, p)| doomed(p))
-                .map(|(k, _)| *k)
-                .collect();
-            keys.iter()
-                .filter_map(|k| pages.held.remove(k))
-                .map(|p| (p.index, p.committed))
-                .collect()
-        };
-        let n = freed.len();
+    fn reclaim(&self, doomed: impl FnMut(&Page) -> bool) -> usize {
+        let (done, undone) = self.pages.lock().expect("lock").reclaim(doomed);
+        let n = done.len() + undone.len();
         if n > 0 {
             self.metrics.pd_reclaimed_pages.inc_by(n as u64);
-            let done = |want: bool| {
-                freed
-                    .iter()
-                    .filter(move |(_, c)| *c == want)
-                    .map(|(i, _)| *i)
-            };
-            self.release(done(true));
-            self.quarantine(done(false));
+            self.release(done);
+            self.quarantine(undone);
         }
         n
     }
@@ -460,6 +392,13 @@ impl Inner {
                 ),
             };
         }
+        let asked: Vec<(ChunkKey, u32)> = chunks.iter().map(|c| (c.key, c.tokens)).collect();
+        let failed = |failure, needed: usize| Message::AllocFailed {
+            req_id: req_id.into(),
+            failure,
+            needed_bytes: (needed * self.page_bytes) as u64,
+            buffer_bytes: (self.total_pages * self.page_bytes) as u64,
+        };
         let deadline = tokio::time::Instant::now() + self.alloc_timeout;
         loop {
             let space = self.space.notified();
@@ -467,58 +406,34 @@ impl Inner {
             space.as_mut().enable();
             // When the oldest quarantined page comes free: a waiter wakes then by itself
             // (a thaw by another allocation takes what it needs and may leave the rest).
-            let next_thaw;
-            {
+            let (grant, next_thaw) = {
                 let mut pages = self.pages.lock().expect("lock");
-                let thawed = pages.thaw(Instant::now());
-                next_thaw = pages.quarantine.front().map(|&(_, until)| until);
-                if thawed > 0 {
+                let now = Instant::now();
+                if pages.thaw(now) > 0 {
                     self.space.notify_waiters();
                 }
-                let needed = chunks
-                    .iter()
-                    .filter(|c| !pages.held.contains_key(&c.key))
-                    .count();
-                if needed > self.total_pages {
-                    return Message::AllocFailed {
-                        req_id: req_id.into(),
-                        failure: AllocFailure::NeverFits,
-                        needed_bytes: (needed * self.page_bytes) as u64,
-                        buffer_bytes: (self.total_pages * self.page_bytes) as u64,
-                    };
-                }
-                if needed <= pages.free.len() {
-                    let slots = chunks
-                        .iter()
-                        .map(|c| {
-                            if pages.held.contains_key(&c.key) {
-                                return Slot::Held;
-                            }
-                            let index = pages.free.pop_front().expect("counted");
-                            pages.held.insert(
-                                c.key,
-                                Page {
-                                    index,
-                                    tokens: c.tokens,
-                                    req_id: req_id.into(),
-                                    conn,
-                                    committed: false,
-                                    since: Instant::now(),
-                                },
-                            );
-                            Slot::Page {
+                (pages.alloc(conn, req_id, &asked, now), pages.next_thaw())
+            };
+            let needed = match grant {
+                Grant::Placed(placed) => {
+                    self.publish();
+                    let slots = placed
+                        .into_iter()
+                        .map(|p| match p {
+                            Placed::Held => Slot::Held,
+                            Placed::Page(index) => Slot::Page {
                                 offset: (index as usize * self.page_bytes) as u64,
-                            }
+                            },
                         })
                         .collect();
-                    drop(pages);
-                    self.publish();
                     return Message::Allocated {
                         req_id: req_id.into(),
                         slots,
                     };
                 }
-            }
+                Grant::NeverFits { needed } => return failed(AllocFailure::NeverFits, needed),
+                Grant::Wait { needed } => needed,
+            };
             let wake = match next_thaw {
                 Some(t) => tokio::time::Instant::from_std(t).min(deadline),
                 None => deadline,
@@ -528,13 +443,7 @@ impl Inner {
                 _ = tokio::time::sleep_until(wake) => wake < deadline,
             };
             if !woken {
-                let needed = chunks.len();
-                return Message::AllocFailed {
-                    req_id: req_id.into(),
-                    failure: AllocFailure::Timeout,
-                    needed_bytes: (needed * self.page_bytes) as u64,
-                    buffer_bytes: (self.total_pages * self.page_bytes) as u64,
-                };
+                return failed(AllocFailure::Timeout, needed);
             }
         }
     }
@@ -545,35 +454,25 @@ impl Inner {
     /// `kvtier_corrupt_chunks_total{tier="pd"}`: a miss at the decoder, never wrong KV.
     fn commit(&self, conn: u64, req_id: &str, chunks: &[ChunkCommit]) -> Message {
         // Where each chunk landed, checked under the lock ...
-        let mut located = Vec::with_capacity(chunks.len());
-        {
+        let located = {
             let pages = self.pages.lock().expect("lock");
-            for c in chunks {
-                let key = c.key;
-                match pages.held.get(&key) {
-                    Some(p) if p.req_id == req_id && p.conn == conn => {
-                        located.push((*c, p.index, p.tokens))
-                    }
-                    // Another request's page (the key was re-allocated after a reclaim), or
-                    // another connection's: not this sender's to commit.
-                    Some(p) => {
-                        return Message::Error {
-                            reason: format!(
-                                "commit of chunk {key} for {req_id}: its page belongs to {}",
-                                p.req_id
-                            ),
-                        }
-                    }
-                    None => {
-                        return Message::Error {
-                            reason: format!(
-                                "commit of chunk {key} for {req_id}: no page allocated (reclaimed?)"
-                            ),
-                        }
+            let located: Result<Vec<_>, _> = chunks
+                .iter()
+                .map(|c| {
+                    pages
+                        .locate(conn, req_id, c.key)
+                        .map(|(index, tokens)| (*c, index, tokens))
+                })
+                .collect();
+            match located {
+                Ok(l) => l,
+                Err(refused) => {
+                    return Message::Error {
+                        reason: refused.to_string(),
                     }
                 }
             }
-        }
+        };
         // ... hashed outside it ...
         let bpt = self.model.bytes_per_token();
         let intact: Vec<bool> = located
@@ -588,22 +487,12 @@ impl Inner {
         let mut committed = 0u64;
         {
             let mut pages = self.pages.lock().expect("lock");
+            let now = Instant::now();
             for ((c, index, _), ok) in located.iter().zip(intact) {
-                let same = pages
-                    .held
-                    .get(&c.key)
-                    .is_some_and(|p| p.index == *index && p.req_id == req_id);
-                if !same {
-                    continue; // reclaimed meanwhile (its sender's connection closed)
-                }
-                if ok {
-                    let p = pages.held.get_mut(&c.key).expect("checked above");
-                    p.committed = true;
-                    p.since = Instant::now();
-                    committed += 1;
-                } else {
-                    pages.held.remove(&c.key);
-                    corrupt.push((c.key, *index));
+                match pages.finish_commit(req_id, c.key, *index, ok, now) {
+                    Committed::Visible => committed += 1,
+                    Committed::Corrupt(index) => corrupt.push((c.key, index)),
+                    Committed::Gone => {}
                 }
             }
         }

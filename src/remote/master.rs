@@ -365,7 +365,7 @@ async fn rebuild(shared: &Arc<Shared>, segments: Vec<SegmentInfo>) -> Placement 
         if let Some(index) = index {
             shared.link(&info);
             nodes += 1;
-            objects += placement.add_segment(info, &index);
+            objects += placement.add_segment(info, &index, Instant::now());
         }
     }
     tracing::info!(
@@ -579,7 +579,7 @@ async fn follow_membership(shared: &Arc<Shared>, current: Vec<SegmentInfo>) {
         let mut role = shared.role.lock();
         if let Role::Leader(p) = &mut *role {
             shared.link(&info);
-            let restored = p.add_segment(info, &index);
+            let restored = p.add_segment(info, &index, Instant::now());
             tracing::info!("master: node {name} joined with {restored} objects");
         }
     }

@@ -70,6 +70,15 @@ pub enum RemoteError {
     /// Redis/Valkey failed.
     #[error("redis: {0}")]
     Redis(String),
+    /// A store answered with something that does not fit the question (e.g. another
+    /// number of answers than keys asked).
+    #[error("remote store {store}: {what}")]
+    BadAnswer {
+        /// The store's URL.
+        store: String,
+        /// What did not fit.
+        what: String,
+    },
 }
 
 /// Default `extra_config.local_buffer_size`: staging memory a client registers.
@@ -291,6 +300,26 @@ impl RemoteTier {
             })?
     }
 
+    /// `answers`, if there is one per key asked; a store answering otherwise is broken
+    /// or not to be trusted, and its answers are not used.
+    fn one_per_key<T>(
+        &self,
+        op: &str,
+        keys: usize,
+        answers: Vec<T>,
+    ) -> Result<Vec<T>, RemoteError> {
+        if answers.len() == keys {
+            return Ok(answers);
+        }
+        Err(RemoteError::BadAnswer {
+            store: self.url.clone(),
+            what: format!(
+                "{op} of {keys} keys answered with {} answers",
+                answers.len()
+            ),
+        })
+    }
+
     /// Stores objects (each as parts to concatenate); returns how many were written.
     pub async fn put(&self, objects: &[(ObjectKey, Vec<&[u8]>)]) -> Result<usize, RemoteError> {
         self.bounded("put", async {
@@ -314,35 +343,41 @@ impl RemoteTier {
         header: usize,
         pool: &BufferPool,
     ) -> Result<Vec<Option<(Vec<u8>, KvBuffer)>>, RemoteError> {
-        self.bounded("get", async {
-            match &self.backend {
-                Backend::Store(c) => c.get(keys, header, pool).await,
-                Backend::Redis(r) => r.get(keys, header, pool).await,
-            }
-        })
-        .await
+        let answers = self
+            .bounded("get", async {
+                match &self.backend {
+                    Backend::Store(c) => c.get(keys, header, pool).await,
+                    Backend::Redis(r) => r.get(keys, header, pool).await,
+                }
+            })
+            .await?;
+        self.one_per_key("get", keys.len(), answers)
     }
 
     /// Which objects are stored.
     pub async fn exists(&self, keys: &[ObjectKey]) -> Result<Vec<bool>, RemoteError> {
-        self.bounded("exists", async {
-            match &self.backend {
-                Backend::Store(c) => c.exists(keys).await,
-                Backend::Redis(r) => r.exists(keys).await,
-            }
-        })
-        .await
+        let answers = self
+            .bounded("exists", async {
+                match &self.backend {
+                    Backend::Store(c) => c.exists(keys).await,
+                    Backend::Redis(r) => r.exists(keys).await,
+                }
+            })
+            .await?;
+        self.one_per_key("exists", keys.len(), answers)
     }
 
     /// Removes objects; returns which were held.
     pub async fn remove(&self, keys: &[ObjectKey]) -> Result<Vec<bool>, RemoteError> {
-        self.bounded("remove", async {
-            match &self.backend {
-                Backend::Store(c) => c.remove(keys).await,
-                Backend::Redis(r) => r.remove(keys).await,
-            }
-        })
-        .await
+        let answers = self
+            .bounded("remove", async {
+                match &self.backend {
+                    Backend::Store(c) => c.remove(keys).await,
+                    Backend::Redis(r) => r.remove(keys).await,
+                }
+            })
+            .await?;
+        self.one_per_key("remove", keys.len(), answers)
     }
 
     /// Whether reads are checked end to end by the backend (the kvtier store checksums

@@ -105,10 +105,15 @@ impl Placement {
         &self.config
     }
 
-    /// Adds a segment, with the objects its node reports (`index`, rebuilt placement).
-    /// Entries that overlap one another or lie outside the segment are skipped.
-    pub fn add_segment(&mut self, info: SegmentInfo, index: &[IndexEntry]) -> usize {
+    /// Adds a segment, with the objects its node reports (`index`, rebuilt placement);
+    /// returns how many copies it restored. Entries that overlap one another or lie
+    /// outside the segment are skipped. A segment already in the pool is left as it is
+    /// (its ranges are known; adding it again would forget them).
+    pub fn add_segment(&mut self, info: SegmentInfo, index: &[IndexEntry], now: Instant) -> usize {
         let id = info.id;
+        if self.segments.contains_key(&id) {
+            return 0;
+        }
         let mut seg = Segment {
             alloc: RangeAllocator::new(info.size),
             info,
@@ -124,7 +129,7 @@ impl Placement {
             };
             // Readers of the previous term may still hold leases we cannot know: treat
             // every restored object as read-leased for one lease period.
-            let lease = Some(Instant::now() + self.config.read_lease);
+            let lease = Some(now + self.config.read_lease);
             let obj = self.objects.entry(e.key).or_insert_with(|| Object {
                 meta: e.meta,
                 replicas: Vec::new(),
@@ -503,7 +508,7 @@ mod tests {
     fn replicas_land_on_distinct_segments() {
         let mut p = Placement::new(PlacementConfig::default());
         for id in 1..=3 {
-            p.add_segment(seg(id, 1 << 20), &[]);
+            p.add_segment(seg(id, 1 << 20), &[], Instant::now());
         }
         let now = Instant::now();
         for key in 0..20 {
@@ -529,7 +534,7 @@ mod tests {
             put_timeout: Duration::from_secs(2),
             ..PlacementConfig::default()
         });
-        p.add_segment(seg(1, 10_000), &[]);
+        p.add_segment(seg(1, 10_000), &[], Instant::now());
         let now = Instant::now();
         let mut u = Vec::new();
         let PutSlot::Write { put, .. } = p.put_start(&[(7, meta(4000))], 1, now, &mut u)[0].clone()
@@ -553,7 +558,7 @@ mod tests {
     #[test]
     fn eviction_is_lru_and_never_takes_a_leased_object() {
         let mut p = Placement::new(PlacementConfig::default());
-        p.add_segment(seg(1, 64 * 100), &[]);
+        p.add_segment(seg(1, 64 * 100), &[], Instant::now());
         let t0 = Instant::now();
         for key in 0..9 {
             assert!(matches!(
@@ -586,7 +591,7 @@ mod tests {
     #[test]
     fn removed_leased_ranges_are_reused_only_after_the_lease() {
         let mut p = Placement::new(PlacementConfig::default());
-        p.add_segment(seg(1, 1024), &[]);
+        p.add_segment(seg(1, 1024), &[], Instant::now());
         let t0 = Instant::now();
         put(&mut p, 1, 1024, 1, t0);
         assert!(p.get(&[1], t0)[0].is_some());
@@ -601,8 +606,8 @@ mod tests {
     #[test]
     fn lost_segment_loses_only_its_sole_copies_and_rebuild_restores() {
         let mut p = Placement::new(PlacementConfig::default());
-        p.add_segment(seg(1, 1 << 20), &[]);
-        p.add_segment(seg(2, 1 << 20), &[]);
+        p.add_segment(seg(1, 1 << 20), &[], Instant::now());
+        p.add_segment(seg(2, 1 << 20), &[], Instant::now());
         let now = Instant::now();
         put(&mut p, 1, 100, 2, now);
         put(&mut p, 2, 100, 1, now);
@@ -634,11 +639,46 @@ mod tests {
                 meta: meta(100),
             },
         ];
-        assert_eq!(q.add_segment(seg(9, 1 << 20), &index), 1);
+        assert_eq!(q.add_segment(seg(9, 1 << 20), &index, Instant::now()), 1);
         assert_eq!(q.exists(&[5, 6, 7]), vec![true, false, false]);
         assert_eq!(q.stats().used, 128);
     }
+
+    #[test]
+    fn a_segment_added_again_keeps_its_ranges() {
+        let mut p = Placement::new(PlacementConfig::default());
+        let now = Instant::now();
+        p.add_segment(seg(1, 64 * 4), &[], now);
+        let meta = ObjectMeta {
+            len: 64 * 3,
+            checksum: 1,
+        };
+        let mut updates = Vec::new();
+        let PutSlot::Write { put, .. } = p.put_start(&[(1, meta)], 1, now, &mut updates)[0].clone()
+        else {
+            panic!("no room")
+        };
+        assert_eq!(p.put_end(&[(1, put)], true, &mut updates), vec![true]);
+        // The node's membership is seen again (a re-registration): nothing changes, and
+        // the object's range is not handed out a second time.
+        assert_eq!(p.add_segment(seg(1, 64 * 4), &[], now), 0);
+        assert_eq!(p.stats().used, 64 * 3);
+        let second = ObjectMeta {
+            len: 64 * 3,
+            checksum: 2,
+        };
+        match p.put_start(&[(2, second)], 1, now, &mut updates)[0].clone() {
+            // Only by evicting object 1 first (its Drop is in the updates).
+            PutSlot::Write { .. } => {
+                assert!(updates.contains(&NodeUpdate::Drop(1, 1, 0)));
+                assert!(p.get(&[1], now)[0].is_none());
+            }
+            PutSlot::NoSpace => assert!(p.get(&[1], now)[0].is_some()),
+            PutSlot::Exists => panic!("object 2 was never stored"),
+        }
+    }
 }
+
 #[cfg(test)]
 mod reuse_tests {
     use super::*;
@@ -657,6 +697,7 @@ mod reuse_tests {
                 size: 40 * 1024,
             },
             &[],
+            Instant::now(),
         );
         let t0 = Instant::now();
         let objs: Vec<_> = (0..30u128)

@@ -298,6 +298,11 @@ fn recover(inner: &DiskInner) -> Result<RecoveryReport> {
         }
         let files = fs::read_dir(&shard_path).map_err(io_err("list", &shard_path))?;
         for file in files.flatten() {
+            // Only regular files are ours: a directory or symbolic link under a chunk's
+            // name is left alone (never followed, never deleted).
+            if !file.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
             let path = file.path();
             let name = file.file_name();
             let name = name.to_string_lossy();
@@ -312,6 +317,11 @@ fn recover(inner: &DiskInner) -> Result<RecoveryReport> {
                 .parse::<ChunkKey>()
                 .map_err(|e| e.to_string())
                 .and_then(|key| {
+                    // Each key has one place (`path_of`): a copy elsewhere would be
+                    // indexed twice and never read.
+                    if path != inner.path_of(key) {
+                        return Err(format!("not where chunk {key} belongs"));
+                    }
                     let mut f = File::open(&path).map_err(|e| e.to_string())?;
                     let mtime = f
                         .metadata()
@@ -609,6 +619,34 @@ mod tests {
         assert_eq!((report.chunks, report.discarded), (1, 3));
         assert!(tier.contains(a.key));
         assert!(!tier.contains(b.key));
+    }
+
+    #[test]
+    fn recovery_indexes_each_key_once_and_leaves_directories_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BufferPool::new(0);
+        let a = chunk(&pool, 1);
+        let (copy, folder) = {
+            let (tier, _) = DiskTier::open(dir.path(), 1 << 20, 8, pool.clone()).unwrap();
+            tier.put(a.clone()).unwrap();
+            tier.flush();
+            // A copy of a's file in another shard's directory, and a directory under the
+            // name chunk 2's file would have.
+            let own = tier.inner.path_of(a.key);
+            let copy = dir.path().join("ff").join(own.file_name().unwrap());
+            fs::create_dir_all(copy.parent().unwrap()).unwrap();
+            fs::copy(&own, &copy).unwrap();
+            let folder = tier.inner.path_of(ChunkKey(2));
+            fs::create_dir_all(&folder).unwrap();
+            (copy, folder)
+        };
+        let (tier, report) = DiskTier::open(dir.path(), 1 << 20, 8, pool).unwrap();
+        // Before: the copy was indexed too (two chunks, its bytes counted twice and never
+        // freed) and the directory counted as a discarded file on every start.
+        assert_eq!((report.chunks, report.discarded), (1, 1));
+        assert_eq!(tier.usage().used_bytes, file_size());
+        assert!(!copy.exists());
+        assert!(folder.is_dir());
     }
 
     #[test]

@@ -39,8 +39,8 @@ use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use kvtier_transport::{
-    BoxFuture, Connection, Descriptor, LocalIov, Notification, RegionId, RegionInfo, RegionMemory,
-    RegionTable, RegistrationHandle, RemoteIov, Result, Transport, TransportConfig, TransportError,
+    BoxFuture, Connection, Descriptor, LocalIov, Notification, RegionId, RegionMemory, RegionTable,
+    RegistrationHandle, RemoteIov, Result, Transport, TransportConfig, TransportError,
     MAX_NOTIFICATION,
 };
 use tokio::sync::oneshot;
@@ -48,6 +48,7 @@ use tokio::sync::oneshot;
 // crate (the worker module names `ucx_rs::sys` too; this keeps the reference explicit).
 use ucx_rs as _;
 
+pub mod wire;
 mod worker;
 
 use worker::{Command, Direction, Handle, Range};
@@ -114,45 +115,6 @@ impl UcxTransport {
     pub fn name(&self) -> &str {
         &self.inner.name
     }
-}
-
-/// Checksum over the worker address and every region (id, address, length, rkey).
-fn descriptor_sum(address: &[u8], regions: &[RegionInfo]) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(address);
-    for r in regions {
-        h.update(&r.id.0.to_le_bytes());
-        h.update(&r.addr.to_le_bytes());
-        h.update(&r.len.to_le_bytes());
-        h.update(&(r.key.len() as u64).to_le_bytes());
-        h.update(&r.key);
-    }
-    h.digest()
-}
-
-/// The descriptor body: the worker address, then [`descriptor_sum`] (`u64` LE). UCX
-/// unpacks worker addresses and rkeys trusting their bytes (a corrupt address can abort
-/// the process in an assertion), so [`unseal`] checks the sum before UCX sees them.
-fn seal(address: &[u8], regions: &[RegionInfo]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(address.len() + 8);
-    body.extend_from_slice(address);
-    body.extend_from_slice(&descriptor_sum(address, regions).to_le_bytes());
-    body
-}
-
-/// The worker address of a descriptor whose checksum matches.
-fn unseal(d: &Descriptor) -> Result<&[u8]> {
-    let Some((address, sum)) = d.body.split_last_chunk::<8>() else {
-        return Err(TransportError::Protocol(
-            "ucx descriptor body too short".into(),
-        ));
-    };
-    if address.is_empty() || u64::from_le_bytes(*sum) != descriptor_sum(address, &d.regions) {
-        return Err(TransportError::Protocol(
-            "ucx descriptor checksum mismatch (corrupt descriptor)".into(),
-        ));
-    }
-    Ok(address)
 }
 
 fn lock_poisoned() -> TransportError {
@@ -272,7 +234,7 @@ impl Transport for UcxTransport {
         Ok(Descriptor {
             kind: KIND.into(),
             name: self.inner.name.clone(),
-            body: seal(&self.inner.address, &regions),
+            body: wire::seal(&self.inner.address, &regions),
             regions,
         }
         .encode())
@@ -281,7 +243,7 @@ impl Transport for UcxTransport {
     fn connect<'a>(&'a self, descriptor: &'a [u8]) -> BoxFuture<'a, Result<Box<dyn Connection>>> {
         Box::pin(async move {
             let remote = Descriptor::decode(descriptor, KIND)?;
-            let address = unseal(&remote)?.to_vec();
+            let address = wire::unseal(&remote)?.to_vec();
             let peer = remote.name.clone();
             let keys = remote
                 .regions
@@ -412,7 +374,7 @@ impl Connection for UcxConnection {
                     message.len()
                 )));
             }
-            let payload = worker::encode_notification(&self.inner.name, message);
+            let payload = wire::encode_notification(&self.inner.name, message);
             let deadline = Instant::now() + self.inner.config.timeout;
             self.inner
                 .call("notify", |reply| Command::Notify {
@@ -446,19 +408,19 @@ mod tests {
 
     #[test]
     fn notification_encoding_round_trips_and_rejects_garbage() {
-        let bytes = worker::encode_notification("ucx://a/1#2", b"hello");
-        let n = worker::decode_notification(&bytes).unwrap();
+        let bytes = wire::encode_notification("ucx://a/1#2", b"hello");
+        let n = wire::decode_notification(&bytes).unwrap();
         assert_eq!(
             (n.peer.as_str(), n.message.as_slice()),
             ("ucx://a/1#2", &b"hello"[..])
         );
         for cut in 0..13 {
             assert!(
-                worker::decode_notification(&bytes[..cut]).is_err(),
+                wire::decode_notification(&bytes[..cut]).is_err(),
                 "cut {cut}"
             );
         }
-        assert!(worker::decode_notification(&[1, 0, 0xff]).is_err());
+        assert!(wire::decode_notification(&[1, 0, 0xff]).is_err());
     }
 
     /// Corrupt descriptors are refused before UCX parses them.

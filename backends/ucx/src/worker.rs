@@ -166,7 +166,7 @@ pub(crate) enum Command {
         deadline: Instant,
         reply: oneshot::Sender<Result<()>>,
     },
-    /// Send an encoded notification (see [`encode_notification`]) on `conn`.
+    /// Send an encoded notification (see [`crate::wire::encode_notification`]) on `conn`.
     Notify {
         conn: u64,
         payload: Vec<u8>,
@@ -269,34 +269,6 @@ pub(crate) fn spawn(name: String, timeout: Duration) -> Result<Started> {
     }
 }
 
-/// Encodes a notification from endpoint `sender`: `u16` LE name length, name, message.
-pub(crate) fn encode_notification(sender: &str, message: &[u8]) -> Vec<u8> {
-    let name = &sender.as_bytes()[..sender.len().min(u16::MAX as usize)];
-    let mut out = Vec::with_capacity(2 + name.len() + message.len());
-    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-    out.extend_from_slice(name);
-    out.extend_from_slice(message);
-    out
-}
-
-/// Decodes [`encode_notification`]'s bytes.
-pub(crate) fn decode_notification(bytes: &[u8]) -> Result<Notification> {
-    let bad = |what: &str| TransportError::Protocol(format!("ucx notification: {what}"));
-    let (len, rest) = bytes.split_at_checked(2).ok_or_else(|| bad("truncated"))?;
-    let len = u16::from_le_bytes([len[0], len[1]]) as usize;
-    let (name, message) = rest
-        .split_at_checked(len)
-        .ok_or_else(|| bad("truncated name"))?;
-    if message.len() > kvtier_transport::MAX_NOTIFICATION {
-        return Err(bad(&format!("{} bytes message", message.len())));
-    }
-    let peer = String::from_utf8(name.to_vec()).map_err(|_| bad("sender name is not UTF-8"))?;
-    Ok(Notification {
-        peer,
-        message: message.to_vec(),
-    })
-}
-
 /// What the active-message callback needs; boxed so its address is stable, and
 /// outlives the worker.
 struct AmState {
@@ -342,7 +314,7 @@ unsafe extern "C" fn on_notification(
             // valid for the duration of the callback; they are copied out below.
             unsafe { std::slice::from_raw_parts(data as *const u8, length) }
         };
-        match decode_notification(bytes) {
+        match crate::wire::decode_notification(bytes) {
             Ok(n) => {
                 if let Err(e) = state.tx.try_send(n) {
                     tracing::error!(
