@@ -34,7 +34,8 @@ fn key(n: u8) -> ChunkKey {
 }
 
 fn chunk_path(dir: &Path, name: &str, ext: &str) -> PathBuf {
-    dir.join(&name[..2.min(name.len())]).join(format!("{name}.{ext}"))
+    dir.join(&name[..2.min(name.len())])
+        .join(format!("{name}.{ext}"))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -58,7 +59,11 @@ fuzz_target!(|data: &[u8]| {
             .cycle()
             .take(shape(tokens).payload_len())
             .collect();
-        let file_key = if what & 0x10 == 0 { key(k) } else { key(k.wrapping_add(1)) };
+        let file_key = if what & 0x10 == 0 {
+            key(k)
+        } else {
+            key(k.wrapping_add(1))
+        };
         let mut content = match what & 0x20 {
             0 => encode_chunk(file_key, shape(tokens), &payload),
             _ => bytes.to_vec(),
@@ -76,7 +81,9 @@ fuzz_target!(|data: &[u8]| {
             // In another shard's directory.
             4 => dir.join("ff").join(format!("{name}.kvc")),
             // A name that is no key.
-            5 => dir.join(&name[..2]).join(format!("{}.kvc", &name[..(k as usize % 32)])),
+            5 => dir
+                .join(&name[..2])
+                .join(format!("{}.kvc", &name[..(k as usize % 32)])),
             // A directory where a chunk file would be.
             6 => {
                 let p = chunk_path(&dir, &name, "kvc");

@@ -7,10 +7,13 @@
 //! and then, if the input asks, flips bytes anywhere in the file.
 #![no_main]
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::path::PathBuf;
 
 use kvtier::chunk::encode_chunk;
-use kvtier::{ChunkShape, Config, DType, Engine, KvLayout, ModelSpec};
+use kvtier::{ChunkShape, Config, DType, Engine, KvLayout};
 use libfuzzer_sys::fuzz_target;
 
 const CHUNK: usize = 16;
@@ -24,19 +27,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn model() -> ModelSpec {
-    ModelSpec {
-        name: "fuzz".into(),
-        layers: 2,
-        kv_heads: 1,
-        head_dim: 8,
-        dtype: DType::F16,
-        layout: KvLayout::Kv2Ltd,
-        tp_size: 1,
-        tp_rank: 0,
-    }
-}
-
 fn dir() -> PathBuf {
     std::env::temp_dir().join(format!("kvtier-fuzz-disk-{}", std::process::id()))
 }
@@ -47,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
     else {
         return;
     };
-    let m = model();
+    let m = common::small_model();
     let tokens_in: Vec<u32> = (0..CHUNK as u32).collect();
     let dir = dir();
     let _ = std::fs::remove_dir_all(&dir);

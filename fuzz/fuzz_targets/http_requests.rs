@@ -8,12 +8,14 @@
 //! for P/D notifications (the test server has no P/D here).
 #![no_main]
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use kvtier::proxy::{Proxy, ProxyConfig};
 use kvtier::testserver::{TestServer, TestServerOptions};
-use kvtier::{DType, KvLayout, ModelSpec};
 use libfuzzer_sys::fuzz_target;
 
 struct Setup {
@@ -33,16 +35,7 @@ fn setup() -> &'static Setup {
             .unwrap();
         let (server, proxy) = rt.block_on(async {
             let mut options = TestServerOptions::new(0);
-            options.model = ModelSpec {
-                name: "fuzz".into(),
-                layers: 2,
-                kv_heads: 1,
-                head_dim: 8,
-                dtype: DType::F16,
-                layout: KvLayout::Kv2Ltd,
-                tp_size: 1,
-                tp_rank: 0,
-            };
+            options.model = common::small_model();
             let ts = TestServer::bind(options).await.unwrap();
             let port = ts.local_addr().port();
             tokio::spawn(ts.run(std::future::pending()));

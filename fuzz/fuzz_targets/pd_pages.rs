@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use kvtier::pd::pages::{Committed, CommitRefused, Grant, PageTable, Placed};
+use kvtier::pd::pages::{CommitRefused, Committed, Grant, PageTable, Placed};
 use kvtier::ChunkKey;
 use libfuzzer_sys::fuzz_target;
 
@@ -153,7 +153,15 @@ fuzz_target!(|data: &[u8]| {
                     ) => {
                         assert_eq!((*index as usize, &mr, mc), (i, &r, cn));
                     }
-                    (Err(CommitRefused::NotYours { .. }), Some((_, Where::Held { req: mr, conn: mc, .. }))) => {
+                    (
+                        Err(CommitRefused::NotYours { .. }),
+                        Some((
+                            _,
+                            Where::Held {
+                                req: mr, conn: mc, ..
+                            },
+                        )),
+                    ) => {
                         assert!(mr != r || mc != cn);
                     }
                     (got, want) => panic!("locate {k}: {got:?}, model {want:?}"),
@@ -181,8 +189,8 @@ fuzz_target!(|data: &[u8]| {
             // Abort a request on a connection, or a connection closes: its uncommitted pages.
             2 | 3 => {
                 let (r, cn, by_req) = (req(b), conn(c), kind % 8 == 2);
-                let (done, undone) = table
-                    .reclaim(|p| p.conn == cn && !p.committed && (!by_req || p.req_id == r));
+                let (done, undone) =
+                    table.reclaim(|p| p.conn == cn && !p.committed && (!by_req || p.req_id == r));
                 assert!(done.is_empty());
                 let mut want = Vec::new();
                 for (i, w) in model.pages.iter_mut().enumerate() {
@@ -210,11 +218,23 @@ fuzz_target!(|data: &[u8]| {
                 let before = model.pages.clone();
                 let (done, undone) = table.reclaim(|p| now.duration_since(p.since) > age);
                 for &i in &done {
-                    assert!(matches!(before[i as usize], Where::Held { committed: true, .. }));
+                    assert!(matches!(
+                        before[i as usize],
+                        Where::Held {
+                            committed: true,
+                            ..
+                        }
+                    ));
                     model.pages[i as usize] = Where::Free;
                 }
                 for &i in &undone {
-                    assert!(matches!(before[i as usize], Where::Held { committed: false, .. }));
+                    assert!(matches!(
+                        before[i as usize],
+                        Where::Held {
+                            committed: false,
+                            ..
+                        }
+                    ));
                     model.pages[i as usize] = Where::Quarantined(now + QUARANTINE);
                 }
                 table.release(done);

@@ -9,10 +9,13 @@
 //! retrieves the prompt.
 #![no_main]
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use kvtier::{Config, DType, Engine, KvLayout, ModelSpec};
+use kvtier::{Config, Engine};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -24,19 +27,6 @@ struct Server {
     values: HashMap<Vec<u8>, Vec<u8>>,
     /// Answer the next `GET` pipeline with these bytes, then close.
     raw: Option<Vec<u8>>,
-}
-
-fn model() -> ModelSpec {
-    ModelSpec {
-        name: "fuzz".into(),
-        layers: 2,
-        kv_heads: 1,
-        head_dim: 8,
-        dtype: DType::F16,
-        layout: KvLayout::Kv2Ltd,
-        tp_size: 1,
-        tp_rank: 0,
-    }
 }
 
 /// One RESP command (an array of bulk strings), or `None` at the end of the stream.
@@ -92,7 +82,10 @@ async fn serve(listener: TcpListener, server: Arc<Mutex<Server>>) {
                             b"+OK\r\n".to_vec()
                         }
                         b"EXISTS" => {
-                            let n = args[1..].iter().filter(|k| s.values.contains_key(*k)).count();
+                            let n = args[1..]
+                                .iter()
+                                .filter(|k| s.values.contains_key(*k))
+                                .count();
                             format!(":{n}\r\n").into_bytes()
                         }
                         b"DEL" => {
@@ -128,7 +121,7 @@ fuzz_target!(|data: &[u8]| {
         let port = listener.local_addr().unwrap().port();
         let server = Arc::new(Mutex::new(Server::default()));
         tokio::spawn(serve(listener, server.clone()));
-        let m = model();
+        let m = common::small_model();
         let config = Config {
             local_cpu: false,
             chunk_size: CHUNK,
@@ -140,7 +133,9 @@ fuzz_target!(|data: &[u8]| {
         let kv: Vec<u8> = (0..m.bytes_per_token() * tokens.len())
             .map(|i| (i * 7 + 3) as u8)
             .collect();
-        let engine = Engine::from_config(config.clone(), m.clone()).await.unwrap();
+        let engine = Engine::from_config(config.clone(), m.clone())
+            .await
+            .unwrap();
         engine.store(&tokens, &kv).await.unwrap();
         engine.flush().await.unwrap();
         drop(engine);

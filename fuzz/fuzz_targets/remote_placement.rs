@@ -337,10 +337,10 @@ fn placement(ops: &[u8]) {
                     .collect();
                 for k in &expired {
                     m.pending.remove(k);
-                    m.ranges.retain(|r| r.key != *k || r.dropped_until.is_some());
+                    m.ranges
+                        .retain(|r| r.key != *k || r.dropped_until.is_some());
                 }
-                m.ranges
-                    .retain(|r| r.dropped_until.is_none_or(|t| t > now));
+                m.ranges.retain(|r| r.dropped_until.is_none_or(|t| t > now));
                 assert_eq!(reclaimed, expired.len(), "puts reclaimed");
             }
             // Time passes.
@@ -365,7 +365,10 @@ fn check_fresh(m: &Model, replicas: &[Replica], len: u64) {
         );
         let capacity = *m.segments.get(&r.segment).expect("a known segment");
         let end = r.offset + round_up(len);
-        assert!(r.offset % ALIGN == 0 && end <= capacity, "{r:?} out of bounds");
+        assert!(
+            r.offset % ALIGN == 0 && end <= capacity,
+            "{r:?} out of bounds"
+        );
         if let Some(o) = m.ranges.iter().find(|o| {
             o.segment == r.segment && o.offset < end && r.offset < o.offset + round_up(o.len)
         }) {
@@ -418,16 +421,22 @@ fn allocator(mode: u8, ops: &[u8]) {
                 let unit = (start / ALIGN) as usize;
                 let aligned = start % ALIGN == 0 && unit + need <= units;
                 let freeing = kind % 3 == 1;
-                let accepted = aligned
-                    && used[unit..unit + need].iter().all(|&u| u == freeing);
+                let accepted = aligned && used[unit..unit + need].iter().all(|&u| u == freeing);
                 let got = if freeing {
                     a.free(start, len)
                 } else {
                     a.reserve(start, len)
                 };
-                assert_eq!(got, accepted, "{} {start}+{len}", if freeing { "free" } else { "reserve" });
+                assert_eq!(
+                    got,
+                    accepted,
+                    "{} {start}+{len}",
+                    if freeing { "free" } else { "reserve" }
+                );
                 if accepted {
-                    used[unit..unit + need].iter_mut().for_each(|b| *b = !freeing);
+                    used[unit..unit + need]
+                        .iter_mut()
+                        .for_each(|b| *b = !freeing);
                 }
             }
             _ => unreachable!(),
