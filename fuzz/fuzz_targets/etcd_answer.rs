@@ -8,13 +8,16 @@
 //! every request with the input's status and body.
 #![no_main]
 
+#[path = "common/loopback.rs"]
+mod loopback;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvtier::remote::etcd::Etcd;
 use kvtier::remote::rpc::SegmentInfo;
 use libfuzzer_sys::fuzz_target;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const STATUSES: [u16; 6] = [200, 400, 401, 404, 500, 503];
@@ -46,15 +49,9 @@ async fn read_request<R: AsyncBufReadExt + Unpin>(r: &mut R) -> bool {
 }
 
 async fn serve(listener: TcpListener, answer: Answer) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    loopback::serve_each(listener, move |mut r, mut w| {
         let answer = answer.clone();
-        tokio::spawn(async move {
-            let (r, mut w) = stream.into_split();
-            let mut r = BufReader::new(r);
+        async move {
             while read_request(&mut r).await {
                 let (status, body) = answer.lock().unwrap().clone();
                 let mut out = format!(
@@ -68,8 +65,9 @@ async fn serve(listener: TcpListener, answer: Answer) {
                     break;
                 }
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 fuzz_target!(|data: &[u8]| {

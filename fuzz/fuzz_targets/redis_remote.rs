@@ -9,6 +9,9 @@
 //! retrieves the prompt.
 #![no_main]
 
+#[path = "common/loopback.rs"]
+mod loopback;
+
 #[path = "common/mod.rs"]
 mod common;
 
@@ -17,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use kvtier::{Config, Engine};
 use libfuzzer_sys::fuzz_target;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const CHUNK: usize = 16;
@@ -48,15 +51,9 @@ async fn read_command<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Option<Vec<Vec<u
 }
 
 async fn serve(listener: TcpListener, server: Arc<Mutex<Server>>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    loopback::serve_each(listener, move |mut r, mut w| {
         let server = server.clone();
-        tokio::spawn(async move {
-            let (r, mut w) = stream.into_split();
-            let mut r = BufReader::new(r);
+        async move {
             while let Some(args) = read_command(&mut r).await {
                 let Some(cmd) = args.first() else { break };
                 let (reply, last) = {
@@ -104,8 +101,9 @@ async fn serve(listener: TcpListener, server: Arc<Mutex<Server>>) {
                     break;
                 }
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 fuzz_target!(|data: &[u8]| {
