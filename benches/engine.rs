@@ -3,7 +3,7 @@
 //! Every group also times a plain memcpy of the same bytes in the same run; the summary
 //! printed at the end gives each benchmark's throughput and its ratio to that memcpy
 //! (one thread, and two threads for the CPU tier, whose copies use every core).
-//! Run: `cargo bench --bench engine` (add a filter such as `cpu_tier` to run one group).
+//! Run: `cargo bench -p kvtier --bench engine` (add a filter such as `cpu_tier` to run one group).
 
 use std::hint::black_box;
 use std::path::Path;
@@ -228,8 +228,8 @@ fn bench_lookup(c: &mut Criterion) {
 /// The master's cost per batch: PutStart + PutEnd + Get of 30 objects on 3 segments
 /// holding 100,000 objects (placement only; no bytes move).
 fn bench_placement(c: &mut Criterion) {
-    use kvtier::remote::placement::{NodeUpdate, Placement, PlacementConfig};
     use kvtier::remote::rpc::{ObjectMeta, SegmentInfo};
+    use kvtier::remote::store::placement::{NodeUpdate, Placement, PlacementConfig};
     use std::time::Instant;
     let mut p = Placement::new(PlacementConfig::default());
     for id in 1..=3 {

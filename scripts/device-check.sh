@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 
 case "${1:-}" in
 build)
-    cargo build --release --features cuda --bin kvtier
+    cargo build --release -p kvtier-cli --features cuda --bin kvtier
     mkdir -p target/device
     cp target/release/kvtier target/device/kvtier
     strip --strip-debug target/device/kvtier

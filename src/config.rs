@@ -10,7 +10,9 @@
 //!   and warnings ([`ConfigWarning`]) for LMCache keys kvtier knows but does not implement;
 //! * cross-field validation ([`Config::validate`]);
 //! * provenance of every value, shown by [`Config::render`];
-//! * the configuration reference ([`reference_table_markdown`]).
+//! * the configuration reference ([`reference_table_markdown`]);
+//! * typed settings per subsystem resolved from it ([`EngineSettings`] and its parts, in
+//!   `config/settings.rs`), including the translation of Mooncake's `extra_config` keys.
 //!
 //! Every key is described once, in the table in `config/keys.rs`; parsing, environment
 //! overrides, suggestions, rendering and the reference are all driven from it.
@@ -19,6 +21,7 @@
 //! 1 GB = 2^30 bytes. Sizes are stored in bytes.
 
 mod keys;
+mod settings;
 #[cfg(test)]
 mod tests;
 mod yaml;
@@ -29,6 +32,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use keys::{Ctx, KEYS};
+pub use settings::{
+    store_channel, DiskSettings, EngineSettings, KeySettings, PdReceiverSettings, PdSenderSettings,
+    PdSettings, RemoteSettings, TierSettings, TransportSettings, DEFAULT_EMBEDDED_SEGMENT,
+    DEFAULT_STAGING_BYTES, MAX_REPLICAS,
+};
 use yaml::{LoadError, Node, NodeKind};
 
 /// Role of an instance in prefill/decode disaggregation.
@@ -758,6 +766,16 @@ impl Config {
                     self.shown("pd_proxy_port")
                 ),
             );
+        }
+        if let Some(p) = self.extra_config.protocol.as_deref() {
+            if store_channel(Some(p)).is_none() {
+                return fail(
+                    &["extra_config"],
+                    format!(
+                        "`extra_config.protocol: {p}`: expected tcp, ucx (Mooncake's rdma) or nixl"
+                    ),
+                );
+            }
         }
         if !self.enable_pd {
             return Ok(());

@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::chunk::{DType, KvLayout};
+use crate::model::ModelNamespace;
 
 /// 128-bit content address of one chunk of tokens (and of all tokens before it).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -59,50 +59,6 @@ impl FromStr for ChunkKey {
         u128::from_str_radix(s, 16)
             .map(ChunkKey)
             .map_err(|_| ParseKeyError(s.to_string()))
-    }
-}
-
-/// Everything besides the tokens that decides whether two KV caches are interchangeable:
-/// the model, its KV dtype, layout and shape, the tensor-parallel shard and the chunk size.
-/// Two models served under one name but with different layer counts or KV widths never
-/// share keys.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ModelNamespace {
-    /// Model name as the serving engine knows it, e.g. `meta-llama/Llama-3.1-8B-Instruct`.
-    pub model: String,
-    /// Element type of the KV tensors.
-    pub dtype: DType,
-    /// KV layout (`KV_2LTD`, MLA or paged blocks).
-    pub layout: KvLayout,
-    /// Layers whose KV a chunk holds.
-    pub layers: u32,
-    /// Elements per token per layer (KV heads × head size of this shard).
-    pub hidden: u32,
-    /// Tensor-parallel world size.
-    pub tp_size: u32,
-    /// This shard's tensor-parallel rank.
-    pub tp_rank: u32,
-    /// Tokens per chunk.
-    pub chunk_size: u32,
-}
-
-impl ModelNamespace {
-    /// Stable encoding hashed into `h_{-1}`: `b"kvtier-ns-v2\0"`, then the model name as
-    /// `u32` LE length + UTF-8 bytes, then `dtype` and `layout` codes (one byte each), then
-    /// `layers`, `hidden`, `tp_size`, `tp_rank`, `chunk_size` as `u32` LE.
-    pub fn canonical_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(40 + self.model.len());
-        out.extend_from_slice(b"kvtier-ns-v2\0");
-        out.extend_from_slice(&(self.model.len() as u32).to_le_bytes());
-        out.extend_from_slice(self.model.as_bytes());
-        out.push(self.dtype.code());
-        out.push(self.layout.code());
-        out.extend_from_slice(&self.layers.to_le_bytes());
-        out.extend_from_slice(&self.hidden.to_le_bytes());
-        out.extend_from_slice(&self.tp_size.to_le_bytes());
-        out.extend_from_slice(&self.tp_rank.to_le_bytes());
-        out.extend_from_slice(&self.chunk_size.to_le_bytes());
-        out
     }
 }
 
@@ -225,6 +181,7 @@ fn hash_tokens(h: &mut Xxh3, tokens: &[u32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{DType, KvLayout};
 
     fn ns(chunk: u32) -> ModelNamespace {
         ModelNamespace {

@@ -6,151 +6,24 @@
 //! hot path. The pool keeps at most `max_idle_bytes` of idle buffers; beyond that they
 //! are freed.
 //!
-//! Buffers of 2 MiB and more are, on Linux, mapped straight from the kernel (zero pages,
-//! no memset pass: the first copy into them is the only pass), 2 MiB-aligned and advised
-//! as transparent huge pages: first-touch faults then cost about 1/7 of what 4 KiB pages
-//! cost. Smaller buffers come from the allocator, zeroed.
+//! The memory itself comes from the one host allocator of kvtier,
+//! [`kvtier_transport::HostAlloc`] (page-aligned; from 2 MiB up, mapped from the kernel and
+//! advised as transparent huge pages), which registered transport buffers use too.
 //!
 //! This module and the backend crates are the only places with `unsafe`.
 
-use std::alloc::{self, Layout};
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use kvtier_transport::HostAlloc;
 use parking_lot::Mutex;
 
-/// Minimum alignment of every buffer (a page: good for DMA, pinning and `O_DIRECT`).
-pub const BUFFER_ALIGN: usize = 4096;
-/// Alignment and size granularity of large buffers (a huge page).
-pub const HUGE_ALIGN: usize = 2 << 20;
-
-/// A page-aligned, initialised (zeroed) allocation. Owns its memory.
-struct RawBuf {
-    ptr: NonNull<u8>,
-    cap: usize,
-    /// From `mmap` (freed with `munmap`) rather than the allocator.
-    mapped: bool,
-}
-
-// SAFETY: RawBuf uniquely owns its allocation; moving it between threads moves ownership.
-unsafe impl Send for RawBuf {}
-// SAFETY: &RawBuf gives no access to the bytes; access goes through KvBuffer's borrows.
-unsafe impl Sync for RawBuf {}
-
-impl RawBuf {
-    /// `cap` zeroed bytes (`cap` a non-zero value from [`size_class`]).
-    fn new(cap: usize) -> RawBuf {
-        #[cfg(target_os = "linux")]
-        if cap >= HUGE_ALIGN {
-            return Self::mapped(cap);
-        }
-        let layout = layout_of(cap);
-        // SAFETY: layout has non-zero size (cap > 0 is guaranteed by size_class).
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(ptr) else {
-            alloc::handle_alloc_error(layout)
-        };
-        RawBuf {
-            ptr,
-            cap,
-            mapped: false,
-        }
-    }
-
-    /// `cap` bytes of fresh anonymous memory, 2 MiB-aligned, advised as huge pages.
-    #[cfg(target_os = "linux")]
-    fn mapped(cap: usize) -> RawBuf {
-        let len = cap + HUGE_ALIGN;
-        // SAFETY: an anonymous private mapping of `len` bytes; no file, no fixed address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            alloc::handle_alloc_error(layout_of(cap));
-        }
-        let start = p as usize;
-        let aligned = start.div_ceil(HUGE_ALIGN) * HUGE_ALIGN;
-        let head = aligned - start;
-        let tail = len - head - cap;
-        // SAFETY: the head and tail trimmed off lie inside the mapping just made, outside
-        // [aligned, aligned + cap); MADV_HUGEPAGE is advice on our own range (failure, e.g.
-        // THP disabled, is harmless).
-        unsafe {
-            if head > 0 {
-                libc::munmap(p, head);
-            }
-            if tail > 0 {
-                libc::munmap((aligned + cap) as *mut libc::c_void, tail);
-            }
-            libc::madvise(aligned as *mut libc::c_void, cap, libc::MADV_HUGEPAGE);
-        }
-        RawBuf {
-            ptr: NonNull::new(aligned as *mut u8).expect("mmap never returns null"),
-            cap,
-            mapped: true,
-        }
-    }
-
-    /// Faults every page in (writing the zero it already holds).
-    fn touch(&self) {
-        let mut at = 0;
-        while at < self.cap {
-            // SAFETY: at < cap, inside the allocation; the buffer is not shared yet. A
-            // volatile write so the store of a value already there is not elided.
-            unsafe { self.ptr.as_ptr().add(at).write_volatile(0) };
-            at += BUFFER_ALIGN;
-        }
-    }
-}
-
-impl Drop for RawBuf {
-    fn drop(&mut self) {
-        if self.mapped {
-            #[cfg(target_os = "linux")]
-            // SAFETY: exactly the range mapped (and trimmed to) in `mapped`.
-            unsafe {
-                libc::munmap(self.ptr.as_ptr().cast(), self.cap);
-            }
-            return;
-        }
-        let layout = layout_of(self.cap);
-        // SAFETY: ptr was allocated by alloc::alloc_zeroed with exactly this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
-    }
-}
-
-/// Capacity actually allocated for `len` bytes: whole huge pages from 2 MiB up, whole
-/// pages below.
-fn size_class(len: usize) -> usize {
-    let unit = if len >= HUGE_ALIGN {
-        HUGE_ALIGN
-    } else {
-        BUFFER_ALIGN
-    };
-    len.max(1).div_ceil(unit) * unit
-}
-
-fn layout_of(cap: usize) -> Layout {
-    let align = if cap >= HUGE_ALIGN {
-        HUGE_ALIGN
-    } else {
-        BUFFER_ALIGN
-    };
-    Layout::from_size_align(cap, align).expect("buffer layout")
-}
+pub use kvtier_transport::{BUFFER_ALIGN, HUGE_ALIGN};
 
 struct PoolInner {
-    idle: Mutex<HashMap<usize, Vec<RawBuf>>>,
+    idle: Mutex<HashMap<usize, Vec<HostAlloc>>>,
     idle_bytes: AtomicUsize,
     max_idle_bytes: usize,
     allocated_bytes: AtomicUsize,
@@ -188,7 +61,7 @@ impl BufferPool {
     /// bytes), never uninitialised. Reuses an idle (already faulted-in) buffer of the same
     /// size class when there is one.
     pub fn alloc(&self, len: usize) -> KvBuffer {
-        let cap = size_class(len);
+        let cap = kvtier_transport::size_class(len);
         let recycled = {
             let mut idle = self.inner.idle.lock();
             idle.get_mut(&cap).and_then(Vec::pop)
@@ -200,7 +73,7 @@ impl BufferPool {
             }
             None => {
                 self.inner.allocated_bytes.fetch_add(cap, Ordering::Relaxed);
-                RawBuf::new(cap)
+                HostAlloc::new(cap)
             }
         };
         KvBuffer {
@@ -214,9 +87,9 @@ impl BufferPool {
     /// that the next `count` allocations of that size copy into touched memory. Call it
     /// off the hot path (at start-up, or from a background thread).
     pub fn prefault(&self, len: usize, count: usize) {
-        let bufs: Vec<KvBuffer> = (0..count).map(|_| self.alloc(len)).collect();
-        for b in &bufs {
-            if let Some(raw) = &b.raw {
+        let mut bufs: Vec<KvBuffer> = (0..count).map(|_| self.alloc(len)).collect();
+        for b in &mut bufs {
+            if let Some(raw) = &mut b.raw {
                 raw.touch();
             }
         }
@@ -235,8 +108,8 @@ impl BufferPool {
 }
 
 impl PoolInner {
-    fn give_back(&self, raw: RawBuf) {
-        let cap = raw.cap;
+    fn give_back(&self, raw: HostAlloc) {
+        let cap = raw.capacity();
         if self.idle_bytes.load(Ordering::Relaxed) + cap <= self.max_idle_bytes {
             self.idle_bytes.fetch_add(cap, Ordering::Relaxed);
             self.idle.lock().entry(cap).or_default().push(raw);
@@ -249,7 +122,7 @@ impl PoolInner {
 
 /// An owned, page-aligned byte buffer, returned to its pool on drop.
 pub struct KvBuffer {
-    raw: Option<RawBuf>,
+    raw: Option<HostAlloc>,
     len: usize,
     pool: Option<Arc<PoolInner>>,
 }
@@ -257,7 +130,7 @@ pub struct KvBuffer {
 impl KvBuffer {
     /// A buffer outside any pool (freed on drop), filled with a copy of `bytes`.
     pub fn copy_from(bytes: &[u8]) -> KvBuffer {
-        let raw = RawBuf::new(size_class(bytes.len()));
+        let raw = HostAlloc::new(bytes.len());
         let mut buf = KvBuffer {
             raw: Some(raw),
             len: bytes.len(),
@@ -279,7 +152,7 @@ impl KvBuffer {
 
     /// Bytes of memory the buffer occupies (its page-rounded capacity).
     pub fn footprint(&self) -> usize {
-        self.raw.as_ref().map_or(0, |r| r.cap)
+        self.raw.as_ref().map_or(0, HostAlloc::capacity)
     }
 }
 
@@ -289,7 +162,7 @@ impl Deref for KvBuffer {
         let raw = self.raw.as_ref().expect("live buffer");
         // SAFETY: raw owns cap >= len initialised bytes; the shared borrow of self keeps
         // them alive and unaliased by &mut.
-        unsafe { std::slice::from_raw_parts(raw.ptr.as_ptr(), self.len) }
+        unsafe { std::slice::from_raw_parts(raw.as_ptr(), self.len) }
     }
 }
 
@@ -297,7 +170,7 @@ impl DerefMut for KvBuffer {
     fn deref_mut(&mut self) -> &mut [u8] {
         let raw = self.raw.as_ref().expect("live buffer");
         // SAFETY: as in deref, and the exclusive borrow of self makes this the only access.
-        unsafe { std::slice::from_raw_parts_mut(raw.ptr.as_ptr(), self.len) }
+        unsafe { std::slice::from_raw_parts_mut(raw.as_ptr(), self.len) }
     }
 }
 

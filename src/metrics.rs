@@ -193,3 +193,8 @@ impl std::fmt::Debug for Metrics {
         f.write_str("Metrics { .. }")
     }
 }
+
+/// Bytes per second in GB/s (10^9), for logs and reports.
+pub fn gb_per_s(bytes: u64, elapsed: std::time::Duration) -> f64 {
+    bytes as f64 / elapsed.as_secs_f64().max(1e-9) / 1e9
+}

@@ -10,7 +10,6 @@
 
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
 use crate::keys::ChunkKey;
 use crate::metrics::Metrics;
 use crate::tier::cpu::CpuTier;
@@ -18,6 +17,7 @@ use crate::tier::disk::DiskTier;
 #[cfg(feature = "cuda")]
 use crate::tier::gpu::GpuTier;
 use crate::tier::{ChunkRef, Tier, TierKind, TierUsage};
+use crate::tier::{Result, TierError};
 
 enum Step {
     /// Already referenced from the CPU tier.
@@ -223,7 +223,7 @@ impl StorageManager {
         match tier.get(key) {
             Ok(found) => found,
             Err(e) => {
-                if matches!(e, Error::CorruptChunk(_)) {
+                if matches!(e, TierError::CorruptChunk(_)) {
                     self.metrics
                         .corrupt_chunks
                         .with_label_values(&[kind.name()])
@@ -290,8 +290,8 @@ impl StorageManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::{ChunkShape, DType, KvLayout};
     use crate::memory::BufferPool;
+    use crate::model::{ChunkShape, DType, KvLayout};
     use crate::tier::Chunk;
 
     fn chunk(pool: &BufferPool, key: u128) -> ChunkRef {

@@ -3,25 +3,12 @@
 //! TCP is always built; UCX and NIXL are cargo features (`ucx`, `nixl`) because they link
 //! native libraries. Asking for one that this build lacks is an error naming the feature.
 
-use std::time::Duration;
-
 pub use kvtier_transport::{
     Connection, HostBuffer, LocalIov, Notification, RegionId, RegionMemory, RegistrationHandle,
     RemoteIov, Transport, TransportConfig, TransportError,
 };
 
-use crate::config::{Config, TransferChannel};
-use crate::error::{Error, Result};
-
-/// Transport settings from `config`: `transport_timeout_sec`, `transport_auth_token`,
-/// and `host` as the address to listen on.
-pub fn transport_config(config: &Config, host: &str) -> TransportConfig {
-    TransportConfig {
-        timeout: Duration::from_secs_f64(config.transport_timeout_sec.max(0.001)),
-        auth_token: config.transport_auth_token.clone(),
-        host: host.to_string(),
-    }
-}
+use crate::config::TransferChannel;
 
 /// Prepares the process for the native transports built in (today: keeps the NIXL wheel's
 /// UCX from loading a module that crashes the process at exit, see
@@ -32,7 +19,10 @@ pub fn prepare_process() {
 }
 
 /// Opens a transport of kind `channel`. Must be called within a tokio runtime.
-pub fn open(channel: TransferChannel, config: TransportConfig) -> Result<Box<dyn Transport>> {
+pub fn open(
+    channel: TransferChannel,
+    config: TransportConfig,
+) -> Result<Box<dyn Transport>, TransportError> {
     match channel {
         TransferChannel::Tcp => Ok(Box::new(kvtier_tcp::TcpTransport::bind(config)?)),
         #[cfg(feature = "ucx")]
@@ -40,14 +30,8 @@ pub fn open(channel: TransferChannel, config: TransportConfig) -> Result<Box<dyn
         #[cfg(feature = "nixl")]
         TransferChannel::Nixl => Ok(Box::new(kvtier_nixl::NixlTransport::new(config)?)),
         #[allow(unreachable_patterns)]
-        other => Err(Error::Unsupported(format!(
+        other => Err(TransportError::NotBuilt(format!(
             "`transfer_channel: {other}` needs kvtier built with `--features {other}`"
         ))),
-    }
-}
-
-impl From<TransportError> for Error {
-    fn from(e: TransportError) -> Self {
-        Error::Transport(e)
     }
 }

@@ -2,10 +2,13 @@
 
 use std::process::{Command, Output};
 
+/// The repository root: this test is built by the `kvtier-cli` package (apps/).
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
 fn kvtier(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kvtier"))
         .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(REPO)
         .env_remove("KVTIER_CONFIG_FILE")
         .env_remove("LMCACHE_CONFIG_FILE")
         .env("KVTIER_LOG", "warn")
@@ -19,7 +22,7 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn config_check_prints_every_reference_config() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let dir = std::path::Path::new(REPO).join("configs");
     let mut checked = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();

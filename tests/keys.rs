@@ -6,6 +6,9 @@ use std::process::Command;
 
 use kvtier::{ChunkHasher, DType, KvLayout, ModelNamespace};
 
+/// The repository root: this test is built by the `kvtier-cli` package (apps/).
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
 const GOLDEN: &str = "tests/golden/keys.txt";
 
 /// One golden case: a namespace, a seed and a token sequence.
@@ -176,7 +179,7 @@ fn render(cases: &[Case]) -> String {
 
 #[test]
 fn keys_match_golden_vectors() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(GOLDEN);
+    let path = Path::new(REPO).join(GOLDEN);
     let now = render(&cases());
     if std::env::var_os("KVTIER_BLESS").is_some() {
         std::fs::write(&path, &now).unwrap();

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use kvtier::config::{PdRole, TransferChannel};
 use kvtier::pd::{PdError, PdReceiver, PdSender, ProxyListener, ReceiverSpec};
-use kvtier::{Config, Error, Metrics, ModelSpec};
+use kvtier::{Config, Metrics, ModelSpec};
+use kvtier_transport::framed::FramedError;
 use kvtier_transport::handshake::HandshakeError;
 
 /// A small model: 16 KiB per token (synthetic KV: test bytes, not a model's).
@@ -61,7 +62,7 @@ fn sender_config(channel: TransferChannel, proxy_port: Option<u16>, token: Optio
 /// A TCP receiver with `pages` chunk pages and no secret.
 async fn tcp_receiver(pages: u64) -> PdReceiver {
     PdReceiver::start(
-        &receiver_config(TransferChannel::Tcp, pages, None),
+        &receiver_config(TransferChannel::Tcp, pages, None).pd_receiver_settings(),
         model(),
         Metrics::new(),
     )
@@ -72,7 +73,7 @@ async fn tcp_receiver(pages: u64) -> PdReceiver {
 /// A TCP sender with no proxy and no secret.
 async fn tcp_sender() -> PdSender {
     PdSender::new(
-        &sender_config(TransferChannel::Tcp, None, None),
+        &sender_config(TransferChannel::Tcp, None, None).pd_sender_settings(),
         model(),
         Metrics::new(),
     )
@@ -112,7 +113,7 @@ async fn raw_alloc_keys(
     first: u128,
     n: u128,
 ) -> Vec<u64> {
-    use kvtier::pd::protocol::{encode, ChunkRequest, Message, Slot};
+    use kvtier::pd::protocol::{ChunkRequest, Message, Slot};
     use tokio::io::AsyncWriteExt;
     let chunks = (0..n)
         .map(|i| ChunkRequest {
@@ -120,7 +121,7 @@ async fn raw_alloc_keys(
             tokens: 256,
         })
         .collect();
-    s.write_all(&encode(&Message::Alloc {
+    s.write_all(&frame(&Message::Alloc {
         req_id: req_id.into(),
         chunks,
     }))
@@ -136,6 +137,14 @@ async fn raw_alloc_keys(
             .collect(),
         other => panic!("allocation failed: {other:?}"),
     }
+}
+
+/// `msg` as one frame on the wire: `u32` LE body length, then the body.
+fn frame(msg: &kvtier::pd::protocol::Message) -> Vec<u8> {
+    let body = kvtier::pd::protocol::encode(msg);
+    let mut out = (body.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
 }
 
 /// The next control message on a raw connection.
@@ -163,7 +172,8 @@ async fn send_commit_retrieve_frees_pages_and_notifies_proxy() {
     let proxy = ProxyListener::bind("127.0.0.1", 0, None).await.unwrap();
     let receiver = tcp_receiver(16).await;
     let sender = PdSender::new(
-        &sender_config(TransferChannel::Tcp, Some(proxy.local_addr().port()), None),
+        &sender_config(TransferChannel::Tcp, Some(proxy.local_addr().port()), None)
+            .pd_sender_settings(),
         m.clone(),
         Metrics::new(),
     )
@@ -222,7 +232,7 @@ async fn a_request_that_can_never_fit_fails_at_once_naming_the_size() {
         t.elapsed() < Duration::from_millis(900),
         "did not fail fast"
     );
-    assert!(matches!(err, Error::Pd(PdError::NeverFits { .. })), "{err}");
+    assert!(matches!(err, PdError::NeverFits { .. }), "{err}");
     let msg = err.to_string();
     assert!(
         msg.contains("pd_buffer_size")
@@ -249,10 +259,7 @@ async fn a_full_buffer_makes_the_sender_wait_then_proceed_or_time_out() {
         .send("b", &b, &kv_for(&m, &b), &spec(&receiver))
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, Error::Pd(PdError::BufferFull { .. })),
-        "{err}"
-    );
+    assert!(matches!(err, PdError::BufferFull { .. }), "{err}");
     // Retrieving a while b waits lets b through.
     let waiting = {
         let (b, kv, to) = (b.clone(), kv_for(&m, &b), spec(&receiver));
@@ -293,7 +300,7 @@ async fn two_senders_one_receiver_and_one_sender_two_receivers() {
 async fn control_ports_refuse_a_sender_without_the_secret() {
     let m = model();
     let receiver = PdReceiver::start(
-        &receiver_config(TransferChannel::Tcp, 4, Some("k")),
+        &receiver_config(TransferChannel::Tcp, 4, Some("k")).pd_receiver_settings(),
         m.clone(),
         Metrics::new(),
     )
@@ -301,7 +308,7 @@ async fn control_ports_refuse_a_sender_without_the_secret() {
     .unwrap();
     for token in [None, Some("nope")] {
         let sender = PdSender::new(
-            &sender_config(TransferChannel::Tcp, None, token),
+            &sender_config(TransferChannel::Tcp, None, token).pd_sender_settings(),
             m.clone(),
             Metrics::new(),
         )
@@ -317,7 +324,7 @@ async fn control_ports_refuse_a_sender_without_the_secret() {
         assert!(
             matches!(
                 err,
-                Error::Pd(PdError::Handshake(
+                PdError::Control(FramedError::Handshake(
                     HandshakeError::Refused { .. } | HandshakeError::Unproven { .. }
                 ))
             ),
@@ -325,7 +332,7 @@ async fn control_ports_refuse_a_sender_without_the_secret() {
         );
     }
     let sender = PdSender::new(
-        &sender_config(TransferChannel::Tcp, None, Some("k")),
+        &sender_config(TransferChannel::Tcp, None, Some("k")).pd_sender_settings(),
         m.clone(),
         Metrics::new(),
     )
@@ -347,7 +354,7 @@ async fn control_ports_refuse_a_sender_without_the_secret() {
     assert!(
         matches!(
             err,
-            Error::Pd(PdError::Handshake(HandshakeError::Unproven { .. }))
+            PdError::Control(FramedError::Handshake(HandshakeError::Unproven { .. }))
         ),
         "{err}"
     );
@@ -359,7 +366,7 @@ async fn control_ports_refuse_a_sender_without_the_secret() {
     let with_proxy = |port, token: Option<&'static str>| {
         let config = sender_config(TransferChannel::Tcp, Some(port), token);
         let m = m.clone();
-        async move { PdSender::new(&config, m, Metrics::new()).await }
+        async move { PdSender::new(&config.pd_sender_settings(), m, Metrics::new()).await }
     };
     // (A failed notification is logged, not returned: the KV still reaches the decoder.)
     let notifier = with_proxy(open_proxy.local_addr().port(), Some("k"))
@@ -391,7 +398,7 @@ async fn a_sender_pointed_at_the_wrong_port_is_told_what_is_there() {
     let m = model();
     let proxy = ProxyListener::bind("127.0.0.1", 0, None).await.unwrap();
     let sender = PdSender::new(
-        &sender_config(TransferChannel::Tcp, None, None),
+        &sender_config(TransferChannel::Tcp, None, None).pd_sender_settings(),
         m.clone(),
         Metrics::new(),
     )
@@ -463,7 +470,7 @@ async fn a_vanished_sender_s_allocations_are_reclaimed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_whose_bytes_changed_in_flight_never_becomes_visible() {
-    use kvtier::pd::protocol::{encode, ChunkCommit, Message};
+    use kvtier::pd::protocol::{ChunkCommit, Message};
     use tokio::io::AsyncWriteExt;
     let receiver = tcp_receiver(4).await;
     // A raw sender: allocate two pages, write nothing, then commit one with the checksum
@@ -472,7 +479,7 @@ async fn a_chunk_whose_bytes_changed_in_flight_never_becomes_visible() {
     raw_alloc(&mut s, "r", 2).await;
     let zeros = vec![0u8; 256 * model().bytes_per_token()];
     let intended: Vec<u8> = (0..zeros.len()).map(|i| i as u8).collect();
-    s.write_all(&encode(&Message::Commit {
+    s.write_all(&frame(&Message::Commit {
         req_id: "r".into(),
         chunks: vec![
             ChunkCommit {
@@ -509,9 +516,13 @@ async fn a_full_decoder_stalls_no_other_send_and_sends_to_one_decoder_run_togeth
     // new senders wait for room for a long time.
     let mut full_config = receiver_config(TransferChannel::Tcp, 2, None);
     full_config.pd_allocation_timeout_sec = 60.0;
-    let full = PdReceiver::start(&full_config, m.clone(), Metrics::new())
-        .await
-        .unwrap();
+    let full = PdReceiver::start(
+        &full_config.pd_receiver_settings(),
+        m.clone(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
     let mut hog = raw_sender(&full).await;
     raw_alloc(&mut hog, "hog", 2).await;
     let sender = std::sync::Arc::new(tcp_sender().await);
@@ -563,12 +574,12 @@ async fn a_full_decoder_stalls_no_other_send_and_sends_to_one_decoder_run_togeth
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_freed_while_writes_may_land_are_reused_only_after_a_quarantine() {
-    use kvtier::pd::protocol::{encode, Message};
+    use kvtier::pd::protocol::Message;
     use tokio::io::AsyncWriteExt;
     let mut config = receiver_config(TransferChannel::Tcp, 4, None);
     config.transport_timeout_sec = 2.0; // the quarantine
     config.pd_allocation_timeout_sec = 30.0;
-    let receiver = PdReceiver::start(&config, model(), Metrics::new())
+    let receiver = PdReceiver::start(&config.pd_receiver_settings(), model(), Metrics::new())
         .await
         .unwrap();
     // A sender takes two pages, then aborts (as one whose write failed does): its writes
@@ -576,7 +587,7 @@ async fn pages_freed_while_writes_may_land_are_reused_only_after_a_quarantine() 
     let mut first = raw_sender(&receiver).await;
     let mut aborted = raw_alloc_keys(&mut first, "aborted", 1, 2).await;
     first
-        .write_all(&encode(&Message::Abort {
+        .write_all(&frame(&Message::Abort {
             req_id: "aborted".into(),
         }))
         .await

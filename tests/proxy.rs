@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// The repository root: this test is built by the `kvtier-cli` package (apps/).
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
 /// A child process, killed on drop, whose stdout and stderr are collected.
 struct Proc {
     child: Child,
@@ -34,7 +37,7 @@ impl Proc {
     fn spawn(args: &[String]) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvtier"))
             .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .current_dir(REPO)
             .env_remove("KVTIER_CONFIG_FILE")
             .env_remove("LMCACHE_CONFIG_FILE")
             .env("KVTIER_LOG", "info")
@@ -764,6 +767,7 @@ async fn ctrl_c_lets_in_flight_streams_finish() {
     let first = body.next().await.unwrap().unwrap();
     text.push_str(std::str::from_utf8(&first).unwrap());
     // Ctrl+C while the answer is streaming.
+    // SAFETY: kill(2) on the proxy child this test spawned and has not reaped.
     assert_eq!(unsafe { libc::kill(s.proxy.pid(), libc::SIGINT) }, 0);
     while let Some(chunk) = body.next().await {
         text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());

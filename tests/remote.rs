@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 
 use kvtier::remote::etcd::Etcd;
 
+/// The repository root: this test is built by the `kvtier-cli` package (apps/).
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
 /// Chunk of the probes' model (2 layers of Llama-3.1-8B): 2 MiB of KV per 256 tokens.
 const LAYERS: &str = "2";
 const ASK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -946,7 +949,7 @@ fn mooncake_master() -> PathBuf {
         );
         return p;
     }
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py/lib");
+    let lib = Path::new(REPO).join("target/py/lib");
     let found = std::fs::read_dir(&lib).ok().and_then(|dirs| {
         dirs.flatten()
             .map(|d| d.path().join("site-packages/mooncake/mooncake_master"))

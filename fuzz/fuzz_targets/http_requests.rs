@@ -14,8 +14,8 @@ mod common;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use kvtier::proxy::{Proxy, ProxyConfig};
-use kvtier::testserver::{TestServer, TestServerOptions};
+use kvtier_cli::proxy::{Proxy, ProxyConfig};
+use kvtier_cli::testserver::{TestServer, TestServerOptions};
 use libfuzzer_sys::fuzz_target;
 
 struct Setup {

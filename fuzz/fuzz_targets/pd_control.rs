@@ -2,15 +2,12 @@
 //! bytes, or an error, never a panic.
 #![no_main]
 
-use kvtier::pd::protocol::{body_len, decode, encode};
+use kvtier::pd::protocol::{decode, encode};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() >= 4 {
-        let _ = body_len([data[0], data[1], data[2], data[3]]);
-    }
     if let Ok(msg) = decode(data) {
         let wire = encode(&msg);
-        assert_eq!(decode(&wire[4..]).as_ref(), Ok(&msg));
+        assert_eq!(decode(&wire).as_ref(), Ok(&msg));
     }
 });

@@ -18,8 +18,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use kvtier::remote::alloc::{round_up, RangeAllocator, ALIGN};
-use kvtier::remote::placement::{NodeUpdate, Placement, PlacementConfig};
 use kvtier::remote::rpc::{IndexEntry, ObjectKey, ObjectMeta, PutSlot, Replica, SegmentInfo};
+use kvtier::remote::store::placement::{NodeUpdate, Placement, PlacementConfig};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -212,7 +212,7 @@ impl Engine {
     /// Tokens per chunk (`chunk_size`).
     #[getter]
     fn chunk_size(&self) -> usize {
-        self.inner.config().chunk_size
+        self.inner.settings().keys.chunk_size
     }
 
     /// KV bytes per token.
@@ -243,7 +243,7 @@ impl Engine {
             .into_iter()
             .map(|(kind, _)| kind.name().to_string())
             .collect();
-        if self.inner.config().remote_url.is_some() {
+        if self.inner.settings().remote.is_some() {
             tiers.push("remote".into());
         }
         tiers

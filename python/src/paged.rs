@@ -75,7 +75,7 @@ impl PagedCache {
                 model.layers
             )));
         }
-        let chunk_size = engine.config().chunk_size;
+        let chunk_size = engine.settings().keys.chunk_size;
         if block_size == 0 || chunk_size % block_size != 0 {
             return Err(PyValueError::new_err(format!(
                 "chunk_size {chunk_size} is not a whole number of vLLM blocks of {block_size} \
@@ -226,6 +226,7 @@ impl PagedCache {
                 to,
             )
             .await
+            .map_err(Into::into)
     }
 
     /// Loads the cached prefix of `tokens` into `block_ids` (see `Engine.load_blocks`):

@@ -32,18 +32,11 @@ pub use sender::{PdSender, ReceiverSpec, SendReport};
 /// What the P/D path can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum PdError {
-    /// A control connection could not be made.
-    #[error("cannot reach {addr}: {reason}")]
-    Connect {
-        /// Address tried.
-        addr: String,
-        /// Why.
-        reason: String,
-    },
-    /// The opening exchange failed: refused, unproven secret, another kind of listener
-    /// or not kvtier at all (the error names which).
+    /// A control connection failed: could not be made, failed its handshake (refused,
+    /// unproven secret, another kind of listener, not kvtier), timed out, closed, or
+    /// carried a malformed frame. The error names the peer.
     #[error(transparent)]
-    Handshake(#[from] kvtier_transport::handshake::HandshakeError),
+    Control(#[from] kvtier_transport::framed::FramedError),
     /// The peer sent something malformed or out of place.
     #[error("protocol error with {peer}: {reason}")]
     Protocol {
@@ -58,14 +51,6 @@ pub enum PdError {
         /// The peer.
         peer: String,
         /// Its reason.
-        reason: String,
-    },
-    /// The connection closed.
-    #[error("connection to {peer} closed: {reason}")]
-    Closed {
-        /// The peer.
-        peer: String,
-        /// Why.
         reason: String,
     },
     /// A bounded wait ran out.
@@ -113,4 +98,26 @@ pub enum PdError {
     /// Sender and receiver disagree on the setup.
     #[error("P/D setup mismatch: {0}")]
     Mismatch(String),
+    /// The configuration asks for something this P/D path does not do.
+    #[error("unsupported P/D setup: {0}")]
+    Unsupported(String),
+    /// Caller-supplied KV does not match the model's shape.
+    #[error("KV shape mismatch: {0}")]
+    Shape(String),
+    /// A listening socket could not be opened.
+    #[error("cannot {op} {addr}: {source}")]
+    Listen {
+        /// What was being done (`bind P/D control port`, ...).
+        op: &'static str,
+        /// The address.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The data-plane transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] kvtier_transport::TransportError),
 }
+
+/// Result with [`PdError`].
+pub type Result<T, E = PdError> = std::result::Result<T, E>;

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-use super::control::ControlConn;
+use super::control::{self, ControlConn};
 use super::protocol::Message;
 use super::PdError;
-use crate::error::{Error, Result};
+use super::Result;
 use kvtier_transport::handshake::Service;
 use kvtier_transport::limits::{self, reply_within, ConnectionLimit};
 
@@ -85,14 +85,14 @@ impl ProxyListener {
     pub async fn bind(host: &str, port: u16, auth_token: Option<String>) -> Result<ProxyListener> {
         let listener = TcpListener::bind((host, port))
             .await
-            .map_err(|e| Error::Io {
+            .map_err(|e| PdError::Listen {
                 op: "bind proxy notification port",
-                path: format!("{host}:{port}").into(),
+                addr: format!("{host}:{port}"),
                 source: e,
             })?;
-        let addr = listener.local_addr().map_err(|e| Error::Io {
+        let addr = listener.local_addr().map_err(|e| PdError::Listen {
             op: "query proxy notification port",
-            path: format!("{host}:{port}").into(),
+            addr: format!("{host}:{port}"),
             source: e,
         })?;
         kvtier_transport::handshake::warn_if_exposed(
@@ -126,8 +126,7 @@ impl ProxyListener {
                         "the prefiller's transfer-done notification for request {req_id}"
                     ),
                     after: timeout,
-                }
-                .into());
+                });
             }
         }
     }
@@ -196,11 +195,11 @@ async fn accept_loop(listener: TcpListener, board: Arc<Board>, secret: Option<St
                     Ok(other) => {
                         tracing::error!(
                             "proxy notifications: unexpected {other:?} from {}; closing",
-                            conn.peer
+                            conn.peer()
                         );
                         return;
                     }
-                    Err(PdError::Closed { .. }) => return,
+                    Err(e) if e.is_closed() => return,
                     Err(e) => {
                         tracing::error!("proxy notifications: {e}; closing");
                         return;
@@ -276,6 +275,7 @@ impl ProxyNotifier {
             self.timeout,
         )
         .await
+        .map_err(PdError::from)
     }
 
     async fn request(
@@ -286,7 +286,7 @@ impl ProxyNotifier {
     ) -> Result<(), PdError> {
         match conn.request(msg, self.timeout).await? {
             Message::Received { req_id: r } if r == req_id => Ok(()),
-            other => Err(conn.unexpected(&other)),
+            other => Err(control::unexpected(conn, &other)),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The P/D control plane: small framed messages between sender, receiver and proxy.
 //!
-//! Framing: `u32` LE body length (1..=[`MAX_FRAME`]), then the body; the body's first byte
-//! is the message type, then its fields (integers little-endian, strings and byte strings
+//! Messages travel as the bodies of frames of a
+//! [`FramedConn`](kvtier_transport::framed::FramedConn) (`u32` LE body length, at most
+//! [`MAX_FRAME`]). A body's first byte is the message type, then its fields (integers little-endian, strings and byte strings
 //! as `u32` length + bytes, lists as `u32` count + items). [`decode`] validates every
 //! length against the body and the caps before allocating: any input gives a message or a
 //! [`ProtocolError`], never a panic.
@@ -183,7 +184,7 @@ fn put_key(w: &mut Writer, k: ChunkKey) {
     w.raw(&k.to_le_bytes());
 }
 
-/// The message as it goes on the wire, length prefix included.
+/// The body of `msg` (its frame adds the length prefix).
 pub fn encode(msg: &Message) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(64));
     match msg {
@@ -278,7 +279,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             w.u64(*elapsed_us);
         }
     }
-    w.into_frame()
+    w.0
 }
 
 fn get_str(r: &mut Reader<'_>) -> Result<String, ProtocolError> {
@@ -287,11 +288,6 @@ fn get_str(r: &mut Reader<'_>) -> Result<String, ProtocolError> {
 
 fn get_key(r: &mut Reader<'_>) -> Result<ChunkKey, ProtocolError> {
     Ok(ChunkKey::from_le_bytes(r.array()?))
-}
-
-/// Checks a length prefix; returns the body length.
-pub fn body_len(prefix: [u8; 4]) -> Result<usize, ProtocolError> {
-    Ok(wire::frame_len(prefix, MAX_FRAME)?)
 }
 
 /// Decodes one message body (without its length prefix).
@@ -465,12 +461,7 @@ mod tests {
     #[test]
     fn round_trip_and_every_truncation_fails() {
         for m in all() {
-            let wire = encode(&m);
-            assert_eq!(
-                body_len([wire[0], wire[1], wire[2], wire[3]]).unwrap(),
-                wire.len() - 4
-            );
-            let body = &wire[4..];
+            let body = &encode(&m);
             assert_eq!(decode(body).unwrap(), m);
             for cut in 1..body.len() {
                 assert!(decode(&body[..cut]).is_err(), "{m:?} cut at {cut}");
@@ -490,6 +481,5 @@ mod tests {
             decode(&body),
             Err(ProtocolError::Wire(WireError::TooLong { .. }))
         ));
-        assert!(body_len(u32::MAX.to_le_bytes()).is_err());
     }
 }

@@ -10,15 +10,15 @@ use rayon::prelude::*;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-use super::control::ControlConn;
+use super::control::{self, ControlConn};
 use super::pages::{Committed, Grant, Page, PageTable, Placed};
 use super::protocol::{AllocFailure, ChunkCommit, ChunkRequest, Message, Slot};
 use super::PdError;
-use crate::config::{BufferDevice, Config};
-use crate::engine::ModelSpec;
-use crate::error::{Error, Result};
+use super::Result;
+use crate::config::{BufferDevice, PdReceiverSettings};
 use crate::keys::{ChunkHasher, ChunkKey, ChunkSpan};
 use crate::metrics::Metrics;
+use crate::model::ModelSpec;
 use crate::transport;
 use kvtier_transport::handshake::Service;
 use kvtier_transport::limits::{self, reply_within, ConnectionLimit, ReplyError};
@@ -84,9 +84,13 @@ impl PdReceiver {
     /// Allocates and registers the buffer and starts listening on the init and alloc ports
     /// (`pd_peer_init_port` / `pd_peer_alloc_port` for this TP rank; one listener when
     /// they are equal; port 0 picks a free one, see [`PdReceiver::ports`]).
-    pub async fn start(config: &Config, model: ModelSpec, metrics: Metrics) -> Result<PdReceiver> {
-        if let BufferDevice::Cuda(_) = config.pd_buffer_device {
-            return Err(Error::Unsupported(
+    pub async fn start(
+        settings: &PdReceiverSettings,
+        model: ModelSpec,
+        metrics: Metrics,
+    ) -> Result<PdReceiver> {
+        if let BufferDevice::Cuda(_) = settings.buffer_device {
+            return Err(PdError::Unsupported(
                 "`pd_buffer_device: cuda`: the P/D buffer lives in host memory in this version; \
                  set `pd_buffer_device: cpu`"
                     .into(),
@@ -95,26 +99,23 @@ impl PdReceiver {
         let rank = model.tp_rank as usize;
         let pick = |ports: &[u16], key: &str| -> Result<u16> {
             ports.get(rank).or(ports.first()).copied().ok_or_else(|| {
-                Error::Unsupported(format!("P/D receiver needs `{key}` (one port per TP rank)"))
+                PdError::Unsupported(format!("P/D receiver needs `{key}` (one port per TP rank)"))
             })
         };
-        let init_port = pick(&config.pd_peer_init_port, "pd_peer_init_port")?;
-        let alloc_port = pick(&config.pd_peer_alloc_port, "pd_peer_alloc_port")?;
-        let host = config
-            .pd_peer_host
-            .clone()
-            .unwrap_or_else(|| "127.0.0.1".into());
-        let page_bytes = model.bytes_per_token() * config.chunk_size;
-        let total_pages = (config.pd_buffer_size as usize) / page_bytes;
+        let init_port = pick(&settings.init_ports, "pd_peer_init_port")?;
+        let alloc_port = pick(&settings.alloc_ports, "pd_peer_alloc_port")?;
+        let host = settings.host.clone();
+        let page_bytes = model.bytes_per_token() * settings.keys.chunk_size;
+        let total_pages = (settings.buffer_bytes as usize) / page_bytes;
         if total_pages == 0 {
-            return Err(Error::Unsupported(format!(
+            return Err(PdError::Unsupported(format!(
                 "pd_buffer_size {} is smaller than one chunk ({page_bytes} bytes)",
-                config.pd_buffer_size
+                settings.buffer_bytes
             )));
         }
         let transport = transport::open(
-            config.transfer_channel,
-            transport::transport_config(config, &host),
+            settings.transport.channel,
+            settings.transport.on_host(&host),
         )?;
         let buffer = Arc::new(HostBuffer::new(total_pages * page_bytes));
         let registration = transport.register(buffer.clone())?;
@@ -126,9 +127,9 @@ impl PdReceiver {
             async move {
                 TcpListener::bind((host.as_str(), port))
                     .await
-                    .map_err(|e| Error::Io {
+                    .map_err(|e| PdError::Listen {
                         op: "bind P/D control port",
-                        path: format!("{host}:{port}").into(),
+                        addr: format!("{host}:{port}"),
                         source: e,
                     })
             }
@@ -139,7 +140,7 @@ impl PdReceiver {
             kvtier_transport::handshake::warn_if_exposed(
                 Service::PdReceiver,
                 &addr,
-                config.transport_auth_token.as_deref(),
+                settings.transport.auth_token.as_deref(),
             );
         }
         let init_bound = init.local_addr().map(|a| a.port()).unwrap_or(init_port);
@@ -154,7 +155,12 @@ impl PdReceiver {
             .map_or(init_bound, |a| a.port());
         let inner = Arc::new(Inner {
             name: format!("decoder@{host}:{init_bound}"),
-            hasher: ChunkHasher::new(&model.namespace(config.chunk_size), config.hash_seed, true),
+            hasher: ChunkHasher::new(
+                &model.namespace(settings.keys.chunk_size),
+                settings.keys.hash_seed,
+                // P/D moves whole requests: the trailing partial chunk always travels.
+                true,
+            ),
             model,
             transport,
             buffer,
@@ -163,13 +169,11 @@ impl PdReceiver {
             total_pages,
             pages: Mutex::new(PageTable::new(total_pages as u32)),
             space: Notify::new(),
-            secret: config.transport_auth_token.clone(),
-            timeout: Duration::from_secs_f64(config.transport_timeout_sec),
-            alloc_timeout: Duration::from_secs_f64(config.pd_allocation_timeout_sec),
-            ttl: config
-                .pd_enable_gc
-                .then(|| Duration::from_secs_f64(config.pd_ttl_sec)),
-            quarantine: Duration::from_secs_f64(config.transport_timeout_sec),
+            secret: settings.transport.auth_token.clone(),
+            timeout: settings.transport.timeout,
+            alloc_timeout: settings.allocation_timeout,
+            ttl: settings.ttl,
+            quarantine: settings.transport.timeout,
             limit: ConnectionLimit::new(
                 format!("P/D receiver decoder@{host}:{init_bound}"),
                 limits::MAX_CONNECTIONS,
@@ -232,7 +236,7 @@ impl PdReceiver {
         let inner = &self.inner;
         let bpt = inner.model.bytes_per_token();
         if out.len() != tokens.len() * bpt {
-            return Err(Error::Shape(format!(
+            return Err(PdError::Shape(format!(
                 "P/D retrieve: {} bytes for {} tokens; model needs {bpt} per token",
                 out.len(),
                 tokens.len()
@@ -540,13 +544,13 @@ async fn listen(inner: Arc<Inner>, listener: TcpListener) {
             .await;
             match accepted {
                 Ok(conn) => {
-                    let peer = conn.peer.clone();
+                    let peer = conn.peer().to_string();
                     let served = tokio::select! {
                         r = serve(&inner, conn, conn_id) => r,
                         _ = closing.wait_for(|c| *c) => Ok(()),
                     };
                     if let Err(e) = served {
-                        if !matches!(e, PdError::Closed { .. }) {
+                        if !matches!(&e, PdError::Control(c) if c.is_closed()) {
                             tracing::error!("P/D receiver {}: {peer}: {e}; closing", inner.name);
                         }
                     }
@@ -567,7 +571,7 @@ async fn listen(inner: Arc<Inner>, listener: TcpListener) {
 
 async fn serve(inner: &Inner, mut conn: ControlConn, conn_id: u64) -> Result<(), PdError> {
     loop {
-        let answer = match conn.recv().await? {
+        let answer = match conn.recv().await.map_err(PdError::from)? {
             Message::GetDescriptor => match inner.transport.local_descriptor() {
                 Ok(descriptor) => Message::Descriptor {
                     transport: inner.transport.kind().into(),
@@ -584,14 +588,14 @@ async fn serve(inner: &Inner, mut conn: ControlConn, conn_id: u64) -> Result<(),
                 inner.reclaim(|p| p.conn == conn_id && p.req_id == req_id && !p.committed);
                 Message::Committed { req_id }
             }
-            other => return Err(conn.unexpected(&other)),
+            other => return Err(control::unexpected(&conn, &other)),
         };
         match reply_within(inner.timeout, conn.send(&answer)).await {
             Ok(()) => {}
-            Err(ReplyError::Failed(e)) => return Err(e),
+            Err(ReplyError::Failed(e)) => return Err(e.into()),
             Err(ReplyError::Stalled(after)) => {
                 return Err(PdError::Timeout {
-                    what: format!("{} to read an answer", conn.peer),
+                    what: format!("{} to read an answer", conn.peer()),
                     after,
                 })
             }

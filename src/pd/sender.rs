@@ -17,15 +17,16 @@ use kvtier_transport::{
     Connection, Descriptor, RegionId, RegistrationHandle, RemoteIov, Transport,
 };
 
-use super::control::ControlConn;
+use super::control::{self, ControlConn};
 use super::notify::{ProxyNotifier, TransferDone};
 use super::protocol::{AllocFailure, ChunkCommit, ChunkRequest, Message, Slot};
 use super::PdError;
-use crate::config::Config;
-use crate::engine::{gb_per_s, ModelSpec};
-use crate::error::{Error, Result};
+use super::Result;
+use crate::config::PdSenderSettings;
 use crate::keys::{ChunkHasher, ChunkSpan};
+use crate::metrics::gb_per_s;
 use crate::metrics::Metrics;
+use crate::model::ModelSpec;
 use crate::transport;
 use kvtier_transport::handshake::Service;
 
@@ -113,29 +114,34 @@ impl Drop for PdSender {
 impl PdSender {
     /// A sender with a staging buffer of `pd_buffer_size` bytes registered with the
     /// transport `transfer_channel` names; it notifies `pd_proxy_host:pd_proxy_port` if set.
-    pub async fn new(config: &Config, model: ModelSpec, metrics: Metrics) -> Result<PdSender> {
-        let page_bytes = model.bytes_per_token() * config.chunk_size;
-        let staging_pages = (config.pd_buffer_size as usize / page_bytes).max(1);
+    pub async fn new(
+        settings: &PdSenderSettings,
+        model: ModelSpec,
+        metrics: Metrics,
+    ) -> Result<PdSender> {
+        let page_bytes = model.bytes_per_token() * settings.keys.chunk_size;
+        let staging_pages = (settings.staging_bytes as usize / page_bytes).max(1);
         let transport = transport::open(
-            config.transfer_channel,
-            transport::transport_config(config, "127.0.0.1"),
+            settings.transport.channel,
+            settings.transport.on_host("127.0.0.1"),
         )?;
         let staging = Staging::new(staging_pages, page_bytes);
         let staging_reg = transport.register(staging.buffer().clone())?;
-        let timeout = Duration::from_secs_f64(config.transport_timeout_sec);
+        let timeout = settings.transport.timeout;
+        let secret = settings.transport.auth_token.clone();
         let name = format!("prefiller-{}-{}", std::process::id(), model.tp_rank);
-        let proxy = match (&config.pd_proxy_host, config.pd_proxy_port) {
-            (Some(host), Some(port)) => Some(ProxyNotifier::new(
-                format!("{host}:{port}"),
-                name.clone(),
-                config.transport_auth_token.clone(),
-                timeout,
-            )),
-            _ => None,
-        };
+        let proxy = settings
+            .proxy
+            .as_ref()
+            .map(|addr| ProxyNotifier::new(addr.clone(), name.clone(), secret.clone(), timeout));
         Ok(PdSender {
             name,
-            hasher: ChunkHasher::new(&model.namespace(config.chunk_size), config.hash_seed, true),
+            hasher: ChunkHasher::new(
+                &model.namespace(settings.keys.chunk_size),
+                settings.keys.hash_seed,
+                // P/D moves whole requests: the trailing partial chunk always travels.
+                true,
+            ),
             model,
             transport,
             staging,
@@ -143,7 +149,7 @@ impl PdSender {
             page_bytes,
             links: tokio::sync::Mutex::new(HashMap::new()),
             proxy,
-            secret: config.transport_auth_token.clone(),
+            secret,
             timeout,
             metrics,
         })
@@ -181,21 +187,19 @@ impl PdSender {
                     page_bytes,
                     descriptor,
                 } => (transport, page_bytes, descriptor),
-                other => return Err(init.unexpected(&other).into()),
+                other => return Err(control::unexpected(&init, &other)),
             };
         if kind != self.transport.kind() {
             return Err(PdError::Mismatch(format!(
                 "receiver {init_addr} uses transfer_channel `{kind}`, this sender `{}`",
                 self.transport.kind()
-            ))
-            .into());
+            )));
         }
         if page_bytes as usize != self.page_bytes {
             return Err(PdError::Mismatch(format!(
                 "receiver {init_addr} has {page_bytes}-byte pages, this sender {} (chunk_size or model differ)",
                 self.page_bytes
-            ))
-            .into());
+            )));
         }
         let region = Descriptor::decode(&descriptor, self.transport.kind())?
             .regions
@@ -225,14 +229,15 @@ impl PdSender {
         if let Some(conn) = link.idle.lock().pop() {
             return Ok(conn);
         }
-        Ok(ControlConn::connect(
+        ControlConn::connect(
             &link.alloc_addr,
             Service::PdReceiver,
             &self.name,
             self.secret.as_deref(),
             self.timeout,
         )
-        .await?)
+        .await
+        .map_err(PdError::from)
     }
 
     /// Tells the receiver to free `req_id`'s uncommitted pages (best effort: a receiver
@@ -258,7 +263,7 @@ impl PdSender {
         let checked = if kv.len() == tokens.len() * bpt {
             Ok(())
         } else {
-            Err(Error::Shape(format!(
+            Err(PdError::Shape(format!(
                 "P/D send {req_id}: {} bytes for {} tokens; model needs {bpt} per token",
                 kv.len(),
                 tokens.len()
@@ -313,11 +318,11 @@ impl PdSender {
         };
         let link_broken = match &result {
             // The receiver answered: the link is fine, this request did not fit.
-            Err(Error::Pd(
+            Err(
                 PdError::NeverFits { .. }
                 | PdError::BufferFull { .. }
                 | PdError::StagingFull { .. },
-            )) => false,
+            ) => false,
             Err(_) => true,
             Ok(_) => false,
         };
@@ -403,8 +408,7 @@ impl PdSender {
                         req_id: req_id.into(),
                         needed_bytes,
                         buffer_bytes,
-                    }
-                    .into())
+                    })
                 }
                 Message::AllocFailed {
                     failure: AllocFailure::Timeout,
@@ -413,10 +417,9 @@ impl PdSender {
                     return Err(PdError::BufferFull {
                         req_id: req_id.into(),
                         after: self.timeout,
-                    }
-                    .into())
+                    })
                 }
-                other => return Err(control.unexpected(&other).into()),
+                other => return Err(control::unexpected(&control, &other)),
             };
             let todo: Vec<(&ChunkSpan, u64)> = wave
                 .iter()
@@ -446,8 +449,7 @@ impl PdSender {
                     req_id: req_id.into(),
                     pages: self.staging.pages(),
                     after: self.timeout,
-                }
-                .into());
+                });
             };
             pages.fill(&lens, |i, page| fill(todo[i].0, page));
             // What the receiver checks before the chunk becomes visible: bytes that changed
@@ -499,7 +501,7 @@ impl PdSender {
                 .await?
             {
                 Message::Committed { req_id: r } if r == req_id => {}
-                other => return Err(control.unexpected(&other).into()),
+                other => return Err(control::unexpected(&control, &other)),
             }
             report.tokens += todo.iter().map(|(s, _)| s.tokens()).sum::<usize>();
             report.bytes += remote.iter().map(|r| r.len).sum::<u64>();

@@ -120,12 +120,9 @@ impl StoreClient {
     pub fn new(config: ClientConfig) -> Result<StoreClient, RemoteError> {
         let staging_len = usize::try_from(config.staging_bytes.max(1 << 20))
             .map_err(|_| RemoteError::Config("local_buffer_size too large".into()))?;
-        let transport = transport::open(config.protocol, config.transport.clone())
-            .map_err(|e| RemoteError::Transport(e.to_string()))?;
+        let transport = transport::open(config.protocol, config.transport.clone())?;
         let staging = Arc::new(HostBuffer::new(staging_len));
-        let registration = transport
-            .register(staging.clone())
-            .map_err(|e| RemoteError::Transport(e.to_string()))?;
+        let registration = transport.register(staging.clone())?;
         Ok(StoreClient {
             inner: Arc::new(Inner {
                 staging_alloc: Mutex::new(RangeAllocator::new(staging_len as u64)),
@@ -194,7 +191,7 @@ impl StoreClient {
                                 found = Some(c);
                                 break;
                             }
-                            Err(e) => last = e,
+                            Err(e) => last = e.into(),
                         }
                     }
                     match found {
@@ -203,7 +200,7 @@ impl StoreClient {
                     }
                 }
             };
-            match conn.call(req, timeout).await {
+            match conn.request(req, timeout).await.map_err(RemoteError::from) {
                 Ok(Response::NotLeader { leader }) => {
                     last =
                         RemoteError::NoMaster(format!("{} is not the leader", conn_peer(&leader)));
@@ -213,7 +210,7 @@ impl StoreClient {
                     *self.inner.leader_hint.lock() = Some(leader);
                 }
                 Ok(Response::Error(reason)) => {
-                    let peer = conn.peer.clone();
+                    let peer = conn.peer().to_string();
                     *guard = Some(conn);
                     return Err(RemoteError::Rpc { peer, reason });
                 }
@@ -639,7 +636,10 @@ impl StoreClient {
             .transport
             .connect(&info.descriptor)
             .await
-            .map_err(|e| RemoteError::Transport(format!("node {}: {e}", info.name)))?;
+            .map_err(|source| RemoteError::NodeUnreachable {
+                node: info.name.clone(),
+                source,
+            })?;
         let link = Arc::new(Link { info, conn });
         Ok(self
             .inner
@@ -662,8 +662,7 @@ impl StoreClient {
         let local = self
             .inner
             .registration
-            .iov(s.offset as usize, s.len as usize)
-            .map_err(|e| RemoteError::Transport(e.to_string()))?;
+            .iov(s.offset as usize, s.len as usize)?;
         let remote = RemoteIov {
             region: RegionId(link.info.region),
             offset,
@@ -681,10 +680,10 @@ impl StoreClient {
                 links.remove(&segment);
             }
             drop(links);
-            return Err(RemoteError::Transport(format!(
-                "node {}: {e}",
-                link.info.name
-            )));
+            return Err(RemoteError::NodeUnreachable {
+                node: link.info.name.clone(),
+                source: e,
+            });
         }
         Ok(())
     }

@@ -172,7 +172,10 @@ impl Etcd {
             .timeout(timeout)
             .connect_timeout(timeout)
             .build()
-            .map_err(|e| RemoteError::Etcd(format!("HTTP client: {e}")))?;
+            .map_err(|source| RemoteError::EtcdHttp {
+                url: format!("http://{hostport}"),
+                source,
+            })?;
         Ok(Etcd {
             http,
             base: format!("http://{hostport}/v3"),
@@ -212,15 +215,15 @@ impl Etcd {
         if let Some(t) = token {
             req = req.header("Authorization", t);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| RemoteError::Etcd(format!("{url}: {e}")))?;
+        let resp = req.send().await.map_err(|source| RemoteError::EtcdHttp {
+            url: url.to_string(),
+            source,
+        })?;
         let status = resp.status();
-        let value: Value = resp
-            .json()
-            .await
-            .map_err(|e| RemoteError::Etcd(format!("{url}: bad answer: {e}")))?;
+        let value: Value = resp.json().await.map_err(|source| RemoteError::EtcdHttp {
+            url: url.to_string(),
+            source,
+        })?;
         Ok((status, value))
     }
 

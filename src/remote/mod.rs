@@ -2,8 +2,9 @@
 //! read, and what runs it.
 //!
 //! - The **kvtier store** (`kvtier://host:port`, `mooncakestore://host:port`): a
-//!   Mooncake-style [`master`] keeps object placement and is elected through etcd;
-//!   [`node`]s contribute memory segments and register in etcd under leases; engines
+//!   Mooncake-style master keeps object placement and is elected through etcd; nodes
+//!   contribute memory segments and register in etcd under leases (the server side, in
+//!   [`store`]); engines
 //!   ([`client`]) ask the master where objects go or are, then move the bytes directly
 //!   to or from the nodes through a data-plane transport (tcp, ucx, nixl).
 //!   `kvtier://local` runs a master and a segment inside the engine (no etcd).
@@ -17,20 +18,17 @@ use std::time::Duration;
 pub mod alloc;
 pub mod client;
 pub mod etcd;
-pub mod master;
-pub mod node;
 pub(crate) mod offload;
-pub mod placement;
 pub mod redis;
 pub mod rpc;
+pub mod store;
 
-use crate::config::{Config, TransferChannel};
+use crate::config::{RemoteSettings, DEFAULT_EMBEDDED_SEGMENT};
 use crate::memory::{BufferPool, KvBuffer};
-use crate::transport::TransportConfig;
 use client::{ClientConfig, PutOutcome, StoreClient};
-use master::{MasterConfig, MasterServer};
-use node::{NodeConfig, StoreNode};
 use rpc::ObjectKey;
+use store::master::{MasterConfig, MasterServer};
+use store::node::{NodeConfig, StoreNode};
 
 /// Why a remote-store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,19 +55,51 @@ pub enum RemoteError {
         /// The bound.
         after: Duration,
     },
-    /// The opening exchange with a master or node failed (refused, unproven secret,
-    /// another kind of listener, or not kvtier at all: the error names which).
+    /// A control connection to a master or node failed: could not be made, failed its
+    /// handshake (refused, unproven secret, another kind of listener, not kvtier), timed
+    /// out, closed, or carried a malformed frame. The error names the peer.
     #[error(transparent)]
-    Handshake(#[from] kvtier_transport::handshake::HandshakeError),
+    Control(#[from] kvtier_transport::framed::FramedError),
     /// No master could be reached.
     #[error("no remote-store master reachable: {0}")]
     NoMaster(String),
-    /// A data-plane transfer failed.
+    /// The data-plane transport failed (opening it, registering memory, a transfer).
     #[error("remote store transfer: {0}")]
-    Transport(String),
+    Transport(#[from] kvtier_transport::TransportError),
+    /// A node's data plane could not be reached.
+    #[error("remote store transfer to node {node}: {source}")]
+    NodeUnreachable {
+        /// The node.
+        node: String,
+        /// The transport's error.
+        source: kvtier_transport::TransportError,
+    },
+    /// etcd's HTTP gateway could not be reached or its answer could not be read.
+    #[error("etcd {url}: {source}")]
+    EtcdHttp {
+        /// The URL called.
+        url: String,
+        /// The HTTP client's error.
+        source: reqwest::Error,
+    },
+    /// A control server (master, node) could not listen.
+    #[error("cannot listen on {addr} for the {what}: {source}")]
+    Listen {
+        /// The master or node control server.
+        what: &'static str,
+        /// The address.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// Redis/Valkey failed.
-    #[error("redis: {0}")]
-    Redis(String),
+    #[error("redis {url}: {source}")]
+    Redis {
+        /// The server's URL.
+        url: String,
+        /// The client's error.
+        source: ::redis::RedisError,
+    },
     /// A store answered with something that does not fit the question (e.g. another
     /// number of answers than keys asked).
     #[error("remote store {store}: {what}")]
@@ -81,10 +111,6 @@ pub enum RemoteError {
     },
 }
 
-/// Default `extra_config.local_buffer_size`: staging memory a client registers.
-pub const DEFAULT_STAGING_BYTES: u64 = 512 << 20;
-/// Default segment of `kvtier://local`.
-pub const DEFAULT_EMBEDDED_SEGMENT: u64 = 1 << 30;
 /// Default etcd lease TTL of masters and nodes.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 
@@ -133,18 +159,6 @@ impl RemoteUrl {
     }
 }
 
-/// Data-plane transport named by `extra_config.protocol` (Mooncake's `rdma` maps to UCX).
-pub fn protocol_channel(protocol: Option<&str>) -> Result<TransferChannel, RemoteError> {
-    match protocol.unwrap_or("tcp") {
-        "tcp" => Ok(TransferChannel::Tcp),
-        "ucx" | "rdma" => Ok(TransferChannel::Ucx),
-        "nixl" => Ok(TransferChannel::Nixl),
-        other => Err(RemoteError::Config(format!(
-            "`extra_config.protocol: {other}`: expected tcp, ucx (rdma) or nixl"
-        ))),
-    }
-}
-
 enum Backend {
     Store(StoreClient),
     Redis(Box<redis::RedisStore>),
@@ -162,30 +176,14 @@ pub struct RemoteTier {
 }
 
 impl RemoteTier {
-    /// Opens the tier `config.remote_url` names. Contacts no server: the first operation
-    /// does, and operations reconnect after outages.
-    pub async fn open(config: &Config) -> Result<Option<RemoteTier>, RemoteError> {
-        let Some(url) = &config.remote_url else {
-            return Ok(None);
-        };
-        let extra = &config.extra_config;
-        let timeout = Duration::from_secs_f64(
-            extra
-                .transfer_timeout
-                .unwrap_or(config.transport_timeout_sec)
-                .max(0.05),
-        );
-        let host = extra
-            .local_hostname
-            .clone()
-            .unwrap_or_else(|| "127.0.0.1".into());
-        let transport = TransportConfig {
-            timeout,
-            auth_token: config.transport_auth_token.clone(),
-            host: host.clone(),
-        };
-        let protocol = protocol_channel(extra.protocol.as_deref())?;
-        let etcd = || match extra.metadata_server.as_deref() {
+    /// Opens the tier `settings` name. Contacts no server: the first operation does, and
+    /// operations reconnect after outages.
+    pub async fn open(settings: &RemoteSettings) -> Result<RemoteTier, RemoteError> {
+        let url = &settings.url;
+        let timeout = settings.transport.timeout;
+        let transport = settings.transport.on_host(&settings.host);
+        let protocol = settings.transport.channel;
+        let etcd = || match settings.metadata_server.as_deref() {
             None => Ok(None),
             Some(m) if m.starts_with("etcd://") => etcd::Etcd::new(m, timeout).map(Some),
             Some(m) => Err(RemoteError::Config(format!(
@@ -198,13 +196,10 @@ impl RemoteTier {
             etcd,
             protocol,
             transport: transport.clone(),
-            staging_bytes: extra.local_buffer_size.unwrap_or(DEFAULT_STAGING_BYTES),
-            replicas: extra
-                .replica_num
-                .unwrap_or(1)
-                .clamp(1, rpc::MAX_REPLICAS as u64) as u8,
+            staging_bytes: settings.staging_bytes,
+            replicas: settings.replicas,
         };
-        let tier = match RemoteUrl::parse(url, extra.master_server_address.as_deref())? {
+        let tier = match RemoteUrl::parse(url, settings.master_address.as_deref())? {
             RemoteUrl::Redis(u) => RemoteTier {
                 backend: Backend::Redis(Box::new(redis::RedisStore::new(&u, timeout)?)),
                 url: url.clone(),
@@ -215,14 +210,9 @@ impl RemoteTier {
             RemoteUrl::Embedded => {
                 let node = StoreNode::start(NodeConfig {
                     name: "embedded".into(),
-                    segment_size: extra
-                        .global_segment_size
-                        .unwrap_or(DEFAULT_EMBEDDED_SEGMENT),
+                    segment_size: settings.segment_bytes.unwrap_or(DEFAULT_EMBEDDED_SEGMENT),
                     protocol,
-                    transport: TransportConfig {
-                        host: "127.0.0.1".into(),
-                        ..transport.clone()
-                    },
+                    transport: settings.transport.on_host("127.0.0.1"),
                     control_port: 0,
                     etcd: None,
                     lease_ttl: DEFAULT_LEASE_TTL,
@@ -234,7 +224,7 @@ impl RemoteTier {
                     etcd: None,
                     lease_ttl: DEFAULT_LEASE_TTL,
                     placement: Default::default(),
-                    auth_token: config.transport_auth_token.clone(),
+                    auth_token: settings.transport.auth_token.clone(),
                     timeout,
                     segments: vec![node.info().clone()],
                 })
@@ -251,11 +241,11 @@ impl RemoteTier {
             }
             RemoteUrl::Store { master } => {
                 let etcd = etcd()?;
-                let contributed = match (extra.global_segment_size, &etcd) {
+                let contributed = match (settings.segment_bytes, &etcd) {
                     (Some(size), Some(etcd)) if size > 0 => Some(
                         StoreNode::start(NodeConfig {
-                            name: extra
-                                .local_hostname
+                            name: settings
+                                .node_name
                                 .clone()
                                 .unwrap_or_else(|| format!("engine-{}", std::process::id())),
                             segment_size: size,
@@ -278,7 +268,7 @@ impl RemoteTier {
                 }
             }
         };
-        Ok(Some(tier))
+        Ok(tier)
     }
 
     /// The URL, for logs.
@@ -429,10 +419,5 @@ mod tests {
         ));
         assert!(RemoteUrl::parse("ftp://x", None).is_err());
         assert!(RemoteUrl::parse("kvtier://nohost", None).is_err());
-        assert_eq!(
-            protocol_channel(Some("rdma")).unwrap(),
-            TransferChannel::Ucx
-        );
-        assert!(protocol_channel(Some("ib")).is_err());
     }
 }

@@ -26,8 +26,10 @@ fn name(key: ObjectKey) -> String {
 impl RedisStore {
     /// A store at `url`; connects on first use (and again after errors).
     pub fn new(url: &str, timeout: std::time::Duration) -> Result<Self, RemoteError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| RemoteError::Config(format!("remote_url `{url}`: {e}")))?;
+        let client = redis::Client::open(url).map_err(|source| RemoteError::Redis {
+            url: url.to_string(),
+            source,
+        })?;
         Ok(RedisStore {
             client,
             // For messages: never with a password.
@@ -66,7 +68,10 @@ impl RedisStore {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 *self.conn.lock() = None;
-                Err(RemoteError::Redis(format!("{}: {e}", self.url)))
+                Err(RemoteError::Redis {
+                    url: self.url.clone(),
+                    source: e,
+                })
             }
             Err(_) => {
                 *self.conn.lock() = None;

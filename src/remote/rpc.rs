@@ -9,13 +9,10 @@
 
 use std::time::Duration;
 
-use kvtier_transport::handshake::{self, Hello, Service};
+use kvtier_transport::framed::{Codec, FramedConn, FramedError};
+use kvtier_transport::handshake::Service;
 use kvtier_transport::limits::{self, reply_within, ConnectionLimit};
-use kvtier_transport::wire::{self, Reader, WireError, Writer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-use super::RemoteError;
+use kvtier_transport::wire::{Reader, WireError, Writer};
 
 /// Protocol version; both ends must speak the same one (2: the common handshake).
 pub const VERSION: u16 = 2;
@@ -24,7 +21,7 @@ pub const MAX_FRAME: usize = 64 << 20;
 /// Most objects in one batched request.
 pub const MAX_BATCH: usize = 1 << 16;
 /// Most replicas of one object.
-pub const MAX_REPLICAS: usize = 16;
+pub const MAX_REPLICAS: usize = crate::config::MAX_REPLICAS as usize;
 const MAX_TEXT: usize = 4096;
 const MAX_DESCRIPTOR: usize = 1 << 20;
 
@@ -600,145 +597,47 @@ pub fn decode_response(body: &[u8]) -> Result<Response, WireError> {
     Ok(resp)
 }
 
-/// One framed, authenticated control connection (past the handshake, which bounds what an
-/// unauthenticated peer can send).
-pub struct RpcConn {
-    stream: TcpStream,
-    /// The other side (address).
-    pub peer: String,
-}
+/// The store's RPC as a client (engine, master towards nodes) speaks it: [`Request`]s
+/// out, [`Response`]s in.
+pub struct ClientCodec;
 
-fn io_err(peer: &str, e: impl std::fmt::Display) -> RemoteError {
-    RemoteError::Rpc {
-        peer: peer.to_string(),
-        reason: e.to_string(),
+impl Codec for ClientCodec {
+    const VERSION: u16 = VERSION;
+    type Out = Request;
+    type In = Response;
+    const MAX_FRAME: usize = MAX_FRAME;
+
+    fn encode(req: &Request) -> Vec<u8> {
+        encode_request(req)
+    }
+
+    fn decode(body: &[u8]) -> Result<Response, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(decode_response(body)?)
     }
 }
 
-async fn within<T>(
-    peer: &str,
-    timeout: Duration,
-    what: &str,
-    fut: impl std::future::Future<Output = Result<T, RemoteError>>,
-) -> Result<T, RemoteError> {
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| RemoteError::Timeout {
-            what: format!("{what} {peer}"),
-            after: timeout,
-        })?
-}
+/// The store's RPC as a server (master, node) speaks it: [`Request`]s in, [`Response`]s
+/// out.
+pub struct ServerCodec;
 
-impl RpcConn {
-    /// Connects to the `service` (master or node) at `addr` as `name`; both sides prove
-    /// knowledge of `secret` (see [`kvtier_transport::handshake`]).
-    pub async fn connect(
-        addr: &str,
-        service: Service,
-        name: &str,
-        secret: Option<&str>,
-        timeout: Duration,
-    ) -> Result<Self, RemoteError> {
-        let mut stream = within(addr, timeout, "connecting to", async {
-            TcpStream::connect(addr).await.map_err(|e| io_err(addr, e))
-        })
-        .await?;
-        let _ = stream.set_nodelay(true);
-        let hello = Hello {
-            service,
-            version: VERSION,
-            name,
-            secret,
-        };
-        handshake::connect(&mut stream, addr, hello, timeout).await?;
-        Ok(RpcConn {
-            stream,
-            peer: addr.to_string(),
-        })
+impl Codec for ServerCodec {
+    const VERSION: u16 = VERSION;
+    type Out = Response;
+    type In = Request;
+    const MAX_FRAME: usize = MAX_FRAME;
+
+    fn encode(resp: &Response) -> Vec<u8> {
+        encode_response(resp)
     }
 
-    /// Runs the server side of the handshake as the `service` named `name`; refuses
-    /// clients without `secret`.
-    pub async fn accept(
-        mut stream: TcpStream,
-        service: Service,
-        name: &str,
-        secret: Option<&str>,
-        timeout: Duration,
-    ) -> Result<Self, RemoteError> {
-        let hello = Hello {
-            service,
-            version: VERSION,
-            name,
-            secret,
-        };
-        let peer = handshake::accept_tcp(&mut stream, hello, timeout).await?;
-        Ok(RpcConn { stream, peer })
-    }
-
-    async fn send_frame(&mut self, body: &[u8]) -> Result<(), RemoteError> {
-        if body.len() > MAX_FRAME {
-            return Err(RemoteError::Rpc {
-                peer: self.peer.clone(),
-                reason: format!(
-                    "message of {} bytes exceeds the {MAX_FRAME}-byte frame cap",
-                    body.len()
-                ),
-            });
-        }
-        let mut frame = Vec::with_capacity(4 + body.len());
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(body);
-        self.stream
-            .write_all(&frame)
-            .await
-            .map_err(|e| io_err(&self.peer, e))
-    }
-
-    async fn recv_frame(&mut self) -> Result<Vec<u8>, RemoteError> {
-        let mut prefix = [0u8; 4];
-        self.stream
-            .read_exact(&mut prefix)
-            .await
-            .map_err(|e| io_err(&self.peer, e))?;
-        let len = wire::frame_len(prefix, MAX_FRAME).map_err(|e| io_err(&self.peer, e))?;
-        let mut body = vec![0u8; len];
-        self.stream
-            .read_exact(&mut body)
-            .await
-            .map_err(|e| io_err(&self.peer, e))?;
-        Ok(body)
-    }
-
-    /// Sends `req` and waits at most `timeout` for the answer. An error leaves the
-    /// connection unusable (drop it).
-    pub async fn call(
-        &mut self,
-        req: &Request,
-        timeout: Duration,
-    ) -> Result<Response, RemoteError> {
-        let peer = self.peer.clone();
-        within(&peer, timeout, "answer from", async {
-            self.send_frame(&encode_request(req)).await?;
-            let body = self.recv_frame().await?;
-            decode_response(&body).map_err(|e| io_err(&self.peer, e))
-        })
-        .await
-    }
-
-    /// The next request (waits as long as it takes; `None` when the peer hung up).
-    pub async fn next_request(&mut self) -> Option<Result<Request, RemoteError>> {
-        match self.recv_frame().await {
-            Ok(body) => Some(decode_request(&body).map_err(|e| io_err(&self.peer, e))),
-            Err(_) => None,
-        }
-    }
-
-    /// Sends an answer.
-    pub async fn reply(&mut self, resp: &Response) -> Result<(), RemoteError> {
-        self.send_frame(&encode_response(resp)).await
+    fn decode(body: &[u8]) -> Result<Request, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(decode_request(body)?)
     }
 }
+
+/// A client's connection to a master or node, past the handshake. Ask with
+/// [`FramedConn::request`]; after an error, drop the connection.
+pub type RpcConn = FramedConn<ClientCodec>;
 
 /// Accepts control connections on `listener` for `service` and answers each request with
 /// `handle` until the task is aborted. `who` names the server in logs and handshakes.
@@ -770,7 +669,9 @@ pub async fn serve(
         let (secret, handle) = (secret.clone(), handle.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let accepted = RpcConn::accept(stream, service, who, secret.as_deref(), timeout).await;
+            let accepted =
+                FramedConn::<ServerCodec>::accept(stream, service, who, secret.as_deref(), timeout)
+                    .await;
             let mut conn = match accepted {
                 Ok(c) => c,
                 Err(e) => {
@@ -778,13 +679,17 @@ pub async fn serve(
                     return;
                 }
             };
-            while let Some(req) = conn.next_request().await {
-                let resp = match req {
+            loop {
+                let resp = match conn.recv().await {
                     Ok(req) => handle(req),
-                    Err(e) => Response::Error(e.to_string()),
+                    Err(FramedError::Malformed { source, .. }) => {
+                        Response::Error(source.to_string())
+                    }
+                    // Gone, or a frame over the cap: the stream is out of step.
+                    Err(_) => return,
                 };
                 // A client that stops reading answers is dropped after the timeout.
-                if reply_within(timeout, conn.reply(&resp)).await.is_err() {
+                if reply_within(timeout, conn.send(&resp)).await.is_err() {
                     return;
                 }
             }
@@ -924,18 +829,20 @@ mod conn_tests {
         for wrong in [None, Some("guess")] {
             let err = RpcConn::connect(&addr, Service::StoreMaster, "test", wrong, t)
                 .await
-                .err()
-                .expect("refused");
+                .expect_err("refused");
             assert!(err.to_string().contains("transport_auth_token"), "{err}");
         }
         let master = |secret| RpcConn::connect(&addr, Service::StoreMaster, "test", secret, t);
         let mut conn = master(Some("s3cret")).await.unwrap();
         for _ in 0..3 {
-            let resp = conn.call(&Request::Exists(vec![1, 2, 3]), t).await.unwrap();
+            let resp = conn
+                .request(&Request::Exists(vec![1, 2, 3]), t)
+                .await
+                .unwrap();
             assert_eq!(resp, Response::Flags(vec![true, false, true]));
         }
         assert_eq!(
-            conn.call(&Request::Stats, t).await.unwrap(),
+            conn.request(&Request::Stats, t).await.unwrap(),
             Response::Error("unexpected".into())
         );
         server.abort();

@@ -10,8 +10,7 @@ use std::sync::Arc;
 use hashlink::LinkedHashMap;
 use parking_lot::Mutex;
 
-use super::{ChunkRef, Tier, TierKind, TierUsage};
-use crate::error::{Error, Result};
+use super::{ChunkRef, Result, Tier, TierError, TierKind, TierUsage};
 use crate::keys::ChunkKey;
 
 /// Byte-bounded LRU of host-memory chunks.
@@ -69,7 +68,7 @@ impl Tier for CpuTier {
     fn put(&self, chunk: ChunkRef) -> Result<()> {
         let size = footprint(&chunk);
         if size > self.capacity {
-            return Err(Error::ChunkTooLarge {
+            return Err(TierError::ChunkTooLarge {
                 tier: TierKind::Cpu,
                 bytes: size,
                 capacity: self.capacity,
@@ -98,7 +97,7 @@ impl Tier for CpuTier {
                     chosen.push(*key);
                 }
                 if need > 0 {
-                    Err(Error::TierFull {
+                    Err(TierError::Full {
                         tier: TierKind::Cpu,
                         needed: need,
                         pinned,
@@ -172,8 +171,8 @@ impl Tier for CpuTier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::{ChunkShape, DType, KvLayout};
     use crate::memory::BufferPool;
+    use crate::model::{ChunkShape, DType, KvLayout};
     use crate::tier::Chunk;
 
     const PAGE: u64 = 4096;
@@ -225,7 +224,7 @@ mod tests {
         // Everything pinned: the put fails instead of freeing a reader's memory.
         let held3 = tier.get(ChunkKey(3)).unwrap().unwrap();
         let err = tier.put(chunk(&pool, 4)).unwrap_err();
-        assert!(matches!(err, Error::TierFull { pinned, .. } if pinned == 2 * PAGE));
+        assert!(matches!(err, TierError::Full { pinned, .. } if pinned == 2 * PAGE));
         drop((held, held3));
         tier.put(chunk(&pool, 4)).unwrap();
     }
@@ -236,7 +235,7 @@ mod tests {
         let tier = CpuTier::new(PAGE / 2);
         assert!(matches!(
             tier.put(chunk(&pool, 1)),
-            Err(Error::ChunkTooLarge { .. })
+            Err(TierError::ChunkTooLarge { .. })
         ));
         let tier = CpuTier::new(4 * PAGE);
         tier.put(chunk(&pool, 1)).unwrap();

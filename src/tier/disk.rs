@@ -6,7 +6,7 @@
 //! rebuilt on open by reading and validating every file's header. Writes go through a
 //! bounded queue to one background writer thread; a queued chunk is served from memory
 //! until its file is in place. Reads verify the payload checksum: a damaged file is
-//! deleted and reported as [`Error::CorruptChunk`], never returned as KV.
+//! deleted and reported as [`TierError::CorruptChunk`], never returned as KV.
 //!
 //! Files are not fsync'ed: after a crash, recent chunks may be missing, never wrong.
 
@@ -22,9 +22,8 @@ use std::time::SystemTime;
 use hashlink::LinkedHashMap;
 use parking_lot::Mutex;
 
-use super::{Chunk, ChunkRef, Tier, TierKind, TierUsage};
+use super::{Chunk, ChunkRef, Result, Tier, TierError, TierKind, TierUsage};
 use crate::chunk::{ChunkHeader, CorruptChunk, CorruptReason, HEADER_LEN};
-use crate::error::{Error, Result};
 use crate::keys::ChunkKey;
 use crate::memory::BufferPool;
 
@@ -79,8 +78,8 @@ pub struct RecoveryReport {
     pub evicted: u64,
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |source| Error::Io {
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TierError + 'a {
+    move |source| TierError::Io {
         op,
         path: path.to_path_buf(),
         source,
@@ -369,7 +368,7 @@ impl Tier for DiskTier {
         let size = (HEADER_LEN + chunk.payload().len()) as u64;
         let capacity = self.inner.capacity;
         if size > capacity {
-            return Err(Error::ChunkTooLarge {
+            return Err(TierError::ChunkTooLarge {
                 tier: TierKind::Disk,
                 bytes: size,
                 capacity,
@@ -397,7 +396,7 @@ impl Tier for DiskTier {
                     }
                 }
                 if need > 0 {
-                    return Err(Error::TierFull {
+                    return Err(TierError::Full {
                         tier: TierKind::Disk,
                         needed: need,
                         pinned: pending,
@@ -426,7 +425,7 @@ impl Tier for DiskTier {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.inner.forget(key);
-                Err(Error::QueueFull {
+                Err(TierError::QueueFull {
                     tier: TierKind::Disk,
                     depth: self.queue_depth,
                 })
@@ -521,7 +520,7 @@ impl Drop for DiskTier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::{ChunkShape, DType, KvLayout};
+    use crate::model::{ChunkShape, DType, KvLayout};
 
     fn shape(tokens: u32) -> ChunkShape {
         ChunkShape {
@@ -585,7 +584,7 @@ mod tests {
         fs::write(&path, bytes).unwrap();
         let err = tier.get(c.key).unwrap_err();
         assert!(
-            matches!(err, Error::CorruptChunk(CorruptChunk { reason: CorruptReason::PayloadChecksum, key: Some(k) }) if k == c.key)
+            matches!(err, TierError::CorruptChunk(CorruptChunk { reason: CorruptReason::PayloadChecksum, key: Some(k) }) if k == c.key)
         );
         assert!(!path.exists());
         assert!(tier.get(c.key).unwrap().is_none());

@@ -12,11 +12,10 @@ use hashlink::LinkedHashMap;
 use kvtier_cuda::{CudaDevice, DeviceMemory};
 use parking_lot::Mutex;
 
-use super::{Chunk, ChunkRef, Tier, TierKind, TierUsage};
-use crate::chunk::ChunkShape;
-use crate::error::{Error, Result};
+use super::{Chunk, ChunkRef, Result, Tier, TierError, TierKind, TierUsage};
 use crate::keys::ChunkKey;
 use crate::memory::BufferPool;
+use crate::model::ChunkShape;
 
 struct Page {
     mem: DeviceMemory,
@@ -38,18 +37,14 @@ pub struct GpuTier {
     evictions: AtomicU64,
 }
 
-fn gpu_err(e: kvtier_cuda::CudaError) -> Error {
-    Error::Gpu(e.to_string())
-}
-
 impl GpuTier {
     /// `capacity / page_bytes` pages of `page_bytes` each on device `ordinal`; host copies
     /// of chunks read back come from `pool`.
     pub fn new(ordinal: usize, capacity: u64, page_bytes: usize, pool: BufferPool) -> Result<Self> {
-        let device = CudaDevice::open(ordinal).map_err(gpu_err)?;
+        let device = CudaDevice::open(ordinal)?;
         let count = (capacity / page_bytes.max(1) as u64) as usize;
         if count == 0 {
-            return Err(Error::ChunkTooLarge {
+            return Err(TierError::ChunkTooLarge {
                 tier: TierKind::Gpu,
                 bytes: page_bytes as u64,
                 capacity,
@@ -58,7 +53,7 @@ impl GpuTier {
         let pages = (0..count)
             .map(|_| {
                 Ok(Mutex::new(Page {
-                    mem: device.alloc(page_bytes).map_err(gpu_err)?,
+                    mem: device.alloc(page_bytes)?,
                     held: None,
                 }))
             })
@@ -94,7 +89,7 @@ impl Tier for GpuTier {
     fn put(&self, chunk: ChunkRef) -> Result<()> {
         let len = chunk.payload().len();
         if len > self.page_bytes {
-            return Err(Error::ChunkTooLarge {
+            return Err(TierError::ChunkTooLarge {
                 tier: TierKind::Gpu,
                 bytes: len as u64,
                 capacity: self.page_bytes as u64,
@@ -108,7 +103,7 @@ impl Tier for GpuTier {
             match index.free.pop() {
                 Some(p) => p,
                 None => {
-                    let (_, p) = index.lru.pop_front().ok_or(Error::TierFull {
+                    let (_, p) = index.lru.pop_front().ok_or(TierError::Full {
                         tier: TierKind::Gpu,
                         needed: len as u64,
                         pinned: 0,
@@ -140,7 +135,7 @@ impl Tier for GpuTier {
             }
             Err(e) => {
                 index.free.push(page);
-                Err(gpu_err(e))
+                Err(e.into())
             }
         }
     }
@@ -157,7 +152,7 @@ impl Tier for GpuTier {
             return Ok(None);
         }
         let mut data = self.pool.alloc(shape.payload_len());
-        slot.mem.read(0, &mut data).map_err(gpu_err)?;
+        slot.mem.read(0, &mut data)?;
         drop(slot);
         Ok(Some(Arc::new(Chunk { key, shape, data })))
     }
@@ -200,7 +195,7 @@ impl Tier for GpuTier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::{DType, KvLayout};
+    use crate::model::{DType, KvLayout};
 
     #[test]
     fn gpu_tier_round_trip_or_clear_error() {
@@ -208,7 +203,8 @@ mod tests {
         let page = 64 * 1024;
         let tier = match GpuTier::new(0, 2 * page as u64, page, pool.clone()) {
             Ok(t) => t,
-            Err(Error::Gpu(msg)) if !kvtier_cuda::is_driver_present() => {
+            Err(TierError::Gpu(e)) if !kvtier_cuda::is_driver_present() => {
+                let msg = e.to_string();
                 assert!(msg.contains("no CUDA driver"), "unclear error: {msg}");
                 eprintln!("skipped gpu tier round trip: {msg}");
                 return;

@@ -1,20 +1,87 @@
 //! Storage tiers: the [`Tier`] contract and the chunk objects tiers hold.
 //!
 //! Tiers, top to bottom: GPU buffer ([`gpu`], feature `cuda`), local CPU ([`cpu`]), local
-//! disk ([`disk`]). Each is usable alone; [`crate::storage::StorageManager`] stacks them.
+//! disk ([`disk`]). Each is usable alone; the storage manager (`storage`) stacks them. Tier
+//! operations fail with a [`TierError`].
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::chunk::ChunkShape;
-use crate::error::Result;
+use crate::chunk::CorruptChunk;
 use crate::keys::ChunkKey;
 use crate::memory::KvBuffer;
+use crate::model::ChunkShape;
 
 pub mod cpu;
 pub mod disk;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+
+/// What a tier operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum TierError {
+    /// A single chunk is larger than the tier's whole capacity.
+    #[error("{tier} tier: a {bytes}-byte chunk cannot fit in its capacity of {capacity} bytes")]
+    ChunkTooLarge {
+        /// The tier.
+        tier: TierKind,
+        /// Size of the chunk.
+        bytes: u64,
+        /// The tier's capacity.
+        capacity: u64,
+    },
+    /// The tier cannot make room: what is left is held by readers.
+    #[error("{tier} tier full: {needed} bytes needed, every evictable object already evicted ({pinned} bytes held by readers)")]
+    Full {
+        /// The tier.
+        tier: TierKind,
+        /// Bytes that could not be made free.
+        needed: u64,
+        /// Bytes pinned by readers.
+        pinned: u64,
+    },
+    /// A tier's bounded background queue is full; the chunk was not queued.
+    #[error("{tier} tier: write queue full ({depth} chunks pending)")]
+    QueueFull {
+        /// The tier.
+        tier: TierKind,
+        /// The queue's bound.
+        depth: usize,
+    },
+    /// A stored chunk failed validation (bad header, length or checksum); it was dropped.
+    #[error(transparent)]
+    CorruptChunk(#[from] CorruptChunk),
+    /// A file operation of the disk tier failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done (`read`, `write`, `create directory`, ...).
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A buffer's length does not match the chunk shape it is given with.
+    #[error("chunk {key}: {given} bytes given, shape {shape:?} needs {needed}")]
+    WrongLength {
+        /// The chunk.
+        key: ChunkKey,
+        /// Its shape.
+        shape: ChunkShape,
+        /// Bytes given.
+        given: usize,
+        /// Bytes the shape needs.
+        needed: usize,
+    },
+    /// The GPU tier's device failed.
+    #[cfg(feature = "cuda")]
+    #[error("GPU tier: {0}")]
+    Gpu(#[from] kvtier_cuda::CudaError),
+}
+
+/// Result with [`TierError`].
+pub type Result<T, E = TierError> = std::result::Result<T, E>;
 
 /// One chunk of KV in host memory: its key, shape and payload.
 #[derive(Debug)]
@@ -31,11 +98,12 @@ impl Chunk {
     /// Wraps `data` as chunk `key`; `data` must hold exactly `shape.payload_len()` bytes.
     pub fn new(key: ChunkKey, shape: ChunkShape, data: KvBuffer) -> Result<ChunkRef> {
         if data.len() != shape.payload_len() {
-            return Err(crate::Error::Shape(format!(
-                "chunk {key}: {} bytes given, shape {shape:?} needs {}",
-                data.len(),
-                shape.payload_len()
-            )));
+            return Err(TierError::WrongLength {
+                key,
+                shape,
+                given: data.len(),
+                needed: shape.payload_len(),
+            });
         }
         Ok(Arc::new(Chunk { key, shape, data }))
     }

@@ -9,8 +9,8 @@
 //! sends a small message the peer receives with [`Transport::recv_notification`].
 //!
 //! Every wait is bounded by the transport's configured timeout. Implementations: TCP
-//! (`kvtier-tcp`), UCX (`kvtier-ucx`), NIXL (`kvtier-nixl`); [`conformance`] is the suite
-//! all three pass.
+//! (`kvtier-tcp`), UCX (`kvtier-ucx`), NIXL (`kvtier-nixl`); the `conformance` module (feature `conformance`)
+//! is the suite all three pass.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,15 +18,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod auth;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod descriptor;
+pub mod framed;
 pub mod handshake;
 pub mod limits;
 mod memory;
 pub mod wire;
 
 pub use descriptor::{Descriptor, RegionInfo};
-pub use memory::{region_slice, region_slice_mut, HostBuffer, RegionMemory, RegionTable};
+pub use memory::{
+    region_slice, region_slice_mut, size_class, HostAlloc, HostBuffer, RegionMemory, RegionTable,
+    BUFFER_ALIGN, HUGE_ALIGN,
+};
 
 /// A boxed, sendable future (keeps the traits object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -81,6 +86,10 @@ pub enum TransportError {
         /// What is missing and how to install it.
         what: String,
     },
+    /// The transport asked for is not part of this build (the message names the build
+    /// option that adds it).
+    #[error("{0}")]
+    NotBuilt(String),
     /// A malformed descriptor or message.
     #[error("protocol error: {0}")]
     Protocol(String),

@@ -26,23 +26,159 @@ pub unsafe trait RegionMemory: Send + Sync + 'static {
     }
 }
 
-/// A page-aligned host allocation for registration, accessed by copying in and out.
-pub struct HostBuffer {
+/// Minimum alignment of every buffer (a page: good for DMA, pinning and `O_DIRECT`).
+pub const BUFFER_ALIGN: usize = 4096;
+/// Alignment and size granularity of large buffers (a huge page).
+pub const HUGE_ALIGN: usize = 2 << 20;
+
+/// The host allocator of kvtier: a page-aligned, zeroed allocation that owns its memory.
+/// From [`HUGE_ALIGN`] up it is, on Linux, mapped straight from the kernel (zero pages, no
+/// memset pass: the first copy into it is the only pass), 2 MiB-aligned and advised as
+/// transparent huge pages (first-touch faults then cost about 1/7 of what 4 KiB pages
+/// cost); smaller ones come from the global allocator, zeroed. The engine's buffer pool
+/// and [`HostBuffer`] both allocate here.
+pub struct HostAlloc {
     ptr: NonNull<u8>,
-    len: usize,
+    cap: usize,
+    /// From `mmap` (freed with `munmap`) rather than the allocator.
+    mapped: bool,
 }
 
-// SAFETY: HostBuffer owns its allocation; all access is by raw-pointer copies.
-unsafe impl Send for HostBuffer {}
-// SAFETY: as above: shared access never creates references to the bytes.
-unsafe impl Sync for HostBuffer {}
+// SAFETY: HostAlloc uniquely owns its allocation; moving it between threads moves ownership.
+unsafe impl Send for HostAlloc {}
+// SAFETY: &HostAlloc gives only a raw pointer to the bytes (reading or writing through
+// it is the owner's unsafe business); its safe methods that write take &mut self.
+unsafe impl Sync for HostAlloc {}
 
-const ALIGN: usize = 4096;
-const HUGE: usize = 2 << 20;
+impl HostAlloc {
+    /// At least `len` zeroed bytes: [`size_class`]`(len)` of them.
+    pub fn new(len: usize) -> HostAlloc {
+        let cap = size_class(len);
+        #[cfg(target_os = "linux")]
+        if cap >= HUGE_ALIGN {
+            return Self::mapped(cap);
+        }
+        let layout = layout_of(cap);
+        // SAFETY: layout has non-zero size (size_class never returns 0).
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(ptr) else {
+            alloc::handle_alloc_error(layout)
+        };
+        HostAlloc {
+            ptr,
+            cap,
+            mapped: false,
+        }
+    }
 
-fn layout_of(len: usize) -> Layout {
-    let align = if len >= HUGE { HUGE } else { ALIGN };
-    Layout::from_size_align(len.max(1).div_ceil(align) * align, align).expect("buffer layout")
+    /// `cap` bytes of fresh anonymous memory, 2 MiB-aligned, advised as huge pages.
+    #[cfg(target_os = "linux")]
+    fn mapped(cap: usize) -> HostAlloc {
+        let len = cap + HUGE_ALIGN;
+        // SAFETY: an anonymous private mapping of `len` bytes; no file, no fixed address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            alloc::handle_alloc_error(layout_of(cap));
+        }
+        let start = p as usize;
+        let aligned = start.div_ceil(HUGE_ALIGN) * HUGE_ALIGN;
+        let head = aligned - start;
+        let tail = len - head - cap;
+        // SAFETY: the head and tail trimmed off lie inside the mapping just made, outside
+        // [aligned, aligned + cap); MADV_HUGEPAGE is advice on our own range (failure, e.g.
+        // THP disabled, is harmless).
+        unsafe {
+            if head > 0 {
+                libc::munmap(p, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + cap) as *mut libc::c_void, tail);
+            }
+            libc::madvise(aligned as *mut libc::c_void, cap, libc::MADV_HUGEPAGE);
+        }
+        HostAlloc {
+            ptr: NonNull::new(aligned as *mut u8).expect("mmap never returns null"),
+            cap,
+            mapped: true,
+        }
+    }
+
+    /// Bytes allocated (`size_class` of the length asked for).
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// First byte. Valid for [`HostAlloc::capacity`] bytes until the value is dropped.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Faults every page in for writing (each page's first byte is read and written back,
+    /// so the contents stay as they are).
+    pub fn touch(&mut self) {
+        let mut at = 0;
+        while at < self.cap {
+            // SAFETY: at < cap, inside the initialised allocation, and `&mut self` excludes
+            // every other access. Volatile so the store of the value already there is not
+            // elided.
+            unsafe {
+                let p = self.ptr.as_ptr().add(at);
+                p.write_volatile(p.read_volatile());
+            }
+            at += BUFFER_ALIGN;
+        }
+    }
+}
+
+impl Drop for HostAlloc {
+    fn drop(&mut self) {
+        if self.mapped {
+            #[cfg(target_os = "linux")]
+            // SAFETY: exactly the range mapped (and trimmed to) in `mapped`.
+            unsafe {
+                libc::munmap(self.ptr.as_ptr().cast(), self.cap);
+            }
+            return;
+        }
+        let layout = layout_of(self.cap);
+        // SAFETY: ptr was allocated by alloc::alloc_zeroed with exactly this layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+/// Capacity actually allocated for `len` bytes: whole huge pages from 2 MiB up, whole
+/// pages below.
+pub fn size_class(len: usize) -> usize {
+    let unit = if len >= HUGE_ALIGN {
+        HUGE_ALIGN
+    } else {
+        BUFFER_ALIGN
+    };
+    len.max(1).div_ceil(unit) * unit
+}
+
+fn layout_of(cap: usize) -> Layout {
+    let align = if cap >= HUGE_ALIGN {
+        HUGE_ALIGN
+    } else {
+        BUFFER_ALIGN
+    };
+    Layout::from_size_align(cap, align).expect("buffer layout")
+}
+
+/// A page-aligned host allocation for registration, accessed by copying in and out.
+pub struct HostBuffer {
+    alloc: HostAlloc,
+    len: usize,
 }
 
 impl HostBuffer {
@@ -50,20 +186,9 @@ impl HostBuffer {
     /// buffer is 2 MiB-aligned and, on Linux, advised as transparent huge pages: faults,
     /// TLB misses and the kernel's page walks for cross-process copies all shrink.
     pub fn new(len: usize) -> Self {
-        let layout = layout_of(len);
-        // SAFETY: the layout has non-zero size.
-        let ptr = unsafe { alloc::alloc(layout) };
-        let Some(ptr) = NonNull::new(ptr) else {
-            alloc::handle_alloc_error(layout)
-        };
-        #[cfg(target_os = "linux")]
-        if layout.align() == HUGE {
-            // SAFETY: advice on exactly our fresh allocation; it changes no contents.
-            unsafe { libc::madvise(ptr.as_ptr().cast(), layout.size(), libc::MADV_HUGEPAGE) };
-        }
-        // SAFETY: ptr is valid for layout.size() bytes; zeroing initialises and touches them.
-        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, layout.size()) };
-        HostBuffer { ptr, len }
+        let mut alloc = HostAlloc::new(len);
+        alloc.touch();
+        HostBuffer { alloc, len }
     }
 
     /// Length in bytes.
@@ -90,7 +215,7 @@ impl HostBuffer {
         // SAFETY: bounds checked; src is a distinct Rust allocation (it cannot alias a
         // buffer we only touch through raw pointers).
         unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.alloc.as_ptr().add(offset), src.len())
         };
     }
 
@@ -100,7 +225,7 @@ impl HostBuffer {
         // SAFETY: bounds checked; dst is a distinct allocation.
         unsafe {
             std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().add(offset),
+                self.alloc.as_ptr().add(offset),
                 dst.as_mut_ptr(),
                 dst.len(),
             )
@@ -138,7 +263,7 @@ impl HostBuffer {
         self.check(offset, len);
         // SAFETY: bounds checked; the slice lives only for this hash, and the caller of a
         // digest has quiesced transfers into the range (RegionMemory's contract).
-        let bytes = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), len) };
+        let bytes = unsafe { std::slice::from_raw_parts(self.alloc.as_ptr().add(offset), len) };
         xxhash_rust::xxh3::xxh3_64(bytes)
     }
 }
@@ -155,18 +280,10 @@ pub fn pattern(seed: u64, start: u64, out: &mut [u8]) {
 // out references to the bytes.
 unsafe impl RegionMemory for HostBuffer {
     fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
+        self.alloc.as_ptr()
     }
     fn len(&self) -> usize {
         self.len
-    }
-}
-
-impl Drop for HostBuffer {
-    fn drop(&mut self) {
-        let layout = layout_of(self.len);
-        // SAFETY: allocated in new() with this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
     }
 }
 

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::alloc::{round_up, RangeAllocator};
-use super::rpc::{
+use crate::remote::alloc::{round_up, RangeAllocator};
+use crate::remote::rpc::{
     IndexEntry, Located, ObjectKey, ObjectMeta, PutSlot, Replica, SegmentInfo, StoreStats,
     MAX_REPLICAS,
 };

@@ -1,14 +1,15 @@
-//! `kvtier proxy` and `kvtier test-server`: command-line glue over [`kvtier::proxy`] and
-//! [`kvtier::testserver`].
+//! `kvtier proxy` and `kvtier test-server`: command-line glue over [`kvtier_cli::proxy`] and
+//! [`kvtier_cli::testserver`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use kvtier::proxy::{shutdown_signal, Proxy, ProxyConfig};
-use kvtier::testserver::{Role, TestServer, TestServerOptions};
 use kvtier::{Config, ModelSpec};
+use kvtier_cli::http::shutdown_signal;
+use kvtier_cli::proxy::{Proxy, ProxyConfig};
+use kvtier_cli::testserver::{Role, TestServer, TestServerOptions};
 
 /// A comma-separated list of ports (`7300` or `7300,7301`).
 #[derive(Clone, Debug)]
@@ -89,7 +90,7 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "30", value_parser = seconds)]
     shutdown_grace_sec: Duration,
     /// Most requests in flight; past it the proxy answers 503 with Retry-After.
-    #[arg(long, default_value_t = kvtier::proxy::DEFAULT_MAX_IN_FLIGHT)]
+    #[arg(long, default_value_t = kvtier_cli::proxy::DEFAULT_MAX_IN_FLIGHT)]
     max_in_flight: usize,
     /// Secret the prefillers present when notifying (their `transport_auth_token`).
     #[arg(long, env = "KVTIER_TRANSPORT_AUTH_TOKEN", hide_env_values = true)]

@@ -21,8 +21,8 @@
 //! Without P/D in its configuration the server ignores `kv_transfer_params` and just
 //! answers (`kv_tokens: 0`).
 
-use crate::memory::BufferPool;
-use crate::metrics::Metrics;
+use kvtier::memory::BufferPool;
+use kvtier::metrics::Metrics;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,12 +39,12 @@ use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 
-use crate::config::{Config, PdRole};
-use crate::engine::ModelSpec;
 use crate::error::{Error, Result};
-use crate::pd::{PdReceiver, PdSender, ReceiverSpec};
-use crate::proxy::{serve_with_grace, MAX_BODY_BYTES};
+use crate::http::{serve_with_grace, MAX_BODY_BYTES};
 use crate::synthetic::{self, VOCAB_SIZE};
+use kvtier::config::{Config, PdRole};
+use kvtier::model::ModelSpec;
+use kvtier::pd::{PdReceiver, PdSender, ReceiverSpec};
 
 /// The most tokens one request may ask to generate.
 pub const MAX_GENERATED_TOKENS: u64 = 1 << 20;
@@ -224,14 +224,23 @@ impl TestServer {
                     PdRole::Sender => {
                         role = Some(Role::Prefiller);
                         Pd::Sender(Box::new(
-                            PdSender::new(config, options.model.clone(), Metrics::new()).await?,
+                            PdSender::new(
+                                &config.pd_sender_settings(),
+                                options.model.clone(),
+                                Metrics::new(),
+                            )
+                            .await?,
                         ))
                     }
                     PdRole::Receiver => {
                         role = Some(Role::Decoder);
                         Pd::Receiver(
-                            PdReceiver::start(config, options.model.clone(), Metrics::new())
-                                .await?,
+                            PdReceiver::start(
+                                &config.pd_receiver_settings(),
+                                options.model.clone(),
+                                Metrics::new(),
+                            )
+                            .await?,
                         )
                     }
                 }
@@ -240,14 +249,14 @@ impl TestServer {
         };
         let listener = TcpListener::bind((options.host.as_str(), options.port))
             .await
-            .map_err(|e| Error::Io {
+            .map_err(|e| Error::Listen {
                 op: "bind test server HTTP port",
-                path: format!("{}:{}", options.host, options.port).into(),
+                addr: format!("{}:{}", options.host, options.port),
                 source: e,
             })?;
-        let addr = listener.local_addr().map_err(|e| Error::Io {
+        let addr = listener.local_addr().map_err(|e| Error::Listen {
             op: "query test server HTTP port",
-            path: format!("{}:{}", options.host, options.port).into(),
+            addr: format!("{}:{}", options.host, options.port),
             source: e,
         })?;
         Ok(TestServer {
@@ -715,7 +724,7 @@ async fn send_kv(
     req_id: &str,
     tokens: &[u32],
     to: &ReceiverSpec,
-) -> Result<crate::pd::SendReport, Reject> {
+) -> Result<kvtier::pd::SendReport, Reject> {
     let model = shared.model.clone();
     let owned = tokens.to_vec();
     let _slot = shared.kv_slots.acquire().await.map_err(|e| {

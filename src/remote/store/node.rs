@@ -11,10 +11,10 @@ use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::etcd::Etcd;
-use super::rpc::{IndexEntry, Request, Response, SegmentInfo};
-use super::RemoteError;
 use crate::config::TransferChannel;
+use crate::remote::etcd::Etcd;
+use crate::remote::rpc::{IndexEntry, Request, Response, SegmentInfo};
+use crate::remote::RemoteError;
 use crate::transport::{self, HostBuffer, RegistrationHandle, Transport, TransportConfig};
 
 /// How to run a store node.
@@ -49,7 +49,7 @@ struct NodeShared {
 pub struct StoreNode {
     shared: Arc<NodeShared>,
     /// The registry and the lease the node is registered under.
-    membership: Option<(Etcd, Arc<Mutex<Option<super::etcd::LeaseId>>>)>,
+    membership: Option<(Etcd, Arc<Mutex<Option<crate::remote::etcd::LeaseId>>>)>,
     tasks: Vec<JoinHandle<()>>,
     // Declared last: deregistered, then the transport closes.
     _registration: RegistrationHandle,
@@ -75,26 +75,24 @@ impl StoreNode {
                 "a store node needs `global_segment_size` > 0".into(),
             ));
         }
-        let transport = transport::open(config.protocol, config.transport.clone())
-            .map_err(|e| RemoteError::Transport(e.to_string()))?;
+        let transport = transport::open(config.protocol, config.transport.clone())?;
         let buffer = Arc::new(HostBuffer::new(size));
-        let registration = transport
-            .register(buffer.clone())
-            .map_err(|e| RemoteError::Transport(e.to_string()))?;
-        let descriptor = transport
-            .local_descriptor()
-            .map_err(|e| RemoteError::Transport(e.to_string()))?;
+        let registration = transport.register(buffer.clone())?;
+        let descriptor = transport.local_descriptor()?;
         let listener = TcpListener::bind((config.transport.host.as_str(), config.control_port))
             .await
-            .map_err(|e| {
-                RemoteError::Config(format!(
-                    "store node control server on {}:{}: {e}",
-                    config.transport.host, config.control_port
-                ))
+            .map_err(|source| RemoteError::Listen {
+                what: "store node control server",
+                addr: format!("{}:{}", config.transport.host, config.control_port),
+                source,
             })?;
         let control = listener
             .local_addr()
-            .map_err(|e| RemoteError::Config(e.to_string()))?;
+            .map_err(|source| RemoteError::Listen {
+                what: "store node control server",
+                addr: format!("{}:{}", config.transport.host, config.control_port),
+                source,
+            })?;
         kvtier_transport::handshake::warn_if_exposed(
             Service::StoreNode,
             &control,
@@ -118,7 +116,7 @@ impl StoreNode {
             info,
         });
         let handler = shared.clone();
-        let mut tasks = vec![tokio::spawn(super::rpc::serve(
+        let mut tasks = vec![tokio::spawn(crate::remote::rpc::serve(
             listener,
             Service::StoreNode,
             "store node control",
@@ -243,7 +241,7 @@ async fn register(
     etcd: Etcd,
     info: SegmentInfo,
     ttl: Duration,
-    current: Arc<Mutex<Option<super::etcd::LeaseId>>>,
+    current: Arc<Mutex<Option<crate::remote::etcd::LeaseId>>>,
 ) {
     // Name and instance: two nodes given the same name do not overwrite each other.
     let key = etcd.key(&format!("segments/{}/{:016x}", info.name, info.id));

@@ -17,10 +17,10 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::etcd::Etcd;
 use super::placement::{NodeUpdate, Placement, PlacementConfig};
-use super::rpc::{IndexEntry, Request, Response, RpcConn, SegmentInfo, StoreStats};
-use super::RemoteError;
+use crate::remote::etcd::Etcd;
+use crate::remote::rpc::{IndexEntry, Request, Response, RpcConn, SegmentInfo, StoreStats};
+use crate::remote::RemoteError;
 
 /// How to run a master.
 #[derive(Clone, Debug)]
@@ -66,7 +66,7 @@ struct Shared {
     /// Index updates dropped because a node's queue was full.
     mirror_dropped: AtomicU64,
     /// The etcd lease this master campaigns and leads with.
-    lease: Mutex<Option<super::etcd::LeaseId>>,
+    lease: Mutex<Option<crate::remote::etcd::LeaseId>>,
 }
 
 /// A running master. Dropping it stops it (and, with etcd, gives up leadership when its
@@ -89,12 +89,21 @@ impl Drop for MasterServer {
 impl MasterServer {
     /// Binds the control server and starts leading (or campaigning, with etcd).
     pub async fn start(config: MasterConfig) -> Result<MasterServer, RemoteError> {
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|e| RemoteError::Config(format!("master listen {}: {e}", config.listen)))?;
+        let listener =
+            TcpListener::bind(&config.listen)
+                .await
+                .map_err(|source| RemoteError::Listen {
+                    what: "master",
+                    addr: config.listen.clone(),
+                    source,
+                })?;
         let mut bound = listener
             .local_addr()
-            .map_err(|e| RemoteError::Config(e.to_string()))?;
+            .map_err(|source| RemoteError::Listen {
+                what: "master",
+                addr: config.listen.clone(),
+                source,
+            })?;
         kvtier_transport::handshake::warn_if_exposed(
             Service::StoreMaster,
             &bound,
@@ -118,7 +127,7 @@ impl MasterServer {
             config,
         });
         let mut tasks = vec![
-            tokio::spawn(super::rpc::serve(
+            tokio::spawn(crate::remote::rpc::serve(
                 listener,
                 Service::StoreMaster,
                 "master",
@@ -318,7 +327,7 @@ async fn mirror(shared: Arc<Shared>, info: SegmentInfo, mut rx: mpsc::Receiver<N
                     .ok();
                 }
                 if let Some(c) = conn.as_mut() {
-                    match c.call(&req, shared.config.timeout).await {
+                    match c.request(&req, shared.config.timeout).await {
                         Ok(_) => {
                             sent = true;
                             break;
@@ -387,7 +396,7 @@ async fn fetch_index(shared: &Arc<Shared>, info: &SegmentInfo) -> Option<Vec<Ind
             timeout,
         )
         .await?;
-        match conn.call(&Request::NodeIndex, timeout).await? {
+        match conn.request(&Request::NodeIndex, timeout).await? {
             Response::NodeIndex(entries) => Ok(entries),
             other => Err(RemoteError::Rpc {
                 peer: info.control.clone(),
@@ -414,7 +423,7 @@ async fn fetch_index(shared: &Arc<Shared>, info: &SegmentInfo) -> Option<Vec<Ind
 async fn keep_leading(
     shared: Arc<Shared>,
     etcd: Etcd,
-    lease: super::etcd::LeaseId,
+    lease: crate::remote::etcd::LeaseId,
     tick: Duration,
 ) {
     let ttl = shared.config.lease_ttl;

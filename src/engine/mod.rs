@@ -12,14 +12,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod builder;
+pub use builder::EngineBuilder;
+
 use rayon::prelude::*;
 
-use crate::chunk::{ChunkShape, DType, KvLayout};
-use crate::config::{Config, PdRole};
+use crate::config::{Config, EngineSettings, PdSettings, TierSettings};
 use crate::error::{Error, Result};
-use crate::keys::{ChunkHasher, ChunkKey, ChunkSpan, ModelNamespace};
+use crate::keys::{ChunkHasher, ChunkKey, ChunkSpan};
 use crate::memory::{copy_bulk, BufferPool, KvBuffer};
-use crate::metrics::Metrics;
+use crate::metrics::{gb_per_s, Metrics};
+use crate::model::ModelSpec;
 use crate::pd::{PdReceiver, PdSender};
 use crate::remote::offload::RemoteLink;
 use crate::remote::RemoteTier;
@@ -27,78 +30,6 @@ use crate::storage::StorageManager;
 use crate::tier::cpu::CpuTier;
 use crate::tier::disk::{DiskTier, RecoveryReport};
 use crate::tier::{Chunk, ChunkRef, TierKind, TierUsage};
-
-/// The model whose KV the engine stores: decides chunk shapes and the key namespace.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ModelSpec {
-    /// Model name, e.g. `meta-llama/Llama-3.1-8B-Instruct`.
-    pub name: String,
-    /// Transformer layers.
-    pub layers: u32,
-    /// KV heads held by this tensor-parallel shard.
-    pub kv_heads: u32,
-    /// Elements per head.
-    pub head_dim: u32,
-    /// Element type.
-    pub dtype: DType,
-    /// Layout.
-    pub layout: KvLayout,
-    /// Tensor-parallel world size.
-    pub tp_size: u32,
-    /// Tensor-parallel rank of this shard.
-    pub tp_rank: u32,
-}
-
-impl ModelSpec {
-    /// Llama-3.1-8B: 32 layers, 8 KV heads of 128, bf16, `KV_2LTD`: 128 KiB per token.
-    pub fn llama_3_1_8b() -> Self {
-        ModelSpec {
-            name: "meta-llama/Llama-3.1-8B-Instruct".into(),
-            layers: 32,
-            kv_heads: 8,
-            head_dim: 128,
-            dtype: DType::Bf16,
-            layout: KvLayout::Kv2Ltd,
-            tp_size: 1,
-            tp_rank: 0,
-        }
-    }
-
-    /// Elements per token per layer.
-    pub fn hidden(&self) -> u32 {
-        self.kv_heads * self.head_dim
-    }
-
-    /// KV bytes per token.
-    pub fn bytes_per_token(&self) -> usize {
-        self.layout.kv_factor() * self.layers as usize * self.hidden() as usize * self.dtype.size()
-    }
-
-    /// Shape of a chunk of `tokens` tokens.
-    pub fn chunk_shape(&self, tokens: usize) -> ChunkShape {
-        ChunkShape {
-            layout: self.layout,
-            dtype: self.dtype,
-            layers: self.layers,
-            tokens: tokens as u32,
-            hidden: self.hidden(),
-        }
-    }
-
-    /// Key namespace for chunks of `chunk_size` tokens.
-    pub fn namespace(&self, chunk_size: usize) -> ModelNamespace {
-        ModelNamespace {
-            model: self.name.clone(),
-            dtype: self.dtype,
-            layout: self.layout,
-            layers: self.layers,
-            hidden: self.hidden(),
-            tp_size: self.tp_size,
-            tp_rank: self.tp_rank,
-            chunk_size: chunk_size as u32,
-        }
-    }
-}
 
 /// What a store did.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -125,17 +56,15 @@ pub struct RetrieveReport {
 }
 
 /// Idle buffers the pool keeps for reuse: a few requests' worth, within the CPU budget.
-fn idle_budget(config: &Config, chunk_bytes: usize) -> usize {
-    (config.max_local_cpu_size as usize).clamp(chunk_bytes * 4, 2 << 30)
-}
-
-/// Bytes per second in GB/s (10^9), for logs.
-pub fn gb_per_s(bytes: u64, elapsed: Duration) -> f64 {
-    bytes as f64 / elapsed.as_secs_f64().max(1e-9) / 1e9
+fn idle_budget(tiers: &TierSettings, chunk_bytes: usize) -> usize {
+    let cpu = tiers.cpu_bytes.unwrap_or(u64::MAX);
+    usize::try_from(cpu)
+        .unwrap_or(usize::MAX)
+        .clamp(chunk_bytes * 4, 2 << 30)
 }
 
 struct Inner {
-    config: Config,
+    settings: EngineSettings,
     model: ModelSpec,
     hasher: ChunkHasher,
     storage: StorageManager,
@@ -197,43 +126,55 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// An engine for `model` with the tiers `config` asks for. Opening the disk tier
-    /// indexes the chunk files already there.
+    /// An engine for `model` with the tiers `config` asks for: checks `config`, logs its
+    /// warnings, and builds the engine from its [`EngineSettings`] (see
+    /// [`Engine::builder`] to start from settings instead of YAML).
     pub async fn from_config(config: Config, model: ModelSpec) -> Result<Engine> {
         config.validate()?;
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }
+        EngineBuilder::from_settings(model, config.engine_settings())
+            .build()
+            .await
+    }
+
+    /// A builder of an engine for `model`, with every setting at its default (those of an
+    /// empty configuration file, documented on each setter).
+    pub fn builder(model: ModelSpec) -> EngineBuilder {
+        EngineBuilder::new(model)
+    }
+
+    /// Opens an engine from checked settings (see [`EngineBuilder::build`]).
+    async fn open(model: ModelSpec, settings: EngineSettings) -> Result<Engine> {
         if model.layers == 0 || model.hidden() == 0 {
             return Err(Error::Shape(format!(
                 "model {} has no KV: {model:?}",
                 model.name
             )));
         }
+        let keys = &settings.keys;
+        let tiers = &settings.tiers;
         let hasher = ChunkHasher::new(
-            &model.namespace(config.chunk_size),
-            config.hash_seed,
-            config.save_unfull_chunk,
+            &model.namespace(keys.chunk_size),
+            keys.hash_seed,
+            keys.save_unfull_chunk,
         );
         let metrics = Metrics::new();
-        let chunk_bytes = model.bytes_per_token() * config.chunk_size;
-        let idle = idle_budget(&config, chunk_bytes);
-        let pool = BufferPool::new(idle);
-        let cpu = config
-            .local_cpu
-            .then(|| CpuTier::new(config.max_local_cpu_size));
-        let (disk, recovered) = match &config.local_disk {
-            Some(dir) => {
-                let dir = dir.clone();
-                let (cap, depth, pool) = (
-                    config.max_local_disk_size,
-                    config.local_disk_write_queue,
-                    pool.clone(),
-                );
+        let chunk_bytes = model.bytes_per_token() * keys.chunk_size;
+        let pool = BufferPool::new(idle_budget(tiers, chunk_bytes));
+        let cpu = tiers.cpu_bytes.map(CpuTier::new);
+        let (disk, recovered) = match &tiers.disk {
+            Some(d) => {
+                let (dir, cap, depth, pool) =
+                    (d.dir.clone(), d.capacity_bytes, d.write_queue, pool.clone());
                 let (tier, report) =
                     tokio::task::spawn_blocking(move || DiskTier::open(dir, cap, depth, pool))
                         .await
-                        .map_err(|e| Error::Task(format!("opening the disk tier: {e}")))??;
+                        .map_err(|source| Error::Task {
+                            what: "opening the disk tier",
+                            source,
+                        })??;
                 tracing::info!(
                     dir = %tier.dir().display(),
                     "disk tier: {} chunks ({:.2} GB) recovered, {} discarded, {} evicted",
@@ -248,15 +189,11 @@ impl Engine {
         };
         #[allow(unused_mut)]
         let mut storage = StorageManager::new(cpu, disk, metrics.clone());
-        if config.max_local_gpu_size > 0 {
+        if tiers.gpu_bytes > 0 {
             #[cfg(feature = "cuda")]
             {
-                let gpu = crate::tier::gpu::GpuTier::new(
-                    0,
-                    config.max_local_gpu_size,
-                    chunk_bytes,
-                    pool.clone(),
-                )?;
+                let gpu =
+                    crate::tier::gpu::GpuTier::new(0, tiers.gpu_bytes, chunk_bytes, pool.clone())?;
                 storage = storage.with_gpu(gpu);
             }
             #[cfg(not(feature = "cuda"))]
@@ -264,26 +201,25 @@ impl Engine {
                 "`max_local_gpu_size` > 0 needs kvtier built with `--features cuda`".into(),
             ));
         }
-        let pd = match (config.enable_pd, config.pd_role) {
-            (false, _) => None,
-            (true, Some(PdRole::Sender)) => Some(PdEndpoint::Sender(Box::new(
-                PdSender::new(&config, model.clone(), metrics.clone()).await?,
+        let pd = match &settings.pd {
+            None => None,
+            Some(PdSettings::Sender(s)) => Some(PdEndpoint::Sender(Box::new(
+                PdSender::new(s, model.clone(), metrics.clone()).await?,
             ))),
-            (true, Some(PdRole::Receiver)) => Some(PdEndpoint::Receiver(Box::new(
-                PdReceiver::start(&config, model.clone(), metrics.clone()).await?,
+            Some(PdSettings::Receiver(r)) => Some(PdEndpoint::Receiver(Box::new(
+                PdReceiver::start(r, model.clone(), metrics.clone()).await?,
             ))),
-            (true, None) => {
-                return Err(Error::Unsupported(
-                    "`enable_pd: true` needs `pd_role: sender | receiver`".into(),
-                ))
-            }
         };
-        let remote = RemoteTier::open(&config)
-            .await?
-            .map(|tier| RemoteLink::open(tier, metrics.clone()));
+        let remote = match &settings.remote {
+            Some(r) => Some(RemoteLink::open(
+                RemoteTier::open(r).await?,
+                metrics.clone(),
+            )),
+            None => None,
+        };
         Ok(Engine {
             inner: Arc::new(Inner {
-                config,
+                settings,
                 model,
                 hasher,
                 storage,
@@ -296,9 +232,9 @@ impl Engine {
         })
     }
 
-    /// The configuration the engine runs with.
-    pub fn config(&self) -> &Config {
-        &self.inner.config
+    /// The settings the engine runs with.
+    pub fn settings(&self) -> &EngineSettings {
+        &self.inner.settings
     }
 
     /// The model.
@@ -360,8 +296,9 @@ impl Engine {
     /// instead of paying first-touch page faults (about 3× a copy), as an engine that
     /// allocates its whole CPU cache up front would. Returns at once.
     pub fn prefault(&self, bytes: usize) {
-        let chunk_bytes = self.inner.model.bytes_per_token() * self.inner.config.chunk_size;
-        let count = bytes.min(idle_budget(&self.inner.config, chunk_bytes)) / chunk_bytes.max(1);
+        let settings = &self.inner.settings;
+        let chunk_bytes = self.inner.model.bytes_per_token() * settings.keys.chunk_size;
+        let count = bytes.min(idle_budget(&settings.tiers, chunk_bytes)) / chunk_bytes.max(1);
         if count == 0 {
             return;
         }
@@ -575,7 +512,10 @@ impl Engine {
             let engine = self.clone();
             tokio::task::spawn_blocking(move || engine.inner.storage.fetch(plan))
                 .await
-                .map_err(|e| Error::Task(format!("retrieve: {e}")))?
+                .map_err(|source| Error::Task {
+                    what: "retrieve",
+                    source,
+                })?
         };
         let found = local.len();
         let mut chunks = self.model_prefix(&spans, local);
@@ -794,6 +734,9 @@ impl Engine {
         let engine = self.clone();
         tokio::task::spawn_blocking(move || engine.inner.storage.flush())
             .await
-            .map_err(|e| Error::Task(format!("flush: {e}")))
+            .map_err(|source| Error::Task {
+                what: "flush",
+                source,
+            })
     }
 }

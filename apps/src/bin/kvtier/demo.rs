@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use kvtier::engine::gb_per_s;
-use kvtier::synthetic::{kv_for_tokens, token_ids};
+use kvtier::metrics::gb_per_s;
 use kvtier::{Config, Engine, ModelSpec};
+use kvtier_cli::synthetic::{kv_for_tokens, token_ids};
 
 /// Arguments of `kvtier demo`.
 #[derive(Args)]
@@ -217,8 +217,8 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn expect_hit(engine: &Engine, tokens: &[u32], hit: usize) -> anyhow::Result<()> {
-    let chunk = engine.config().chunk_size;
-    let expected = if engine.config().save_unfull_chunk {
+    let chunk = engine.settings().keys.chunk_size;
+    let expected = if engine.settings().keys.save_unfull_chunk {
         tokens.len()
     } else {
         tokens.len() / chunk * chunk

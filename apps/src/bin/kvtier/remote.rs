@@ -10,12 +10,13 @@ use clap::Args;
 use kvtier::config::TransferChannel;
 use kvtier::memory::BufferPool;
 use kvtier::remote::etcd::Etcd;
-use kvtier::remote::master::{MasterConfig, MasterServer};
-use kvtier::remote::node::{NodeConfig, StoreNode};
-use kvtier::remote::placement::PlacementConfig;
+use kvtier::remote::store::master::{MasterConfig, MasterServer};
+use kvtier::remote::store::node::{NodeConfig, StoreNode};
+use kvtier::remote::store::placement::PlacementConfig;
 use kvtier::remote::RemoteTier;
 use kvtier::transport::TransportConfig;
-use kvtier::{synthetic, Config, Engine, ModelSpec};
+use kvtier::{Config, Engine, ModelSpec};
+use kvtier_cli::synthetic;
 
 use crate::transfer::{parse_channel, parse_size};
 
@@ -212,7 +213,12 @@ pub fn run_store_node(args: StoreNodeArgs) -> anyhow::Result<()> {
         .context("a store node needs --etcd (or `extra_config.metadata_server` in --config)")?;
     let protocol = match args.protocol {
         Some(p) => p,
-        None => kvtier::remote::protocol_channel(extra.protocol.as_deref())?,
+        None => kvtier::config::store_channel(extra.protocol.as_deref()).with_context(|| {
+            format!(
+                "`extra_config.protocol: {}`: expected tcp, ucx (Mooncake's rdma) or nixl",
+                extra.protocol.as_deref().unwrap_or_default()
+            )
+        })?,
     };
     let host = args
         .host
@@ -468,7 +474,8 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         let name = format!("kvtier store ({channel})");
         let config = bench_config(&format!("kvtier://{addr}"), t, total + (64 << 20))?;
         let (put, get) = rt.block_on(async {
-            let tier = RemoteTier::open(&config).await?.context("remote tier")?;
+            let settings = config.remote_settings().context("remote tier")?;
+            let tier = RemoteTier::open(&settings).await?;
             // Removed objects' room comes back when their read leases (2 s) end.
             bench_tier(&name, &tier, &objects, iters, Duration::from_millis(2300)).await
         })?;
@@ -482,7 +489,8 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some((url, _guard)) = &redis {
         let config = bench_config(url, "tcp", 0)?;
         let (put, get) = rt.block_on(async {
-            let tier = RemoteTier::open(&config).await?.context("remote tier")?;
+            let settings = config.remote_settings().context("remote tier")?;
+            let tier = RemoteTier::open(&settings).await?;
             bench_tier("redis", &tier, &objects, iters, Duration::ZERO).await
         })?;
         rows.push(("redis".into(), put, get));

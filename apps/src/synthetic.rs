@@ -9,14 +9,14 @@
 use rayon::prelude::*;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use crate::engine::ModelSpec;
+use kvtier::model::ModelSpec;
 
 /// Size of the synthetic vocabulary (Llama-3's): every token id this module produces is
 /// below it.
 pub const VOCAB_SIZE: u32 = 128_256;
 
 /// Synthetic KV for `tokens` in the model's `[kv_factor, layers, tokens, hidden]` layout
-/// (the layout [`crate::Engine::store`] takes): each token's rows are pseudo-random bytes
+/// (the layout [`kvtier::Engine::store`] takes): each token's rows are pseudo-random bytes
 /// seeded by a hash chained over all tokens up to it, so prompts that share a prefix share
 /// that prefix's KV, as a real model's would. Returns
 /// `model.bytes_per_token() * tokens.len()` bytes. Uses every core (rayon).
