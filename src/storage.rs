@@ -7,16 +7,31 @@
 //! - **get** takes each chunk from the first tier that holds it, top-down, reads the
 //!   lower tiers in parallel, and promotes what it read into the CPU tier.
 //! - **lookup** counts the longest prefix of keys held across all tiers.
+//! - The **remote tier** (`remote_url`) sits below the local ones and is the one tier
+//!   shared with other engines: chunks stored locally are queued for its background
+//!   writer (written through, awaited, when it is the only tier); lookups and reads
+//!   continue into it where the local prefix ends; what it returns is verified against
+//!   its header and key before anyone sees it, and a tier that just failed is skipped for
+//!   a moment (see `remote::offload`). Its calls are async; the local tiers' are not.
+//!
+//! The manager is the one owner of moves between tiers: the engine asks it, never a tier.
+
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::chunk::{ChunkHeader, HEADER_LEN};
 use crate::keys::ChunkKey;
+use crate::memory::BufferPool;
 use crate::metrics::Metrics;
+use crate::remote::client::StoreClient;
+use crate::remote::offload::RemoteLink;
+use crate::remote::RemoteError;
 use crate::tier::cpu::CpuTier;
 use crate::tier::disk::DiskTier;
 #[cfg(feature = "cuda")]
 use crate::tier::gpu::GpuTier;
-use crate::tier::{ChunkRef, Tier, TierKind, TierUsage};
+use crate::tier::{Chunk, ChunkRef, Tier, TierKind, TierUsage};
 use crate::tier::{Result, TierError};
 
 enum Step {
@@ -57,6 +72,7 @@ pub struct StorageManager {
     gpu: Option<GpuTier>,
     cpu: Option<CpuTier>,
     disk: Option<DiskTier>,
+    remote: Option<RemoteLink>,
     metrics: Metrics,
 }
 
@@ -68,6 +84,7 @@ impl StorageManager {
             gpu: None,
             cpu,
             disk,
+            remote: None,
             metrics,
         };
         manager.publish_usage();
@@ -82,7 +99,13 @@ impl StorageManager {
         self
     }
 
-    /// The tiers, top to bottom.
+    /// Adds the remote tier at the bottom.
+    pub(crate) fn with_remote(mut self, remote: RemoteLink) -> Self {
+        self.remote = Some(remote);
+        self
+    }
+
+    /// The local tiers, top to bottom.
     pub fn tiers(&self) -> Vec<&dyn Tier> {
         let mut tiers: Vec<&dyn Tier> = Vec::with_capacity(3);
         #[cfg(feature = "cuda")]
@@ -98,9 +121,19 @@ impl StorageManager {
         tiers
     }
 
-    /// Whether any tier is configured.
+    /// Whether no local tier is configured.
     pub fn is_empty(&self) -> bool {
         self.tiers().is_empty()
+    }
+
+    /// Whether a remote tier is configured.
+    pub fn has_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// The kvtier store behind the remote tier, when `remote_url` names one.
+    pub fn remote_store(&self) -> Option<&StoreClient> {
+        self.remote.as_ref()?.tier().store_client()
     }
 
     /// The disk tier, if configured.
@@ -273,6 +306,108 @@ impl StorageManager {
             disk.flush();
         }
         self.publish_usage();
+    }
+
+    /// Hands `chunks`, just stored in the local tiers, to the remote tier: written
+    /// through and awaited when it is the only tier, else queued for its background
+    /// writer (a full queue skips them, counted). Nothing without a remote tier.
+    pub async fn put_remote(&self, chunks: &[ChunkRef]) -> Result<(), RemoteError> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        if self.is_empty() {
+            remote.write_through(chunks).await?;
+        } else {
+            remote.offload(chunks);
+        }
+        Ok(())
+    }
+
+    /// How many of `keys`, from the first, the remote tier holds (0 without one, or while
+    /// it is unavailable).
+    pub async fn remote_prefix(&self, keys: &[ChunkKey]) -> usize {
+        let Some(remote) = self.remote.as_ref().filter(|_| !keys.is_empty()) else {
+            return 0;
+        };
+        let ids: Vec<u128> = keys.iter().map(|k| k.0).collect();
+        remote
+            .call("lookup", remote.tier().exists(&ids))
+            .await
+            .map_or(0, |found| found.iter().take_while(|&&f| f).count())
+    }
+
+    /// The leading `keys` the remote tier holds, read into buffers of `pool`, each
+    /// verified against its header, checksum and key (a damaged or foreign object ends
+    /// the prefix like a miss, counted in `kvtier_corrupt_chunks_total{tier="remote"}`).
+    /// The caller checks their shape before it [`promote`](Self::promote)s them.
+    pub async fn read_remote(&self, keys: &[ChunkKey], pool: &BufferPool) -> Vec<ChunkRef> {
+        let Some(remote) = self.remote.as_ref().filter(|_| !keys.is_empty()) else {
+            return Vec::new();
+        };
+        let ids: Vec<u128> = keys.iter().map(|k| k.0).collect();
+        let Some(found) = remote
+            .call("retrieve", remote.tier().get(&ids, HEADER_LEN, pool))
+            .await
+        else {
+            return Vec::new();
+        };
+        let checks_reads = remote.tier().checks_reads();
+        let mut out = Vec::new();
+        for (key, item) in keys.iter().zip(found) {
+            let Some((head, body)) = item else { break };
+            // The kvtier store already compared what was copied out with the checksum
+            // of what was written (header and payload): hashing the payload again here
+            // would cost a second pass for nothing.
+            let checked = ChunkHeader::decode(&head).and_then(|h| {
+                if checks_reads {
+                    h.verify_payload_len(&body)?;
+                } else {
+                    h.verify_payload(&body)?;
+                }
+                Ok(h)
+            });
+            match checked {
+                Ok(h) if h.key == *key => {
+                    self.metrics.tier_hits.with_label_values(&["remote"]).inc();
+                    out.push(Arc::new(Chunk {
+                        key: h.key,
+                        shape: h.shape,
+                        data: body,
+                    }));
+                }
+                other => {
+                    self.metrics
+                        .corrupt_chunks
+                        .with_label_values(&["remote"])
+                        .inc();
+                    tracing::error!(
+                        "remote tier: chunk {key} unusable ({other:?}); treated as a miss"
+                    );
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes `keys` from the remote tier; returns how many it held (0 without one, or
+    /// while it is unavailable).
+    pub async fn remove_remote(&self, keys: &[ChunkKey]) -> usize {
+        let Some(remote) = &self.remote else {
+            return 0;
+        };
+        let ids: Vec<u128> = keys.iter().map(|k| k.0).collect();
+        remote
+            .call("remove", remote.tier().remove(&ids))
+            .await
+            .map_or(0, |flags| flags.iter().filter(|&&f| f).count())
+    }
+
+    /// Waits until every chunk queued for the remote tier is written or given up on.
+    pub async fn flush_remote(&self) {
+        if let Some(remote) = &self.remote {
+            remote.flush().await;
+        }
     }
 
     /// Occupancy of every tier, top to bottom.

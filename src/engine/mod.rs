@@ -72,7 +72,6 @@ struct Inner {
     metrics: Metrics,
     recovered: Option<RecoveryReport>,
     pd: Option<PdEndpoint>,
-    remote: Option<RemoteLink>,
 }
 
 /// The P/D role an engine plays (`enable_pd`, `pd_role`).
@@ -187,7 +186,6 @@ impl Engine {
             }
             None => (None, None),
         };
-        #[allow(unused_mut)]
         let mut storage = StorageManager::new(cpu, disk, metrics.clone());
         if tiers.gpu_bytes > 0 {
             #[cfg(feature = "cuda")]
@@ -210,13 +208,10 @@ impl Engine {
                 PdReceiver::start(r, model.clone(), metrics.clone()).await?,
             ))),
         };
-        let remote = match &settings.remote {
-            Some(r) => Some(RemoteLink::open(
-                RemoteTier::open(r).await?,
-                metrics.clone(),
-            )),
-            None => None,
-        };
+        if let Some(r) = &settings.remote {
+            let link = RemoteLink::open(RemoteTier::open(r).await?, metrics.clone());
+            storage = storage.with_remote(link);
+        }
         Ok(Engine {
             inner: Arc::new(Inner {
                 settings,
@@ -227,7 +222,6 @@ impl Engine {
                 metrics,
                 recovered,
                 pd,
-                remote,
             }),
         })
     }
@@ -268,7 +262,7 @@ impl Engine {
     /// The kvtier store behind the remote tier, when `remote_url` names one (placement,
     /// stats and direct object access).
     pub fn remote_store(&self) -> Option<&crate::remote::client::StoreClient> {
-        self.inner.remote.as_ref()?.tier().store_client()
+        self.inner.storage.remote_store()
     }
 
     /// What the disk tier found when the engine opened it.
@@ -424,15 +418,9 @@ impl Engine {
         chunks: Vec<ChunkRef>,
         start: Instant,
     ) -> Result<StoreReport> {
-        if let Some(remote) = &self.inner.remote {
-            if self.inner.storage.is_empty() {
-                // The remote tier is the only one: write through before answering.
-                remote.write_through(&chunks).await?;
-            } else {
-                remote.offload(&chunks);
-            }
-        }
-        if self.inner.storage.is_empty() && self.inner.remote.is_none() {
+        let storage = &self.inner.storage;
+        storage.put_remote(&chunks).await?;
+        if storage.is_empty() && !storage.has_remote() {
             let hint = if self.pd_sender().is_some() {
                 "; a P/D sender pushes KV with `engine.pd_sender().send(...)`"
             } else {
@@ -479,11 +467,8 @@ impl Engine {
         let spans = self.inner.hasher.spans(tokens);
         let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
         let mut hit = self.inner.storage.contains_prefix(&keys);
-        if let Some(remote) = self.inner.remote.as_ref().filter(|_| hit < keys.len()) {
-            let rest: Vec<u128> = keys[hit..].iter().map(|k| k.0).collect();
-            if let Some(found) = remote.call("lookup", remote.tier().exists(&rest)).await {
-                hit += found.iter().take_while(|&&f| f).count();
-            }
+        if hit < keys.len() {
+            hit += self.inner.storage.remote_prefix(&keys[hit..]).await;
         }
         let tiers_hit = if hit == 0 { 0 } else { spans[hit - 1].end };
         let pd_hit = self.pd_receiver().map_or(0, |r| r.lookup(tokens));
@@ -519,15 +504,14 @@ impl Engine {
         };
         let found = local.len();
         let mut chunks = self.model_prefix(&spans, local);
-        if chunks.len() == found && found < keys.len() {
-            if let Some(remote) = &self.inner.remote {
-                let fetched = self.read_remote(remote, &keys[found..]).await;
-                // Checked before promotion: a chunk of another shape never enters the
-                // local tiers (where lookups would count it as a hit).
-                let fetched = self.model_prefix(&spans[found..], fetched);
-                self.inner.storage.promote(&fetched);
-                chunks.extend(fetched);
-            }
+        if chunks.len() == found && found < keys.len() && self.inner.storage.has_remote() {
+            let storage = &self.inner.storage;
+            let fetched = storage.read_remote(&keys[found..], &self.inner.pool).await;
+            // Checked before promotion: a chunk of another shape never enters the local
+            // tiers (where lookups would count it as a hit).
+            let fetched = self.model_prefix(&spans[found..], fetched);
+            storage.promote(&fetched);
+            chunks.extend(fetched);
         }
         Ok(chunks)
     }
@@ -566,62 +550,6 @@ impl Engine {
             .count();
         chunks.truncate(good);
         chunks
-    }
-
-    /// The leading `keys` the remote tier holds, verified (a damaged or foreign object
-    /// ends the prefix like a miss).
-    async fn read_remote(&self, remote: &RemoteLink, keys: &[ChunkKey]) -> Vec<ChunkRef> {
-        use crate::chunk::{ChunkHeader, HEADER_LEN};
-        let ids: Vec<u128> = keys.iter().map(|k| k.0).collect();
-        let pool = &self.inner.pool;
-        let Some(found) = remote
-            .call("retrieve", remote.tier().get(&ids, HEADER_LEN, pool))
-            .await
-        else {
-            return Vec::new();
-        };
-        let checks_reads = remote.tier().checks_reads();
-        let mut out = Vec::new();
-        for (key, item) in keys.iter().zip(found) {
-            let Some((head, body)) = item else { break };
-            // The kvtier store already compared what was copied out with the checksum
-            // of what was written (header and payload): hashing the payload again here
-            // would cost a second pass for nothing.
-            let checked = ChunkHeader::decode(&head).and_then(|h| {
-                if checks_reads {
-                    h.verify_payload_len(&body)?;
-                } else {
-                    h.verify_payload(&body)?;
-                }
-                Ok(h)
-            });
-            match checked {
-                Ok(h) if h.key == *key => {
-                    self.inner
-                        .metrics
-                        .tier_hits
-                        .with_label_values(&["remote"])
-                        .inc();
-                    out.push(Arc::new(Chunk {
-                        key: h.key,
-                        shape: h.shape,
-                        data: body,
-                    }));
-                }
-                other => {
-                    self.inner
-                        .metrics
-                        .corrupt_chunks
-                        .with_label_values(&["remote"])
-                        .inc();
-                    tracing::error!(
-                        "remote tier: chunk {key} unusable ({other:?}); treated as a miss"
-                    );
-                    break;
-                }
-            }
-        }
-        out
     }
 
     /// The chunks of the longest cached prefix of `tokens` whose shape is this engine's
@@ -708,14 +636,8 @@ impl Engine {
     /// Removes the chunks of `tokens` from every tier; returns how many were held.
     pub async fn remove(&self, tokens: &[u32]) -> Result<usize> {
         let keys = self.inner.hasher.keys(tokens);
-        let mut removed = self.inner.storage.remove(&keys);
-        if let Some(remote) = &self.inner.remote {
-            let ids: Vec<u128> = keys.iter().map(|k| k.0).collect();
-            if let Some(flags) = remote.call("remove", remote.tier().remove(&ids)).await {
-                removed = removed.max(flags.iter().filter(|&&f| f).count());
-            }
-        }
-        Ok(removed)
+        let local = self.inner.storage.remove(&keys);
+        Ok(local.max(self.inner.storage.remove_remote(&keys).await))
     }
 
     /// Empties every local tier (the remote tier is shared with other engines: use
@@ -728,9 +650,7 @@ impl Engine {
     /// Waits until every chunk stored so far has reached the disk tier and has been
     /// written to (or given up on by) the remote tier.
     pub async fn flush(&self) -> Result<()> {
-        if let Some(remote) = &self.inner.remote {
-            remote.flush().await;
-        }
+        self.inner.storage.flush_remote().await;
         let engine = self.clone();
         tokio::task::spawn_blocking(move || engine.inner.storage.flush())
             .await
