@@ -616,3 +616,33 @@ async fn pages_freed_while_writes_may_land_are_reused_only_after_a_quarantine() 
     assert_eq!(later, aborted);
     assert_eq!(receiver.usage().quarantined_pages, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_control_connections_are_closed_and_senders_reconnect() {
+    use tokio::io::AsyncReadExt;
+    let m = model();
+    let mut settings = receiver_config(TransferChannel::Tcp, 8, None).pd_receiver_settings();
+    settings.control_idle = Duration::from_millis(300);
+    let receiver = PdReceiver::start(&settings, m.clone(), Metrics::new())
+        .await
+        .unwrap();
+    // A peer that authenticates, then says nothing, loses its connection (and its slot).
+    let mut raw = raw_sender(&receiver).await;
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut byte))
+        .await
+        .expect("a silent connection is closed within the idle bound");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // A sender's pooled connection that the receiver closed that way is replaced, and the
+    // send goes through.
+    let sender = tcp_sender().await;
+    for (i, req_id) in ["first", "after-idle"].into_iter().enumerate() {
+        let tokens: Vec<u32> = (0..300).map(|t| t + 1000 * i as u32).collect();
+        sender
+            .send(req_id, &tokens, &kv_for(&m, &tokens), &spec(&receiver))
+            .await
+            .unwrap();
+        assert_eq!(receiver.lookup(&tokens), 300);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+}

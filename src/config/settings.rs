@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use kvtier_transport::limits::CONTROL_IDLE_TIMEOUT;
 use kvtier_transport::TransportConfig;
 
 use super::{BufferDevice, Config, PdRole, TransferChannel};
@@ -112,6 +113,10 @@ pub struct PdReceiverSettings {
     /// How long received KV waits for its request; `None` = forever (`pd_ttl_sec`,
     /// `pd_enable_gc`).
     pub ttl: Option<Duration>,
+    /// A control connection silent this long is closed (not a YAML key; default
+    /// [`CONTROL_IDLE_TIMEOUT`], 120 s). Senders reconnect when a pooled one turns out
+    /// closed.
+    pub control_idle: Duration,
     /// The transport.
     pub transport: TransportSettings,
 }
@@ -243,6 +248,7 @@ impl Config {
             alloc_ports: self.pd_peer_alloc_port.clone(),
             allocation_timeout: seconds(self.pd_allocation_timeout_sec),
             ttl: self.pd_enable_gc.then(|| seconds(self.pd_ttl_sec)),
+            control_idle: CONTROL_IDLE_TIMEOUT,
             transport: self.transport_settings(),
         }
     }

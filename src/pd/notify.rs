@@ -167,7 +167,7 @@ async fn accept_loop(listener: TcpListener, board: Arc<Board>, secret: Option<St
                 }
             };
             loop {
-                match conn.recv().await {
+                match conn.recv_idle(limits::CONTROL_IDLE_TIMEOUT).await {
                     Ok(Message::TransferDone {
                         req_id,
                         ok,

@@ -54,6 +54,8 @@ struct Inner {
     ttl: Option<Duration>,
     /// How long a page freed before its writes were known to be done stays out of use.
     quarantine: Duration,
+    /// A control connection silent this long is closed.
+    control_idle: Duration,
     /// Control connections served at once (both ports).
     limit: ConnectionLimit,
     metrics: Metrics,
@@ -174,6 +176,7 @@ impl PdReceiver {
             alloc_timeout: settings.allocation_timeout,
             ttl: settings.ttl,
             quarantine: settings.transport.timeout,
+            control_idle: settings.control_idle,
             limit: ConnectionLimit::new(
                 format!("P/D receiver decoder@{host}:{init_bound}"),
                 limits::MAX_CONNECTIONS,
@@ -571,7 +574,11 @@ async fn listen(inner: Arc<Inner>, listener: TcpListener) {
 
 async fn serve(inner: &Inner, mut conn: ControlConn, conn_id: u64) -> Result<(), PdError> {
     loop {
-        let answer = match conn.recv().await.map_err(PdError::from)? {
+        let answer = match conn
+            .recv_idle(inner.control_idle)
+            .await
+            .map_err(PdError::from)?
+        {
             Message::GetDescriptor => match inner.transport.local_descriptor() {
                 Ok(descriptor) => Message::Descriptor {
                     transport: inner.transport.kind().into(),

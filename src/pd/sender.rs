@@ -224,11 +224,17 @@ impl PdSender {
         Ok(link)
     }
 
-    /// A control connection to `link`'s receiver for one send: an idle one, or a new one.
-    async fn checkout(&self, link: &Link) -> Result<ControlConn> {
+    /// A control connection to `link`'s receiver for one send: an idle one (`true`), or a
+    /// new one.
+    async fn checkout(&self, link: &Link) -> Result<(ControlConn, bool)> {
         if let Some(conn) = link.idle.lock().pop() {
-            return Ok(conn);
+            return Ok((conn, true));
         }
+        Ok((self.connect_control(link).await?, false))
+    }
+
+    /// A new control connection to `link`'s receiver.
+    async fn connect_control(&self, link: &Link) -> Result<ControlConn> {
         ControlConn::connect(
             &link.alloc_addr,
             Service::PdReceiver,
@@ -370,7 +376,7 @@ impl PdSender {
         let spans = self.hasher.spans(tokens);
         let link = self.link(to).await?;
         // Ours alone until the send ends: an error or a dropped future drops it.
-        let mut control = self.checkout(&link).await?;
+        let (mut control, mut reused) = self.checkout(&link).await?;
         // The transfer proper: from the first allocation to the last commit.
         let start = Instant::now();
         let mut report = SendReport::default();
@@ -383,15 +389,19 @@ impl PdSender {
                 })
                 .collect();
             // The receiver waits for room itself, bounded by its pd_allocation_timeout_sec.
-            let answer = control
-                .request(
-                    &Message::Alloc {
-                        req_id: req_id.into(),
-                        chunks,
-                    },
-                    self.timeout * 4,
-                )
-                .await?;
+            let alloc = Message::Alloc {
+                req_id: req_id.into(),
+                chunks,
+            };
+            let mut answer = control.request(&alloc, self.timeout * 4).await;
+            if reused && matches!(&answer, Err(e) if e.is_closed()) {
+                // A pooled connection the receiver closed while it sat idle: nothing was
+                // allocated on it (allocations die with their connection); ask afresh.
+                control = self.connect_control(&link).await?;
+                answer = control.request(&alloc, self.timeout * 4).await;
+            }
+            reused = false;
+            let answer = answer?;
             let slots = match answer {
                 Message::Allocated { req_id: r, slots }
                     if r == req_id && slots.len() == wave.len() =>

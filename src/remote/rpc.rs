@@ -680,7 +680,7 @@ pub async fn serve(
                 }
             };
             loop {
-                let resp = match conn.recv().await {
+                let resp = match conn.recv_idle(limits::CONTROL_IDLE_TIMEOUT).await {
                     Ok(req) => handle(req),
                     Err(FramedError::Malformed { source, .. }) => {
                         Response::Error(source.to_string())

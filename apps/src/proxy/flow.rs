@@ -11,13 +11,13 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use kvtier::pd::PdError;
 use prometheus::{Encoder, IntGauge, TextEncoder};
 use serde_json::{json, Map, Value};
 
 use super::sse::Relay;
-use super::Shared;
+use super::{error_chain, InFlight, Shared};
 use crate::error::Result;
-use kvtier::pd::PdError;
 
 #[derive(Clone, Copy)]
 pub(super) enum Endpoint {
@@ -250,29 +250,6 @@ pub(super) fn new_request_id(n: u64) -> String {
         &x[16..20],
         &x[20..]
     )
-}
-
-/// A request in flight: holds its admission permit and decrements the in-flight gauge when
-/// the request (or its streamed body) ends.
-pub(super) struct InFlight {
-    pub(super) gauge: IntGauge,
-    pub(super) _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl InFlight {
-    fn new(gauge: &IntGauge, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
-        gauge.inc();
-        InFlight {
-            gauge: gauge.clone(),
-            _permit: permit,
-        }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.gauge.dec();
-    }
 }
 
 pub(super) async fn handle(
@@ -578,21 +555,6 @@ pub(super) async fn serve(
         );
     }
     Ok(out)
-}
-
-/// An error and its sources, `: `-joined (reqwest's own message omits the cause).
-pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let msg = inner.to_string();
-        if !s.contains(&msg) {
-            s += ": ";
-            s += &msg;
-        }
-        src = inner.source();
-    }
-    s
 }
 
 /// The start of a body, for error messages.

@@ -24,6 +24,11 @@
 //! statistics block is printed to stdout when new requests arrived, and `/metrics` exports
 //! them with request and error counters.
 
+mod flow;
+mod settings;
+mod sse;
+mod stats;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -34,22 +39,16 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderValue;
 use axum::routing::{get, post};
 use axum::Router;
+use kvtier::pd::ProxyListener;
 use parking_lot::Mutex;
+use prometheus::IntGauge;
 use tokio::net::TcpListener;
 
 use crate::error::{Error, Result};
-use kvtier::pd::ProxyListener;
-
-mod flow;
-mod settings;
-mod sse;
-mod stats;
-
-pub use settings::{DecoderTarget, ProxyConfig, DEFAULT_MAX_IN_FLIGHT};
-pub use stats::STATS_WINDOW;
-
 use crate::http::{serve_with_grace, MAX_BODY_BYTES};
 use flow::{chat_completions, completions, detokenize, health, metrics, models, tokenize};
+pub use settings::{DecoderTarget, ProxyConfig, DEFAULT_MAX_IN_FLIGHT};
+pub use stats::STATS_WINDOW;
 use stats::{ProxyMetrics, TtftStats};
 
 /// A bound proxy, ready to [`run`](Proxy::run).
@@ -228,4 +227,42 @@ async fn report_loop(shared: Arc<Shared>, every: Duration) {
         tick.tick().await;
         shared.print_report_if_new();
     }
+}
+
+/// A request in flight: holds its admission permit and decrements the in-flight gauge when
+/// the request (or its streamed body) ends.
+struct InFlight {
+    gauge: IntGauge,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl InFlight {
+    fn new(gauge: &IntGauge, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        gauge.inc();
+        InFlight {
+            gauge: gauge.clone(),
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// An error and its sources, `: `-joined (reqwest's own message omits the cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let msg = inner.to_string();
+        if !s.contains(&msg) {
+            s += ": ";
+            s += &msg;
+        }
+        src = inner.source();
+    }
+    s
 }

@@ -9,8 +9,7 @@ use axum::body::Bytes;
 use futures_util::StreamExt;
 use serde_json::json;
 
-use super::flow::{error_chain, InFlight};
-use super::Shared;
+use super::{error_chain, InFlight, Shared};
 
 pub(super) type Upstream =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<Bytes>> + Send>>;

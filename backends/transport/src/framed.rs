@@ -64,6 +64,14 @@ pub enum FramedError {
         /// The OS error (`UnexpectedEof` when the peer hung up).
         source: std::io::Error,
     },
+    /// The peer sent nothing for the idle bound; the connection was closed.
+    #[error("connection to {peer} idle for {after:?}; closed")]
+    Idle {
+        /// The peer.
+        peer: String,
+        /// The idle bound.
+        after: Duration,
+    },
     /// A frame over the cap (sent or announced).
     #[error("frame from or to {peer}: {source}")]
     Frame {
@@ -83,9 +91,10 @@ pub enum FramedError {
 }
 
 impl FramedError {
-    /// Whether the peer simply went away (closed or reset the connection).
+    /// Whether the connection simply ended: the peer closed or reset it, or it sat idle
+    /// past the bound.
     pub fn is_closed(&self) -> bool {
-        matches!(self, FramedError::Closed { .. })
+        matches!(self, FramedError::Closed { .. } | FramedError::Idle { .. })
     }
 }
 
@@ -214,6 +223,18 @@ impl<C: Codec> FramedConn<C> {
         })
     }
 
+    /// Receives one message, the accepting side's way: a peer that sends nothing for
+    /// `idle` gets the connection closed ([`FramedError::Idle`]).
+    pub async fn recv_idle(&mut self, idle: Duration) -> Result<C::In, FramedError> {
+        match tokio::time::timeout(idle, self.recv()).await {
+            Ok(r) => r,
+            Err(_) => Err(FramedError::Idle {
+                peer: self.peer.clone(),
+                after: idle,
+            }),
+        }
+    }
+
     /// Receives one message within `timeout`.
     pub async fn recv_within(&mut self, timeout: Duration) -> Result<C::In, FramedError> {
         match tokio::time::timeout(timeout, self.recv()).await {
@@ -241,5 +262,62 @@ impl<C: Codec> FramedConn<C> {
                 after: timeout,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes both ways, one message per frame.
+    struct Echo;
+
+    impl Codec for Echo {
+        const VERSION: u16 = 1;
+        type Out = Vec<u8>;
+        type In = Vec<u8>;
+        const MAX_FRAME: usize = 64;
+
+        fn encode(msg: &Vec<u8>) -> Vec<u8> {
+            msg.clone()
+        }
+
+        fn decode(body: &[u8]) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+            Ok(body.to_vec())
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_caps_hold_and_silence_is_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let t = Duration::from_secs(5);
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut conn = FramedConn::<Echo>::accept(stream, Service::StoreNode, "s", None, t)
+                .await
+                .unwrap();
+            let got = conn.recv_idle(t).await.unwrap();
+            conn.send(&got).await.unwrap();
+            conn.recv_idle(Duration::from_millis(200)).await
+        });
+        let mut client = FramedConn::<Echo>::connect(&addr, Service::StoreNode, "c", None, t)
+            .await
+            .unwrap();
+        assert!(client.peer().starts_with("s ("), "{}", client.peer());
+        assert_eq!(
+            client.request(&b"hello".to_vec(), t).await.unwrap(),
+            b"hello"
+        );
+        let err = client.send(&vec![0u8; 65]).await.unwrap_err();
+        assert!(matches!(err, FramedError::Frame { .. }), "{err}");
+        // The server hears nothing more and closes the connection.
+        let idle = server.await.unwrap().unwrap_err();
+        assert!(
+            matches!(idle, FramedError::Idle { .. }) && idle.is_closed(),
+            "{idle}"
+        );
+        let err = client.recv_within(t).await.unwrap_err();
+        assert!(err.is_closed(), "{err}");
     }
 }

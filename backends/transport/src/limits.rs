@@ -1,6 +1,7 @@
 //! Bounds every kvtier listener applies to its peers: how many connections it serves at
 //! once (a connection past the cap is closed at once, so a peer cannot exhaust tasks and
-//! descriptors), and how long a reply may wait for a peer that stopped reading.
+//! descriptors), how long a reply may wait for a peer that stopped reading, and how long a
+//! control connection may sit silent.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,6 +11,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Default cap on the connections one listener serves at once.
 pub const MAX_CONNECTIONS: usize = 1024;
+
+/// How long the accepting side of a control connection waits for the next frame before it
+/// closes the connection (a peer that holds connections open and silent cannot pin the
+/// listener's connection slots). Clients that keep idle connections pooled reconnect when
+/// a pooled one turns out closed.
+pub const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Admission of one listener's connections.
 #[derive(Clone)]
