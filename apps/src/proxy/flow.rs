@@ -12,7 +12,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kvtier::pd::PdError;
-use prometheus::{Encoder, IntGauge, TextEncoder};
+use prometheus::{Encoder, TextEncoder};
 use serde_json::{json, Map, Value};
 
 use super::sse::Relay;
