@@ -305,6 +305,20 @@ impl Staging {
             _permits: permits,
         }
     }
+
+    /// Takes `n` pages (clamped to `1..=pages()`) if they are free now, without waiting.
+    pub fn try_acquire(&self, n: usize) -> Option<StagingPages<'_>> {
+        let n = n.clamp(1, self.pages);
+        let permits = self.permits.try_acquire_many(n as u32).ok()?;
+        let mut free = self.free.lock();
+        let at = free.len() - n;
+        let held = free.split_off(at);
+        Some(StagingPages {
+            staging: self,
+            held,
+            _permits: permits,
+        })
+    }
 }
 
 impl Drop for StagingPages<'_> {
@@ -329,21 +343,14 @@ impl StagingPages<'_> {
         self.held[i] * self.staging.page_bytes
     }
 
-    /// xxh3-64 of the first `lens[i]` bytes of each held page `i`, on all cores.
-    pub fn digests(&self, lens: &[usize]) -> Vec<u64> {
-        use rayon::prelude::*;
-        lens.par_iter()
-            .enumerate()
-            .map(|(i, &len)| self.staging.buffer.digest(self.offset(i), len))
-            .collect()
-    }
-
     /// Runs `fill(i, page)` on all cores for each held page `i < lens.len()`, with `page`
-    /// its first `lens[i]` bytes. Panics if there are more lengths than pages or a length
-    /// exceeds the page size.
-    pub fn fill<F>(&mut self, lens: &[usize], fill: F)
+    /// its first `lens[i]` bytes, and returns what each call returned (the P/D sender
+    /// returns the page's checksum, computed while the bytes are still in cache). Panics
+    /// if there are more lengths than pages or a length exceeds the page size.
+    pub fn fill<F, R>(&mut self, lens: &[usize], fill: F) -> Vec<R>
     where
-        F: Fn(usize, &mut [u8]) + Sync,
+        F: Fn(usize, &mut [u8]) -> R + Sync,
+        R: Send,
     {
         use rayon::prelude::*;
         assert!(
@@ -357,17 +364,22 @@ impl StagingPages<'_> {
         );
         let buffer: &kvtier_transport::HostBuffer = &self.staging.buffer;
         let held = &self.held;
-        lens.par_iter().enumerate().for_each(|(i, &len)| {
-            // SAFETY: this guard holds page `held[i]` exclusively (pages come off the free
-            // list one holder at a time, indices are distinct, and `&mut self` makes this
-            // the only writer through the guard); the transport reads the page only during
-            // transfers the holder issues after this call; `len <= page_bytes` keeps the
-            // slice inside the page, and `region_slice_mut` checks the buffer's bounds.
-            let page =
-                unsafe { kvtier_transport::region_slice_mut(buffer, held[i] * page_bytes, len) }
-                    .expect("staging page out of bounds");
-            fill(i, page);
-        });
+        lens.par_iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                // SAFETY: this guard holds page `held[i]` exclusively (pages come off the
+                // free list one holder at a time, indices are distinct, and `&mut self`
+                // makes this the only writer through the guard); the transport reads the
+                // page only during transfers the holder issues after this call; `len <=
+                // page_bytes` keeps the slice inside the page, and `region_slice_mut`
+                // checks the buffer's bounds.
+                let page = unsafe {
+                    kvtier_transport::region_slice_mut(buffer, held[i] * page_bytes, len)
+                }
+                .expect("staging page out of bounds");
+                fill(i, page)
+            })
+            .collect()
     }
 }
 
@@ -424,8 +436,10 @@ mod tests {
         let mut a = staging.acquire(3).await;
         assert_eq!((a.len(), staging.free_pages()), (3, 1));
         let offsets: Vec<usize> = (0..3).map(|i| a.offset(i)).collect();
-        a.fill(&[64, 64, 10], |i, page| page.fill(i as u8 + 1));
-        let digests = a.digests(&[64, 64, 10]);
+        let digests = a.fill(&[64, 64, 10], |i, page| {
+            page.fill(i as u8 + 1);
+            xxhash_rust::xxh3::xxh3_64(page)
+        });
         let b = staging.acquire(1).await;
         assert!(
             !offsets.contains(&b.offset(0)),

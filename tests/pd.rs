@@ -646,3 +646,149 @@ async fn silent_control_connections_are_closed_and_senders_reconnect() {
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
 }
+
+/// A full decoder delays a request that fits and never fails it: a request takes all its
+/// pages at once, so senders whose requests span several staging waves never each hold part
+/// of the buffer while waiting for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_larger_than_the_staging_buffer_share_a_small_decoder_without_deadlock() {
+    use std::sync::Arc;
+    let m = model();
+    // Four pages: one request of three chunks at a time.
+    let receiver = Arc::new(tcp_receiver(4).await);
+    let mut cfg = sender_config(TransferChannel::Tcp, None, None);
+    // Two staging pages: each request travels in several waves.
+    cfg.pd_buffer_size = 2 * (m.bytes_per_token() * 256) as u64;
+    let sender = Arc::new(
+        PdSender::new(&cfg.pd_sender_settings(), m.clone(), Metrics::new())
+            .await
+            .unwrap(),
+    );
+    let tasks: Vec<_> = (0..4u32)
+        .map(|i| {
+            let (sender, receiver, m) = (sender.clone(), receiver.clone(), m.clone());
+            tokio::spawn(async move {
+                let tokens: Vec<u32> = (i * 10_000..i * 10_000 + 768).collect();
+                let kv = kv_for(&m, &tokens);
+                let req = format!("r{i}");
+                let report = sender
+                    .send(&req, &tokens, &kv, &spec(&receiver))
+                    .await
+                    .unwrap_or_else(|e| panic!("{req}: {e}"));
+                assert!(report.waves >= 2, "{req} went in {} wave(s)", report.waves);
+                let mut out = vec![0u8; kv.len()];
+                assert_eq!(
+                    receiver.retrieve(&req, &tokens, &mut out).await.unwrap(),
+                    768
+                );
+                assert!(out == kv, "{req}: decoder KV differs");
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(receiver.usage().used_pages, 0);
+}
+
+/// A progressive send writes a chunk only once its producer says it is ready, commits it
+/// while later chunks are still being computed, and ends byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progressive_send_moves_each_chunk_once_it_is_ready() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let m = model();
+    let receiver = tcp_receiver(16).await;
+    let sender = Arc::new(tcp_sender().await);
+    let tokens: Vec<u32> = (0..1000).collect();
+    let kv = Arc::new(kv_for(&m, &tokens));
+    let ready = Arc::new(AtomicUsize::new(0));
+    let early = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = tokio::sync::watch::channel(0usize);
+    let send = {
+        let (sender, kv, tokens, ready, early, to) = (
+            sender.clone(),
+            kv.clone(),
+            tokens.clone(),
+            ready.clone(),
+            early.clone(),
+            spec(&receiver),
+        );
+        tokio::spawn(async move {
+            use kvtier::pd::ChunkSource;
+            let gather = sender.gather_from(&kv, tokens.len());
+            let fill = |span: &kvtier::keys::ChunkSpan, page: &mut [u8]| {
+                if span.end > ready.load(Ordering::SeqCst) {
+                    early.fetch_add(1, Ordering::SeqCst);
+                }
+                gather.fill(span, page);
+            };
+            sender
+                .send_progressive("prog", &tokens, fill, rx, &to)
+                .await
+        })
+    };
+    // 300 tokens ready: the first chunk (256) travels and is committed, nothing else.
+    for (step, visible) in [(300, 256), (600, 512)] {
+        ready.store(step, Ordering::SeqCst);
+        tx.send(step).unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while receiver.lookup(&tokens) < visible && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(receiver.lookup(&tokens), visible, "{step} tokens ready");
+    }
+    ready.store(1000, Ordering::SeqCst);
+    tx.send(1000).unwrap();
+    let report = send.await.unwrap().unwrap();
+    assert_eq!(report.tokens, 1000);
+    assert_eq!(
+        early.load(Ordering::SeqCst),
+        0,
+        "a chunk was gathered before it was ready"
+    );
+    let mut out = vec![0u8; kv.len()];
+    assert_eq!(
+        receiver.retrieve("prog", &tokens, &mut out).await.unwrap(),
+        1000
+    );
+    assert!(out == *kv, "decoder KV differs from the prefiller's");
+}
+
+/// A producer that stops short fails its progressive send with a clear error; the chunks
+/// it finished stay committed, the pages granted for the rest are given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progressive_send_whose_producer_stops_fails_and_returns_its_pages() {
+    let m = model();
+    let receiver = tcp_receiver(16).await;
+    let sender = tcp_sender().await;
+    let tokens: Vec<u32> = (0..1000).collect();
+    let kv = kv_for(&m, &tokens);
+    let (tx, rx) = tokio::sync::watch::channel(300usize);
+    drop(tx);
+    let err = sender
+        .send_progressive(
+            "stopped",
+            &tokens,
+            sender.gather_from(&kv, tokens.len()),
+            rx,
+            &spec(&receiver),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PdError::Incomplete {
+                ready_tokens: 300,
+                tokens: 1000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("300 of 1000 tokens"), "{err}");
+    assert_eq!(receiver.lookup(&tokens), 256);
+    assert_eq!(receiver.usage().used_pages, 1, "{:?}", receiver.usage());
+}

@@ -27,7 +27,7 @@ mod sender;
 
 pub use notify::{ProxyListener, TransferDone};
 pub use receiver::{BufferUsage, PdReceiver};
-pub use sender::{PdSender, ReceiverSpec, SendReport};
+pub use sender::{ChunkSource, Gather, PdSender, ReceiverSpec, SendReport, WAVE_BYTES};
 
 /// What the P/D path can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +94,18 @@ pub enum PdError {
         pages: usize,
         /// How long we waited.
         after: Duration,
+    },
+    /// The producer of a progressive send's KV stopped before every chunk was ready.
+    #[error(
+        "request {req_id}: the KV producer stopped with {ready_tokens} of {tokens} tokens ready"
+    )]
+    Incomplete {
+        /// The request.
+        req_id: String,
+        /// Tokens whose KV was ready.
+        ready_tokens: usize,
+        /// Tokens of the request.
+        tokens: usize,
     },
     /// Sender and receiver disagree on the setup.
     #[error("P/D setup mismatch: {0}")]

@@ -1,21 +1,33 @@
 //! The sender (prefiller) side: stages chunks in a registered buffer, writes them
 //! one-sided into the receiver's pages, commits, and tells the proxy.
 //!
-//! Sends run concurrently, to one receiver or many: each takes staging pages for one wave
-//! at a time (after the receiver granted room for it, so a full decoder holds no staging
-//! memory while it makes a sender wait) and a control connection of its own (the receiver
-//! ties pages to the connection that allocated them). No lock is held across a network
-//! wait; the receiver's buffer and the staging pages are the only back-pressure.
+//! One send, step by step:
+//! 1. One `Alloc` for the whole request: the receiver grants every page at once or waits
+//!    for room, so concurrent senders never each hold part of a full buffer (a full
+//!    decoder delays a request that fits; it never fails it).
+//! 2. Waves of at most [`WAVE_BYTES`] (and half the staging buffer): each wave's chunks are
+//!    gathered into staging pages and checksummed, then written one-sided by a task of its
+//!    own while the next wave is gathered, so copying hides behind the wire.
+//! 3. A wave is committed (with its checksums) as soon as its write lands.
+//! 4. A progressive send ([`PdSender::send_progressive`]) forms each wave only from chunks
+//!    its producer has finished, so the transfer runs while prefill still computes.
+//!
+//! Sends run concurrently, to one receiver or many, each with a control connection of its
+//! own (the receiver ties pages to the connection that allocated them). No lock is held
+//! across a network wait; the receiver's buffer and the staging pages are the only
+//! back-pressure, and a send waiting for staging pages holds none.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::memory::Staging;
+use crate::memory::{Staging, StagingPages};
 use kvtier_transport::{
-    Connection, Descriptor, RegionId, RegistrationHandle, RemoteIov, Transport,
+    Connection, Descriptor, RegionId, RegistrationHandle, RemoteIov, Transport, TransportError,
 };
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::control::{self, ControlConn};
 use super::notify::{ProxyNotifier, TransferDone};
@@ -51,13 +63,39 @@ pub struct SendReport {
     /// Bytes written.
     pub bytes: u64,
     /// Time the transfer took, from the first allocation to the last commit: waits for
-    /// room at the receiver and for staging pages, staging, one-sided writes and commits
-    /// (not connecting).
+    /// room at the receiver, for the producer and for staging pages, staging, one-sided
+    /// writes and commits (not connecting).
     pub elapsed: Duration,
+    /// Waves the chunks travelled in.
+    pub waves: usize,
+    /// Time in the request's allocation, waiting for room at the receiver included.
+    pub alloc: Duration,
+    /// Time waiting for the producer to finish chunks (progressive sends).
+    pub ready_wait: Duration,
+    /// Time waiting for free staging pages.
+    pub staging_wait: Duration,
+    /// Time gathering chunks into staging pages and checksumming them (overlaps the
+    /// previous wave's write).
+    pub stage: Duration,
+    /// Time the one-sided writes took, wave by wave (they overlap staging).
+    pub write: Duration,
+    /// Time the sender waited for writes after it had nothing else to do: the part of
+    /// `write` not hidden behind staging or the producer.
+    pub write_wait: Duration,
+    /// Time in commit round trips.
+    pub commit: Duration,
+    /// Time telling the proxy (after `elapsed`; zero without a proxy).
+    pub notify: Duration,
 }
 
 /// Idle control connections kept per receiver.
 const MAX_IDLE_CONTROL: usize = 8;
+
+/// Bytes a send stages and writes per wave at most (at least one chunk; at most half the
+/// staging buffer, so one wave is gathered while the previous one is on the wire): small
+/// enough that little staging is exposed before the first write and after the last
+/// chunk is ready, large enough that a commit round trip per wave costs nothing.
+pub const WAVE_BYTES: usize = 64 << 20;
 
 /// An open link to one receiver.
 struct Link {
@@ -72,22 +110,6 @@ struct Link {
     poisoned: AtomicBool,
 }
 
-/// Poisons a link unless disarmed: a data-plane write that failed, or whose future was
-/// dropped, may have left the data connection out of step. (A send's control connection is
-/// its own: an error or a dropped future drops it, and the link stays usable.)
-struct PoisonGuard<'a> {
-    link: &'a Link,
-    armed: bool,
-}
-
-impl Drop for PoisonGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.link.poisoned.store(true, Ordering::Release);
-        }
-    }
-}
-
 /// A P/D sender. Cheap to share (`Arc`); sends to any number of receivers.
 pub struct PdSender {
     name: String,
@@ -96,7 +118,8 @@ pub struct PdSender {
     transport: Box<dyn Transport>,
     /// Pages each send takes for one wave at a time.
     staging: Staging,
-    staging_reg: Option<RegistrationHandle>,
+    /// Shared with the write tasks of waves in flight.
+    staging_reg: Option<Arc<RegistrationHandle>>,
     page_bytes: usize,
     links: tokio::sync::Mutex<HashMap<ReceiverSpec, Arc<Link>>>,
     proxy: Option<ProxyNotifier>,
@@ -145,7 +168,7 @@ impl PdSender {
             model,
             transport,
             staging,
-            staging_reg: Some(staging_reg),
+            staging_reg: Some(Arc::new(staging_reg)),
             page_bytes,
             links: tokio::sync::Mutex::new(HashMap::new()),
             proxy,
@@ -275,24 +298,28 @@ impl PdSender {
                 tokens.len()
             )))
         };
-        let row = self.model.chunk_shape(1).row_bytes();
-        let planes = self.model.layout.kv_factor() * self.model.layers as usize;
-        let total = tokens.len();
-        let fill = |span: &ChunkSpan, page: &mut [u8]| {
-            let seg = span.tokens() * row;
-            for (plane, dst) in page.chunks_exact_mut(seg).take(planes).enumerate() {
-                let src = (plane * total + span.start) * row;
-                dst.copy_from_slice(&kv[src..src + seg]);
-            }
-        };
-        self.send_checked(req_id, tokens, checked, &fill, to).await
+        let fill = self.gather_from(kv, tokens.len());
+        self.send_checked(req_id, tokens, checked, &fill, None, to)
+            .await
+    }
+
+    /// The [`ChunkSource`] that gathers each chunk's payload from `kv`, the KV of `tokens`
+    /// tokens laid out as for [`crate::Engine::store`] (what [`PdSender::send`] uses; for
+    /// [`PdSender::send_progressive`] of such a buffer while it is being computed).
+    pub fn gather_from<'a>(&self, kv: &'a [u8], tokens: usize) -> Gather<'a> {
+        Gather {
+            kv,
+            tokens,
+            row: self.model.chunk_shape(1).row_bytes(),
+            planes: self.model.layout.kv_factor() * self.model.layers as usize,
+        }
     }
 
     /// Like [`PdSender::send`], with each chunk's payload written by `fill` (called in
     /// parallel with the chunk's span and its staging page of
-    /// [`crate::ChunkShape::payload_len`] bytes, which it must overwrite whole): the way
-    /// to send KV that lives in the caller's own layout (a paged cache's blocks) with one
-    /// copy.
+    /// [`crate::ChunkShape::payload_len`] bytes, which it must overwrite whole; a closure
+    /// `Fn(&ChunkSpan, &mut [u8])` is one): the way to send KV that lives in the caller's
+    /// own layout (a paged cache's blocks) with one copy.
     pub async fn send_with<F>(
         &self,
         req_id: &str,
@@ -303,7 +330,30 @@ impl PdSender {
     where
         F: Fn(&ChunkSpan, &mut [u8]) + Sync,
     {
-        self.send_checked(req_id, tokens, Ok(()), &fill, to).await
+        self.send_checked(req_id, tokens, Ok(()), &fill, None, to)
+            .await
+    }
+
+    /// Like [`PdSender::send_with`] while the KV is still being computed: `ready` says how
+    /// many leading tokens of `tokens` have their KV final (chunked prefill advances it),
+    /// and `fill` is called for a chunk only once `ready` covers it (a [`Gather`], or a
+    /// closure with typed parameters). Chunks move while
+    /// later ones are computed, so little transfer is left when the last one is ready.
+    /// Fails with [`PdError::Incomplete`] if `ready`'s sender is dropped short of
+    /// `tokens.len()`.
+    pub async fn send_progressive<F>(
+        &self,
+        req_id: &str,
+        tokens: &[u32],
+        fill: F,
+        ready: watch::Receiver<usize>,
+        to: &ReceiverSpec,
+    ) -> Result<SendReport>
+    where
+        F: ChunkSource,
+    {
+        self.send_checked(req_id, tokens, Ok(()), &fill, Some(ready), to)
+            .await
     }
 
     async fn send_checked<F>(
@@ -312,22 +362,25 @@ impl PdSender {
         tokens: &[u32],
         checked: Result<()>,
         fill: &F,
+        ready: Option<watch::Receiver<usize>>,
         to: &ReceiverSpec,
     ) -> Result<SendReport>
     where
-        F: Fn(&ChunkSpan, &mut [u8]) + Sync,
+        F: ChunkSource,
     {
         let start = Instant::now();
-        let result = match checked {
-            Ok(()) => self.send_inner(req_id, tokens, fill, to).await,
+        let mut result = match checked {
+            Ok(()) => self.send_inner(req_id, tokens, fill, ready, to).await,
             Err(e) => Err(e),
         };
         let link_broken = match &result {
-            // The receiver answered: the link is fine, this request did not fit.
+            // The receiver answered: the link is fine, this request did not fit, or its
+            // producer gave up.
             Err(
                 PdError::NeverFits { .. }
                 | PdError::BufferFull { .. }
-                | PdError::StagingFull { .. },
+                | PdError::StagingFull { .. }
+                | PdError::Incomplete { .. },
             ) => false,
             Err(_) => true,
             Ok(_) => false,
@@ -337,6 +390,7 @@ impl PdSender {
             self.links.lock().await.remove(to);
         }
         if let Some(proxy) = &self.proxy {
+            let told = Instant::now();
             let done = match &result {
                 Ok(r) => TransferDone {
                     req_id: req_id.into(),
@@ -358,8 +412,152 @@ impl PdSender {
             if let Err(e) = proxy.send(&done).await {
                 tracing::error!("P/D sender: cannot notify the proxy of {req_id}: {e}");
             }
+            if let Ok(r) = &mut result {
+                r.notify = told.elapsed();
+            }
         }
         result
+    }
+
+    /// Asks for pages for every chunk of the request at once (see the module docs, step 1).
+    async fn alloc(
+        &self,
+        control: &mut ControlConn,
+        reused: bool,
+        link: &Link,
+        req_id: &str,
+        spans: &[ChunkSpan],
+    ) -> Result<Vec<Slot>> {
+        let chunks: Vec<ChunkRequest> = spans
+            .iter()
+            .map(|s| ChunkRequest {
+                key: s.key,
+                tokens: s.tokens() as u32,
+            })
+            .collect();
+        // The receiver waits for room itself, bounded by its pd_allocation_timeout_sec.
+        let alloc = Message::Alloc {
+            req_id: req_id.into(),
+            chunks,
+        };
+        let mut answer = control.request(&alloc, self.timeout * 4).await;
+        if reused && matches!(&answer, Err(e) if e.is_closed()) {
+            // A pooled connection the receiver closed while it sat idle: nothing was
+            // allocated on it (allocations die with their connection); ask afresh.
+            *control = self.connect_control(link).await?;
+            answer = control.request(&alloc, self.timeout * 4).await;
+        }
+        match answer? {
+            Message::Allocated { req_id: r, slots }
+                if r == req_id && slots.len() == spans.len() =>
+            {
+                Ok(slots)
+            }
+            Message::AllocFailed {
+                failure: AllocFailure::NeverFits,
+                needed_bytes,
+                buffer_bytes,
+                ..
+            } => Err(PdError::NeverFits {
+                req_id: req_id.into(),
+                needed_bytes,
+                buffer_bytes,
+            }),
+            Message::AllocFailed {
+                failure: AllocFailure::Timeout,
+                ..
+            } => Err(PdError::BufferFull {
+                req_id: req_id.into(),
+                after: self.timeout,
+            }),
+            other => Err(control::unexpected(control, &other)),
+        }
+    }
+
+    /// Waits for the wave in flight to land and commits it.
+    async fn land(
+        &self,
+        control: &mut ControlConn,
+        req_id: &str,
+        wave: Wave<'_>,
+        report: &mut SendReport,
+    ) -> Result<()> {
+        let landed = self.written(control, req_id, wave, report).await?;
+        self.commit(control, req_id, landed, report).await
+    }
+
+    /// Waits for the wave in flight to land and gives its staging pages back; returns
+    /// what is left to commit.
+    async fn written(
+        &self,
+        control: &mut ControlConn,
+        req_id: &str,
+        wave: Wave<'_>,
+        report: &mut SendReport,
+    ) -> Result<Landed> {
+        let Wave {
+            mut flight,
+            pages,
+            landed,
+        } = wave;
+        let waited = Instant::now();
+        let written = (&mut flight.handle).await;
+        report.write_wait += waited.elapsed();
+        flight.landed = true;
+        let written = match written {
+            Ok((w, took)) => {
+                report.write += took;
+                w
+            }
+            Err(e) => Err(TransportError::Io(format!(
+                "the write task of request {req_id} ended: {e}"
+            ))),
+        };
+        if let Err(e) = written {
+            // The data connection may be out of step: nothing may use the link again.
+            flight.link.poisoned.store(true, Ordering::Release);
+            self.abort(control, req_id).await;
+            return Err(e.into());
+        }
+        // The bytes are at the receiver: the pages can serve another send.
+        drop(pages);
+        Ok(landed)
+    }
+
+    /// Commits a wave whose bytes landed: the receiver verifies the checksums and makes
+    /// the chunks visible.
+    async fn commit(
+        &self,
+        control: &mut ControlConn,
+        req_id: &str,
+        landed: Landed,
+        report: &mut SendReport,
+    ) -> Result<()> {
+        let Landed {
+            commits,
+            tokens,
+            bytes,
+        } = landed;
+        let n = commits.len();
+        let committing = Instant::now();
+        match control
+            .request(
+                &Message::Commit {
+                    req_id: req_id.into(),
+                    chunks: commits,
+                },
+                self.timeout,
+            )
+            .await?
+        {
+            Message::Committed { req_id: r } if r == req_id => {}
+            other => return Err(control::unexpected(control, &other)),
+        }
+        report.commit += committing.elapsed();
+        report.tokens += tokens;
+        report.bytes += bytes;
+        self.metrics.pd_chunks.inc_by(n as u64);
+        Ok(())
     }
 
     async fn send_inner<F>(
@@ -367,155 +565,156 @@ impl PdSender {
         req_id: &str,
         tokens: &[u32],
         fill: &F,
+        mut ready: Option<watch::Receiver<usize>>,
         to: &ReceiverSpec,
     ) -> Result<SendReport>
     where
-        F: Fn(&ChunkSpan, &mut [u8]) + Sync,
+        F: ChunkSource,
     {
         let bpt = self.model.bytes_per_token();
         let spans = self.hasher.spans(tokens);
         let link = self.link(to).await?;
         // Ours alone until the send ends: an error or a dropped future drops it.
-        let (mut control, mut reused) = self.checkout(&link).await?;
-        // The transfer proper: from the first allocation to the last commit.
+        let (mut control, reused) = self.checkout(&link).await?;
+        // The transfer proper: from the allocation to the last commit.
         let start = Instant::now();
         let mut report = SendReport::default();
-        for wave in spans.chunks(self.staging.pages()) {
-            let chunks: Vec<ChunkRequest> = wave
-                .iter()
-                .map(|s| ChunkRequest {
-                    key: s.key,
-                    tokens: s.tokens() as u32,
-                })
-                .collect();
-            // The receiver waits for room itself, bounded by its pd_allocation_timeout_sec.
-            let alloc = Message::Alloc {
-                req_id: req_id.into(),
-                chunks,
+        let slots = self
+            .alloc(&mut control, reused, &link, req_id, &spans)
+            .await?;
+        report.alloc = start.elapsed();
+        report.skipped_tokens = spans
+            .iter()
+            .zip(&slots)
+            .filter(|(_, s)| **s == Slot::Held)
+            .map(|(s, _)| s.tokens())
+            .sum();
+        let todo: Vec<(&ChunkSpan, u64)> = spans
+            .iter()
+            .zip(&slots)
+            .filter_map(|(s, slot)| match slot {
+                Slot::Page { offset } => Some((s, *offset)),
+                Slot::Held => None,
+            })
+            .collect();
+        let wave_pages = (WAVE_BYTES / self.page_bytes)
+            .min(self.staging.pages() / 2)
+            .max(1);
+        let reg = self.staging_reg.clone().expect("registered while alive");
+        let mut in_flight: Option<Wave<'_>> = None;
+        let mut next = 0;
+        while next < todo.len() {
+            // The chunks the producer has finished, up to one wave.
+            let ready_tokens = match &mut ready {
+                None => usize::MAX,
+                Some(r) => *r.borrow_and_update(),
             };
-            let mut answer = control.request(&alloc, self.timeout * 4).await;
-            if reused && matches!(&answer, Err(e) if e.is_closed()) {
-                // A pooled connection the receiver closed while it sat idle: nothing was
-                // allocated on it (allocations die with their connection); ask afresh.
-                control = self.connect_control(&link).await?;
-                answer = control.request(&alloc, self.timeout * 4).await;
-            }
-            reused = false;
-            let answer = answer?;
-            let slots = match answer {
-                Message::Allocated { req_id: r, slots }
-                    if r == req_id && slots.len() == wave.len() =>
-                {
-                    slots
-                }
-                Message::AllocFailed {
-                    failure: AllocFailure::NeverFits,
-                    needed_bytes,
-                    buffer_bytes,
-                    ..
-                } => {
-                    return Err(PdError::NeverFits {
-                        req_id: req_id.into(),
-                        needed_bytes,
-                        buffer_bytes,
-                    })
-                }
-                Message::AllocFailed {
-                    failure: AllocFailure::Timeout,
-                    ..
-                } => {
-                    return Err(PdError::BufferFull {
-                        req_id: req_id.into(),
-                        after: self.timeout,
-                    })
-                }
-                other => return Err(control::unexpected(&control, &other)),
-            };
-            let todo: Vec<(&ChunkSpan, u64)> = wave
+            let n = todo[next..]
                 .iter()
-                .zip(&slots)
-                .filter_map(|(s, slot)| match slot {
-                    Slot::Page { offset } => Some((s, *offset)),
-                    Slot::Held => None,
-                })
-                .collect();
-            report.skipped_tokens += wave
-                .iter()
-                .zip(&slots)
-                .filter(|(_, s)| **s == Slot::Held)
-                .map(|(s, _)| s.tokens())
-                .sum::<usize>();
-            if todo.is_empty() {
+                .take(wave_pages)
+                .take_while(|(s, _)| s.end <= ready_tokens)
+                .count();
+            if n == 0 {
+                // Nothing ready: land what is in flight, then wait for the producer.
+                if let Some(wave) = in_flight.take() {
+                    self.land(&mut control, req_id, wave, &mut report).await?;
+                }
+                let waiting = Instant::now();
+                let r = ready.as_mut().expect("only progressive sends wait");
+                if r.changed().await.is_err() && *r.borrow() < todo[next].0.end {
+                    self.abort(&mut control, req_id).await;
+                    return Err(PdError::Incomplete {
+                        req_id: req_id.into(),
+                        ready_tokens: *r.borrow(),
+                        tokens: tokens.len(),
+                    });
+                }
+                report.ready_wait += waiting.elapsed();
                 continue;
             }
-            let lens: Vec<usize> = todo.iter().map(|(s, _)| s.tokens() * bpt).collect();
-            // Bounded: the receiver reclaims pages left uncommitted too long, and a write
-            // that lands after that could reach a page it gave to another request.
-            let Ok(mut pages) =
-                tokio::time::timeout(self.timeout, self.staging.acquire(todo.len())).await
-            else {
-                self.abort(&mut control, req_id).await;
-                return Err(PdError::StagingFull {
-                    req_id: req_id.into(),
-                    pages: self.staging.pages(),
-                    after: self.timeout,
-                });
+            let wave = &todo[next..next + n];
+            next += n;
+            let lens: Vec<usize> = wave.iter().map(|(s, _)| s.tokens() * bpt).collect();
+            let waiting = Instant::now();
+            let mut pages = match self.staging.try_acquire(n) {
+                Some(pages) => pages,
+                None => {
+                    // Wait holding nothing: land the wave in flight first (its pages may
+                    // be the ones this wave needs).
+                    if let Some(wave) = in_flight.take() {
+                        self.land(&mut control, req_id, wave, &mut report).await?;
+                    }
+                    // Bounded: the receiver reclaims pages left uncommitted too long.
+                    match tokio::time::timeout(self.timeout, self.staging.acquire(n)).await {
+                        Ok(pages) => pages,
+                        Err(_) => {
+                            self.abort(&mut control, req_id).await;
+                            return Err(PdError::StagingFull {
+                                req_id: req_id.into(),
+                                pages: self.staging.pages(),
+                                after: self.timeout,
+                            });
+                        }
+                    }
+                }
             };
-            pages.fill(&lens, |i, page| fill(todo[i].0, page));
-            // What the receiver checks before the chunk becomes visible: bytes that changed
-            // on the way are a miss there, never wrong KV.
-            let checksums = pages.digests(&lens);
-            let reg = self.staging_reg.as_ref().expect("registered while alive");
-            let local = lens
+            report.staging_wait += waiting.elapsed();
+            // Gather and checksum this wave while the previous one is on the wire. What
+            // the receiver checks before a chunk becomes visible: bytes that changed on
+            // the way are a miss there, never wrong KV.
+            let staging = Instant::now();
+            let checksums = blocking(|| pages.fill(&lens, |i, page| fill.fill(wave[i].0, page)));
+            report.stage += staging.elapsed();
+            // The previous wave's bytes must have landed before this wave's write starts
+            // (one data connection, in order); its commit (the receiver hashes it) then
+            // runs while this wave is on the wire.
+            let to_commit = match in_flight.take() {
+                Some(previous) => Some(
+                    self.written(&mut control, req_id, previous, &mut report)
+                        .await?,
+                ),
+                None => None,
+            };
+            let offsets: Vec<(usize, usize)> = lens
                 .iter()
                 .enumerate()
-                .map(|(i, &len)| reg.iov(pages.offset(i), len))
-                .collect::<Result<Vec<_>, _>>()?;
-            let remote: Vec<RemoteIov> = todo
+                .map(|(i, &len)| (pages.offset(i), len))
+                .collect();
+            let remote: Vec<RemoteIov> = wave
                 .iter()
-                .map(|(s, offset)| RemoteIov {
+                .zip(&lens)
+                .map(|((_, offset), &len)| RemoteIov {
                     region: link.region,
                     offset: *offset,
-                    len: (s.tokens() * bpt) as u64,
+                    len: len as u64,
                 })
                 .collect();
-            let mut guard = PoisonGuard {
-                link: &link,
-                armed: true,
-            };
-            let written = link.data.write(&local, &remote).await;
-            guard.armed = written.is_err();
-            drop(guard);
-            if let Err(e) = written {
-                self.abort(&mut control, req_id).await;
-                return Err(e.into());
+            let bytes = remote.iter().map(|r| r.len).sum();
+            let flight = Flight::start(link.clone(), reg.clone(), offsets, remote);
+            report.waves += 1;
+            in_flight = Some(Wave {
+                flight,
+                pages,
+                landed: Landed {
+                    commits: wave
+                        .iter()
+                        .zip(checksums)
+                        .map(|((s, _), checksum)| ChunkCommit {
+                            key: s.key,
+                            checksum,
+                        })
+                        .collect(),
+                    tokens: wave.iter().map(|(s, _)| s.tokens()).sum(),
+                    bytes,
+                },
+            });
+            if let Some(landed) = to_commit {
+                self.commit(&mut control, req_id, landed, &mut report)
+                    .await?;
             }
-            // The bytes are at the receiver: the pages can serve another send.
-            drop(pages);
-            let chunks = todo
-                .iter()
-                .zip(checksums)
-                .map(|((s, _), checksum)| ChunkCommit {
-                    key: s.key,
-                    checksum,
-                })
-                .collect();
-            match control
-                .request(
-                    &Message::Commit {
-                        req_id: req_id.into(),
-                        chunks,
-                    },
-                    self.timeout,
-                )
-                .await?
-            {
-                Message::Committed { req_id: r } if r == req_id => {}
-                other => return Err(control::unexpected(&control, &other)),
-            }
-            report.tokens += todo.iter().map(|(s, _)| s.tokens()).sum::<usize>();
-            report.bytes += remote.iter().map(|r| r.len).sum::<u64>();
-            self.metrics.pd_chunks.inc_by(todo.len() as u64);
+        }
+        if let Some(wave) = in_flight.take() {
+            self.land(&mut control, req_id, wave, &mut report).await?;
         }
         report.elapsed = start.elapsed();
         let mut idle = link.idle.lock();
@@ -524,14 +723,128 @@ impl PdSender {
         }
         drop(idle);
         tracing::info!(
-            "P/D sent {req_id}: {} tokens ({} already at the receiver) to {}:{} in {:.2} ms ({:.2} GB/s)",
+            "P/D sent {req_id}: {} tokens ({} already at the receiver) to {}:{} in {:.2} ms ({:.2} GB/s, {} waves)",
             report.tokens,
             report.skipped_tokens,
             to.host,
             to.init_port,
             report.elapsed.as_secs_f64() * 1e3,
-            gb_per_s(report.bytes, report.elapsed)
+            gb_per_s(report.bytes, report.elapsed),
+            report.waves
         );
         Ok(report)
+    }
+}
+
+/// Writes chunk payloads into staging pages for a send, and checksums them.
+pub trait ChunkSource: Sync {
+    /// Overwrites `page`, the whole payload of the chunk `span` covers, and returns its
+    /// xxh3-64 (what the receiver verifies before the chunk becomes visible).
+    fn fill(&self, span: &ChunkSpan, page: &mut [u8]) -> u64;
+}
+
+/// A closure fills the page; the checksum is taken right after, on the same core.
+impl<F: Fn(&ChunkSpan, &mut [u8]) + Sync> ChunkSource for F {
+    fn fill(&self, span: &ChunkSpan, page: &mut [u8]) -> u64 {
+        self(span, page);
+        xxhash_rust::xxh3::xxh3_64(page)
+    }
+}
+
+/// Gathers chunks from KV laid out as for [`crate::Engine::store`] (one plane per layer and
+/// K/V, tokens in order), hashing each plane's piece while it is still in cache: one pass
+/// over memory for the copy and the checksum. Made by [`PdSender::gather_from`].
+pub struct Gather<'a> {
+    kv: &'a [u8],
+    tokens: usize,
+    row: usize,
+    planes: usize,
+}
+
+impl ChunkSource for Gather<'_> {
+    fn fill(&self, span: &ChunkSpan, page: &mut [u8]) -> u64 {
+        let seg = span.tokens() * self.row;
+        let mut hash = xxhash_rust::xxh3::Xxh3::new();
+        for (plane, dst) in page.chunks_exact_mut(seg).take(self.planes).enumerate() {
+            let src = (plane * self.tokens + span.start) * self.row;
+            dst.copy_from_slice(&self.kv[src..src + seg]);
+            hash.update(dst);
+        }
+        // The page is exactly the planes' pieces (payload = planes x tokens x row); should
+        // it ever hold more, the checksum still covers all of it.
+        if page.len() != seg * self.planes {
+            return xxhash_rust::xxh3::xxh3_64(page);
+        }
+        hash.digest()
+    }
+}
+
+/// A wave on its way: its staging pages stay held until its write lands.
+struct Wave<'a> {
+    flight: Flight,
+    pages: StagingPages<'a>,
+    landed: Landed,
+}
+
+/// A wave's commit, and what it adds to the report once committed.
+struct Landed {
+    commits: Vec<ChunkCommit>,
+    tokens: usize,
+    bytes: u64,
+}
+
+/// A wave's one-sided write, running as a task of its own so the sender can stage the
+/// next wave meanwhile. Dropped before it landed (the send failed or was abandoned), it
+/// stops the task and poisons the link: the data connection may be out of step.
+struct Flight {
+    /// The write's outcome and how long it took.
+    handle: JoinHandle<(std::result::Result<(), TransportError>, Duration)>,
+    link: Arc<Link>,
+    landed: bool,
+}
+
+impl Flight {
+    fn start(
+        link: Arc<Link>,
+        reg: Arc<RegistrationHandle>,
+        offsets: Vec<(usize, usize)>,
+        remote: Vec<RemoteIov>,
+    ) -> Flight {
+        let task_link = link.clone();
+        let handle = tokio::spawn(async move {
+            let started = Instant::now();
+            let local = offsets
+                .iter()
+                .map(|&(offset, len)| reg.iov(offset, len))
+                .collect::<std::result::Result<Vec<_>, _>>();
+            let written = match local {
+                Ok(local) => task_link.data.write(&local, &remote).await,
+                Err(e) => Err(e),
+            };
+            (written, started.elapsed())
+        });
+        Flight {
+            handle,
+            link,
+            landed: false,
+        }
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        if !self.landed {
+            self.handle.abort();
+            self.link.poisoned.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Runs CPU-bound `f` without stalling the runtime's other tasks (the write in flight
+/// above all): on a multi-threaded runtime this worker hands its tasks to the others.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }

@@ -5,6 +5,7 @@ mod demo;
 mod gpu;
 mod keys;
 mod pd_cluster;
+mod pd_path;
 mod pd_run;
 mod proxy;
 mod remote;
@@ -82,9 +83,13 @@ enum BenchCommand {
     /// Move data between two processes through a transport; compare with memcpy and a raw
     /// loopback socket measured in the same run.
     Transfer(transfer::BenchArgs),
+    /// The P/D path alone (sender and receiver in this process, KV generated once) at
+    /// each `--concurrency`, against the raw transfer of the same bytes in the same run:
+    /// where the time goes, and the transfer left after a stand-in prefill.
+    Pd(pd_path::PdPathArgs),
     /// The reference P/D benchmark shape through proxy, prefiller and decoder processes:
-    /// per-request KV transfer time, GB/s and TTFT.
-    Pd(pd_run::PdBenchArgs),
+    /// per-request KV transfer time, GB/s and client TTFT.
+    PdProxy(pd_run::PdBenchArgs),
     /// Put and get batches of objects through the kvtier store (per transport, master and
     /// segment in another process) and through Redis; compare with a raw loopback socket.
     Remote(remote::BenchArgs),
@@ -103,9 +108,10 @@ enum ConfigCommand {
     },
 }
 
-fn init_logging() {
+/// Logs to stderr, filtered by `KVTIER_LOG`, else by `default`.
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KVTIER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kvtier=info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -115,8 +121,13 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     kvtier::transport::prepare_process();
-    init_logging();
     let cli = Cli::parse();
+    // Benchmarks print their own progress; per-request logs would drown it.
+    init_logging(if matches!(cli.command, Command::Bench { .. }) {
+        "warn"
+    } else {
+        "warn,kvtier=info"
+    });
     let result = match cli.command {
         Command::Demo { mode: None, args } => demo::run(args),
         Command::Demo {
@@ -132,6 +143,9 @@ fn main() -> ExitCode {
         } => transfer::run_bench(args),
         Command::Bench {
             command: BenchCommand::Pd(args),
+        } => pd_path::run_bench(args),
+        Command::Bench {
+            command: BenchCommand::PdProxy(args),
         } => pd_run::run_bench(args),
         Command::Bench {
             command: BenchCommand::Remote(args),

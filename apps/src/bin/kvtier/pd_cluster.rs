@@ -1,6 +1,6 @@
 //! A one-machine P/D cluster of child processes — decoder and prefiller (`kvtier
 //! test-server`, the synthetic inference engine) and `kvtier proxy` — for `kvtier demo pd`
-//! and `kvtier bench pd`, and the client that drives it.
+//! and `kvtier bench pd-proxy`, and the client that drives it.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

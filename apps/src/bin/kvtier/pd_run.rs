@@ -1,4 +1,4 @@
-//! `kvtier demo pd` and `kvtier bench pd`: LMCache's 1p1d example and its benchmark shape
+//! `kvtier demo pd` and `kvtier bench pd-proxy`: LMCache's 1p1d example and its benchmark shape
 //! on one machine — proxy, prefiller and decoder as separate processes on 127.0.0.1,
 //! requests through the proxy, KV verified at the decoder.
 
@@ -58,7 +58,7 @@ pub enum DemoEngine {
     Vllm,
 }
 
-/// Arguments of `kvtier bench pd`.
+/// Arguments of `kvtier bench pd-proxy`.
 #[derive(Args, Clone)]
 pub struct PdBenchArgs {
     /// Transport between prefiller and decoder: tcp, ucx or nixl.
@@ -243,7 +243,7 @@ pub fn run_bench(args: PdBenchArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let bpt = 2 * args.layers as u64 * 1024 * 2;
         println!(
-            "kvtier bench pd: {} requests at {}/s, {} input tokens ({:.0} MiB of KV each), {} output tokens, {} transport (synthetic engine)",
+            "kvtier bench pd-proxy: {} requests at {}/s, {} input tokens ({:.0} MiB of KV each), {} output tokens, {} transport (synthetic engine)",
             args.requests, args.rate, args.input_len, (bpt * args.input_len as u64) as f64 / (1u64 << 20) as f64,
             args.output_len, args.transport
         );
