@@ -21,7 +21,7 @@ if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     apt-get update -qq && apt-get install -y -qq python3-venv
 fi
 [ -x target/py/bin/python ] || python3 -m venv target/py
-target/py/bin/python -m pip install -q --disable-pip-version-check xxhash
+target/py/bin/python -m pip install -q --disable-pip-version-check xxhash numpy  # numpy: benches/nixl_agent_loop.py
 target/py/bin/python tests/golden/check_keys.py
 
 step "NIXL runtime (nixl-cu12 wheel in target/py) and libclang for nixl-sys's bindings"

@@ -258,3 +258,44 @@ fn bench_remote_over_nixl_exits_cleanly() {
         text(&out.stderr)
     );
 }
+
+/// `kvtier bench pd` on a small model: every level and the overlap run complete, the KV
+/// checked at the receiver, and each goal's ratio printed beside its target.
+#[test]
+fn bench_pd_runs_every_level_and_prints_the_ratios() {
+    let out = kvtier(&[
+        "bench",
+        "pd",
+        "--input-len",
+        "600",
+        "--layers",
+        "2",
+        "--concurrency",
+        "1,4",
+        "--requests",
+        "4",
+        "--overlap-requests",
+        "1",
+        "--prefill-tokens-per-sec",
+        "20000",
+        "--iterations",
+        "2",
+        "--decoder-buffer",
+        "16MiB",
+        "--prefiller-buffer",
+        "4MiB",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    for line in [
+        "raw tcp write, same ranges",
+        "concurrency   1: 4 requests",
+        "concurrency   4: 4 requests",
+        "transfer left after prefill ended",
+    ] {
+        assert!(stdout.contains(line), "missing `{line}`:\n{stdout}");
+    }
+    // Ratios only from plausible baselines; a loopback TCP baseline here always is.
+    assert!(stdout.contains("x the raw transfer"), "{stdout}");
+    assert!(stdout.contains("cost per byte at concurrency 4"), "{stdout}");
+}
