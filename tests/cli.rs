@@ -297,5 +297,8 @@ fn bench_pd_runs_every_level_and_prints_the_ratios() {
     }
     // Ratios only from plausible baselines; a loopback TCP baseline here always is.
     assert!(stdout.contains("x the raw transfer"), "{stdout}");
-    assert!(stdout.contains("cost per byte at concurrency 4"), "{stdout}");
+    assert!(
+        stdout.contains("cost per byte at concurrency 4"),
+        "{stdout}"
+    );
 }
