@@ -9,15 +9,18 @@
 //!    gathered into staging pages and checksummed, then written one-sided by a task of its
 //!    own while the next wave is gathered, so copying hides behind the wire.
 //! 3. A wave is committed (with its checksums) as soon as its write lands.
-//! 4. A progressive send ([`PdSender::send_progressive`]) forms each wave only from chunks
-//!    its producer has finished, so the transfer runs while prefill still computes.
+//! 4. A progressive send ([`PdSender::send_progressive`]) allocates and sends only chunks
+//!    its producer has finished, so the transfer runs while prefill still computes; before
+//!    it waits for the producer it commits everything in flight, so a long prefill leaves
+//!    nothing uncommitted at the receiver (pages there are reclaimed when left uncommitted
+//!    too long, and no write starts after [`WRITE_WINDOW`] transport timeouts).
 //!
 //! Sends run concurrently, to one receiver or many, each with a control connection of its
 //! own (the receiver ties pages to the connection that allocated them). No lock is held
 //! across a network wait; the receiver's buffer and the staging pages are the only
 //! back-pressure, and a send waiting for staging pages holds none.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,6 +99,11 @@ const MAX_IDLE_CONTROL: usize = 8;
 /// enough that little staging is exposed before the first write and after the last
 /// chunk is ready, large enough that a commit round trip per wave costs nothing.
 pub const WAVE_BYTES: usize = 64 << 20;
+
+/// Transport timeouts after its pages were granted within which a wave's write must start:
+/// the receiver reclaims pages left uncommitted for its allocation timeout plus four
+/// transport timeouts, and a write that started by then ends (or fails) within one more.
+pub const WRITE_WINDOW: u32 = 3;
 
 /// An open link to one receiver.
 struct Link {
@@ -579,63 +587,72 @@ impl PdSender {
         // The transfer proper: from the allocation to the last commit.
         let start = Instant::now();
         let mut report = SendReport::default();
-        let slots = self
-            .alloc(&mut control, reused, &link, req_id, &spans)
-            .await?;
-        report.alloc = start.elapsed();
-        report.skipped_tokens = spans
-            .iter()
-            .zip(&slots)
-            .filter(|(_, s)| **s == Slot::Held)
-            .map(|(s, _)| s.tokens())
-            .sum();
-        let todo: Vec<(&ChunkSpan, u64)> = spans
-            .iter()
-            .zip(&slots)
-            .filter_map(|(s, slot)| match slot {
-                Slot::Page { offset } => Some((s, *offset)),
-                Slot::Held => None,
-            })
-            .collect();
         let wave_pages = (WAVE_BYTES / self.page_bytes)
             .min(self.staging.pages() / 2)
             .max(1);
         let reg = self.staging_reg.clone().expect("registered while alive");
+        // Chunks not yet allocated at the receiver, and allocated ones not yet staged.
+        let mut unallocated: &[ChunkSpan] = &spans;
+        let mut todo: VecDeque<(&ChunkSpan, u64)> = VecDeque::new();
+        // When the pages in `todo` were granted (see WRITE_WINDOW).
+        let mut granted = start;
+        let mut retry_closed = reused;
         let mut in_flight: Option<Wave<'_>> = None;
-        let mut next = 0;
-        while next < todo.len() {
-            // The chunks the producer has finished, up to one wave.
-            let ready_tokens = match &mut ready {
-                None => usize::MAX,
-                Some(r) => *r.borrow_and_update(),
-            };
-            let n = todo[next..]
-                .iter()
-                .take(wave_pages)
-                .take_while(|(s, _)| s.end <= ready_tokens)
-                .count();
-            if n == 0 {
-                // Nothing ready: land what is in flight, then wait for the producer.
-                if let Some(wave) = in_flight.take() {
-                    self.land(&mut control, req_id, wave, &mut report).await?;
+        loop {
+            if todo.is_empty() {
+                if unallocated.is_empty() {
+                    break;
                 }
-                let waiting = Instant::now();
-                let r = ready.as_mut().expect("only progressive sends wait");
-                if r.changed().await.is_err() && *r.borrow() < todo[next].0.end {
-                    self.abort(&mut control, req_id).await;
-                    return Err(PdError::Incomplete {
-                        req_id: req_id.into(),
-                        ready_tokens: *r.borrow(),
-                        tokens: tokens.len(),
-                    });
+                // Allocate every chunk at once, or (progressive) every chunk now ready.
+                let ready_tokens = match &mut ready {
+                    None => usize::MAX,
+                    Some(r) => *r.borrow_and_update(),
+                };
+                let k = unallocated
+                    .iter()
+                    .take_while(|s| s.end <= ready_tokens)
+                    .count();
+                if k == 0 {
+                    // Nothing ready: land and commit what is in flight (the receiver then
+                    // holds nothing uncommitted of ours), then wait for the producer.
+                    if let Some(wave) = in_flight.take() {
+                        self.land(&mut control, req_id, wave, &mut report).await?;
+                    }
+                    let waiting = Instant::now();
+                    let r = ready.as_mut().expect("only progressive sends wait");
+                    if r.changed().await.is_err() && *r.borrow() < unallocated[0].end {
+                        self.abort(&mut control, req_id).await;
+                        return Err(PdError::Incomplete {
+                            req_id: req_id.into(),
+                            ready_tokens: *r.borrow(),
+                            tokens: tokens.len(),
+                        });
+                    }
+                    report.ready_wait += waiting.elapsed();
+                    // The receiver may have closed the connection while it was silent.
+                    retry_closed = true;
+                    continue;
                 }
-                report.ready_wait += waiting.elapsed();
+                let (asked, rest) = unallocated.split_at(k);
+                unallocated = rest;
+                let allocating = Instant::now();
+                let slots = self
+                    .alloc(&mut control, retry_closed, &link, req_id, asked)
+                    .await?;
+                retry_closed = false;
+                granted = Instant::now();
+                report.alloc += allocating.elapsed();
+                for (s, slot) in asked.iter().zip(&slots) {
+                    match slot {
+                        Slot::Page { offset } => todo.push_back((s, *offset)),
+                        Slot::Held => report.skipped_tokens += s.tokens(),
+                    }
+                }
                 continue;
             }
-            let wave = &todo[next..next + n];
-            next += n;
+            let n = todo.len().min(wave_pages);
+            let wave: Vec<(&ChunkSpan, u64)> = todo.drain(..n).collect();
             let lens: Vec<usize> = wave.iter().map(|(s, _)| s.tokens() * bpt).collect();
-            let waiting = Instant::now();
             let mut pages = match self.staging.try_acquire(n) {
                 Some(pages) => pages,
                 None => {
@@ -644,21 +661,24 @@ impl PdSender {
                     if let Some(wave) = in_flight.take() {
                         self.land(&mut control, req_id, wave, &mut report).await?;
                     }
+                    let waiting = Instant::now();
                     // Bounded: the receiver reclaims pages left uncommitted too long.
-                    match tokio::time::timeout(self.timeout, self.staging.acquire(n)).await {
-                        Ok(pages) => pages,
-                        Err(_) => {
-                            self.abort(&mut control, req_id).await;
-                            return Err(PdError::StagingFull {
-                                req_id: req_id.into(),
-                                pages: self.staging.pages(),
-                                after: self.timeout,
-                            });
-                        }
-                    }
+                    let acquired =
+                        match tokio::time::timeout(self.timeout, self.staging.acquire(n)).await {
+                            Ok(pages) => pages,
+                            Err(_) => {
+                                self.abort(&mut control, req_id).await;
+                                return Err(PdError::StagingFull {
+                                    req_id: req_id.into(),
+                                    pages: self.staging.pages(),
+                                    after: self.timeout,
+                                });
+                            }
+                        };
+                    report.staging_wait += waiting.elapsed();
+                    acquired
                 }
             };
-            report.staging_wait += waiting.elapsed();
             // Gather and checksum this wave while the previous one is on the wire. What
             // the receiver checks before a chunk becomes visible: bytes that changed on
             // the way are a miss there, never wrong KV.
@@ -675,6 +695,18 @@ impl PdSender {
                 ),
                 None => None,
             };
+            // No write may start once the receiver could reclaim these pages.
+            if granted.elapsed() > self.timeout * WRITE_WINDOW {
+                self.abort(&mut control, req_id).await;
+                return Err(PdError::Timeout {
+                    what: format!(
+                        "request {req_id} to be written within {WRITE_WINDOW} transport timeouts \
+                         of its allocation (the receiver reclaims pages left uncommitted longer; \
+                         raise transport_timeout_sec, or pd_buffer_size on the prefiller)"
+                    ),
+                    after: self.timeout * WRITE_WINDOW,
+                });
+            }
             let offsets: Vec<(usize, usize)> = lens
                 .iter()
                 .enumerate()
@@ -709,8 +741,14 @@ impl PdSender {
                 },
             });
             if let Some(landed) = to_commit {
-                self.commit(&mut control, req_id, landed, &mut report)
-                    .await?;
+                if let Err(e) = self.commit(&mut control, req_id, landed, &mut report).await {
+                    // Let the write just started finish: cancelled half-way, it would take
+                    // the data connection (shared with other sends) down with it.
+                    if let Some(wave) = in_flight.take() {
+                        wave.settle().await;
+                    }
+                    return Err(e);
+                }
             }
         }
         if let Some(wave) = in_flight.take() {
@@ -784,6 +822,18 @@ struct Wave<'a> {
     flight: Flight,
     pages: StagingPages<'a>,
     landed: Landed,
+}
+
+impl Wave<'_> {
+    /// Waits for the write to end, whatever its outcome, without committing (a failed
+    /// write poisons the link).
+    async fn settle(mut self) {
+        let ok = matches!((&mut self.flight.handle).await, Ok((Ok(()), _)));
+        self.flight.landed = true;
+        if !ok {
+            self.flight.link.poisoned.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// A wave's commit, and what it adds to the report once committed.

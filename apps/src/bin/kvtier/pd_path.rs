@@ -231,7 +231,7 @@ async fn raw_transfer(
 
 /// Token ids of request `i` of a run (distinct per request, so no chunk is shared).
 fn request_tokens(run: u64, i: usize, n: usize) -> Vec<u32> {
-    synthetic::token_ids(run * 1_000_003 + i as u64, n)
+    synthetic::token_ids(run.wrapping_mul(1_000_003).wrapping_add(i as u64), n)
 }
 
 /// What one level measured.
@@ -404,7 +404,7 @@ async fn bench(args: PdPathArgs) -> anyhow::Result<()> {
     // 2. Concurrency levels.
     let pair = Arc::new(pair(&args, &model).await?);
     // Warm-up: connections, registrations, first faults.
-    let warm = request_tokens(u64::MAX / 2, 0, args.input_len);
+    let warm = request_tokens(1 << 40, 0, args.input_len);
     pair.sender.send("warm-up", &warm, &kv, &pair.to).await?;
     pair.proxy.wait("warm-up", Duration::from_secs(60)).await?;
     consume(&pair, "warm-up", &warm, &kv, true).await?;
