@@ -31,7 +31,7 @@ use kvtier::transport::{self, HostBuffer, RemoteIov, TransportConfig};
 use kvtier_cli::synthetic;
 
 use crate::pd_cluster::stats;
-use crate::transfer::{parse_channel, parse_size};
+use crate::transfer::{memcpy_times, parse_channel, parse_size};
 
 /// Arguments of `kvtier bench pd`.
 #[derive(Args, Clone)]
@@ -155,15 +155,7 @@ async fn pair(args: &PdPathArgs, model: &ModelSpec) -> anyhow::Result<Pair> {
 
 /// Median time of a memcpy of `bytes` bytes that the optimiser cannot elide.
 fn memcpy_median(bytes: usize, iterations: usize) -> Duration {
-    let a = vec![1u8; bytes];
-    let mut b = vec![2u8; bytes];
-    let mut times = Vec::new();
-    for _ in 0..iterations {
-        let t = Instant::now();
-        std::hint::black_box(b.as_mut_slice()).copy_from_slice(std::hint::black_box(&a));
-        std::hint::black_box(&mut b);
-        times.push(t.elapsed());
-    }
+    let mut times = memcpy_times(bytes, iterations);
     times.sort();
     times[times.len() / 2]
 }
@@ -243,7 +235,7 @@ struct Level {
 }
 
 /// Takes request `req`'s KV out of the receiver as a decoder would: copied out and checked
-/// against `kv` when `check`, else freed without a copy. Returns tokens taken.
+/// against `kv` when `check`, else freed without a copy.
 async fn consume(
     pair: &Pair,
     req: &str,

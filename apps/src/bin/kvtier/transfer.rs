@@ -370,6 +370,21 @@ fn iperf3_gib_s(size: usize, streams: usize) -> anyhow::Result<Option<f64>> {
     Ok(Some(bits / 8.0 / (1u64 << 30) as f64))
 }
 
+/// Times of `iterations` (at least one) single-threaded copies of `bytes` bytes between two
+/// buffers, both ends opaque to the optimiser so the copy cannot be elided as dead.
+pub fn memcpy_times(bytes: usize, iterations: usize) -> Vec<Duration> {
+    let a = vec![1u8; bytes];
+    let mut b = vec![2u8; bytes];
+    (0..iterations.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(b.as_mut_slice()).copy_from_slice(std::hint::black_box(&a));
+            std::hint::black_box(&mut b);
+            t.elapsed()
+        })
+        .collect()
+}
+
 pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let size = args.size as usize;
     let chunk = args.chunk as usize;
@@ -387,17 +402,7 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     );
 
     // memcpy, same bytes, this process.
-    let a = vec![1u8; size];
-    let mut b = vec![2u8; size];
-    let mut memcpy = Vec::new();
-    for _ in 0..iters {
-        let t = Instant::now();
-        // Both ends opaque to the optimiser: the copy cannot be elided as dead.
-        std::hint::black_box(b.as_mut_slice()).copy_from_slice(std::hint::black_box(&a));
-        std::hint::black_box(&mut b);
-        memcpy.push(t.elapsed());
-    }
-    drop((a, b));
+    let memcpy = memcpy_times(size, iters);
     let (memcpy_best, _) = best_mean(&memcpy);
     println!(
         "  memcpy (1 thread)        : {:>6.2} GiB/s",
