@@ -246,15 +246,17 @@ pub struct Staging {
     page_bytes: usize,
     pages: usize,
     free: Mutex<Vec<usize>>,
-    permits: tokio::sync::Semaphore,
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
-/// Pages of a [`Staging`] buffer held exclusively until dropped.
-pub struct StagingPages<'a> {
-    staging: &'a Staging,
+/// Pages of a [`Staging`] buffer held exclusively until dropped. It owns a handle to the
+/// buffer, so it can travel with the transfer that reads its pages and be given back only
+/// when that transfer has ended.
+pub struct StagingPages {
+    staging: Arc<Staging>,
     held: Vec<usize>,
     // Released after `Drop::drop` put the pages back on the free list.
-    _permits: tokio::sync::SemaphorePermit<'a>,
+    _permits: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Staging {
@@ -266,7 +268,7 @@ impl Staging {
             page_bytes,
             pages,
             free: Mutex::new((0..pages).rev().collect()),
-            permits: tokio::sync::Semaphore::new(pages),
+            permits: Arc::new(tokio::sync::Semaphore::new(pages)),
         }
     }
 
@@ -289,45 +291,46 @@ impl Staging {
     /// Waits until `n` pages are free and takes them (`n` is clamped to `1..=pages()`;
     /// waiters are served in order, and a request takes all its pages at once, so
     /// concurrent senders never deadlock on the buffer).
-    pub async fn acquire(&self, n: usize) -> StagingPages<'_> {
+    pub async fn acquire(self: &Arc<Self>, n: usize) -> StagingPages {
         let n = n.clamp(1, self.pages);
         let permits = self
             .permits
-            .acquire_many(n as u32)
+            .clone()
+            .acquire_many_owned(n as u32)
             .await
             .expect("the staging semaphore is never closed");
         let mut free = self.free.lock();
         let at = free.len() - n;
         let held = free.split_off(at);
         StagingPages {
-            staging: self,
+            staging: self.clone(),
             held,
             _permits: permits,
         }
     }
 
     /// Takes `n` pages (clamped to `1..=pages()`) if they are free now, without waiting.
-    pub fn try_acquire(&self, n: usize) -> Option<StagingPages<'_>> {
+    pub fn try_acquire(self: &Arc<Self>, n: usize) -> Option<StagingPages> {
         let n = n.clamp(1, self.pages);
-        let permits = self.permits.try_acquire_many(n as u32).ok()?;
+        let permits = self.permits.clone().try_acquire_many_owned(n as u32).ok()?;
         let mut free = self.free.lock();
         let at = free.len() - n;
         let held = free.split_off(at);
         Some(StagingPages {
-            staging: self,
+            staging: self.clone(),
             held,
             _permits: permits,
         })
     }
 }
 
-impl Drop for StagingPages<'_> {
+impl Drop for StagingPages {
     fn drop(&mut self) {
         self.staging.free.lock().append(&mut self.held);
     }
 }
 
-impl StagingPages<'_> {
+impl StagingPages {
     /// Pages held.
     pub fn len(&self) -> usize {
         self.held.len()
@@ -432,7 +435,7 @@ mod tests {
 
     #[tokio::test]
     async fn staging_pages_are_exclusive_and_come_back() {
-        let staging = Staging::new(4, 64);
+        let staging = Arc::new(Staging::new(4, 64));
         let mut a = staging.acquire(3).await;
         assert_eq!((a.len(), staging.free_pages()), (3, 1));
         let offsets: Vec<usize> = (0..3).map(|i| a.offset(i)).collect();

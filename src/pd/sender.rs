@@ -125,7 +125,7 @@ pub struct PdSender {
     hasher: ChunkHasher,
     transport: Box<dyn Transport>,
     /// Pages each send takes for one wave at a time.
-    staging: Staging,
+    staging: Arc<Staging>,
     /// Shared with the write tasks of waves in flight.
     staging_reg: Option<Arc<RegistrationHandle>>,
     page_bytes: usize,
@@ -156,7 +156,7 @@ impl PdSender {
             settings.transport.channel,
             settings.transport.on_host("127.0.0.1"),
         )?;
-        let staging = Staging::new(staging_pages, page_bytes);
+        let staging = Arc::new(Staging::new(staging_pages, page_bytes));
         let staging_reg = transport.register(staging.buffer().clone())?;
         let timeout = settings.transport.timeout;
         let secret = settings.transport.auth_token.clone();
@@ -487,7 +487,7 @@ impl PdSender {
         &self,
         control: &mut ControlConn,
         req_id: &str,
-        wave: Wave<'_>,
+        wave: Wave,
         report: &mut SendReport,
     ) -> Result<()> {
         let landed = self.written(control, req_id, wave, report).await?;
@@ -500,14 +500,10 @@ impl PdSender {
         &self,
         control: &mut ControlConn,
         req_id: &str,
-        wave: Wave<'_>,
+        wave: Wave,
         report: &mut SendReport,
     ) -> Result<Landed> {
-        let Wave {
-            mut flight,
-            pages,
-            landed,
-        } = wave;
+        let Wave { mut flight, landed } = wave;
         let waited = Instant::now();
         let written = (&mut flight.handle).await;
         report.write_wait += waited.elapsed();
@@ -527,8 +523,6 @@ impl PdSender {
             self.abort(control, req_id).await;
             return Err(e.into());
         }
-        // The bytes are at the receiver: the pages can serve another send.
-        drop(pages);
         Ok(landed)
     }
 
@@ -597,7 +591,7 @@ impl PdSender {
         // When the pages in `todo` were granted (see WRITE_WINDOW).
         let mut granted = start;
         let mut retry_closed = reused;
-        let mut in_flight: Option<Wave<'_>> = None;
+        let mut in_flight: Option<Wave> = None;
         loop {
             if todo.is_empty() {
                 if unallocated.is_empty() {
@@ -722,11 +716,10 @@ impl PdSender {
                 })
                 .collect();
             let bytes = remote.iter().map(|r| r.len).sum();
-            let flight = Flight::start(link.clone(), reg.clone(), offsets, remote);
+            let flight = Flight::start(link.clone(), reg.clone(), pages, offsets, remote);
             report.waves += 1;
             in_flight = Some(Wave {
                 flight,
-                pages,
                 landed: Landed {
                     commits: wave
                         .iter()
@@ -817,14 +810,13 @@ impl ChunkSource for Gather<'_> {
     }
 }
 
-/// A wave on its way: its staging pages stay held until its write lands.
-struct Wave<'a> {
+/// A wave on its way (its staging pages travel with its write).
+struct Wave {
     flight: Flight,
-    pages: StagingPages<'a>,
     landed: Landed,
 }
 
-impl Wave<'_> {
+impl Wave {
     /// Waits for the write to end, whatever its outcome, without committing (a failed
     /// write poisons the link).
     async fn settle(mut self) {
@@ -844,8 +836,10 @@ struct Landed {
 }
 
 /// A wave's one-sided write, running as a task of its own so the sender can stage the
-/// next wave meanwhile. Dropped before it landed (the send failed or was abandoned), it
-/// stops the task and poisons the link: the data connection may be out of step.
+/// next wave meanwhile. The task owns the wave's staging pages and gives them back when
+/// the write has ended (or the task was stopped), never while it may still read them.
+/// Dropped before it landed (the send failed or was abandoned), it stops the task and
+/// poisons the link: the data connection may be out of step.
 struct Flight {
     /// The write's outcome and how long it took.
     handle: JoinHandle<(std::result::Result<(), TransportError>, Duration)>,
@@ -857,11 +851,14 @@ impl Flight {
     fn start(
         link: Arc<Link>,
         reg: Arc<RegistrationHandle>,
+        pages: StagingPages,
         offsets: Vec<(usize, usize)>,
         remote: Vec<RemoteIov>,
     ) -> Flight {
         let task_link = link.clone();
         let handle = tokio::spawn(async move {
+            // Given back when the task ends: the write has landed, failed or been dropped.
+            let _pages = pages;
             let started = Instant::now();
             let local = offsets
                 .iter()
