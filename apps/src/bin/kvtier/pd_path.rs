@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use kvtier::config::{Config, PdRole, TransferChannel};
-use kvtier::metrics::Metrics;
+use kvtier::metrics::{gb_per_s, Metrics};
 use kvtier::model::ModelSpec;
 use kvtier::pd::{PdReceiver, PdSender, ProxyListener, ReceiverSpec, SendReport};
 use kvtier::transport::{self, HostBuffer, RemoteIov, TransportConfig};
@@ -71,10 +71,6 @@ pub struct PdPathArgs {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn gb_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64().max(1e-9) / 1e9
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -192,14 +188,12 @@ async fn raw_transfer(
     let local = (0..n)
         .map(|i| src_reg.iov(i * piece, len(i)))
         .collect::<Result<Vec<_>, _>>()?;
-    // Piece i at the mirrored slot; the last (short) piece stays last to keep it in bounds.
+    // Whole piece i at the mirrored slot among the whole pieces; a short last piece stays
+    // last to keep it in bounds.
+    let whole = bytes / piece;
     let remote: Vec<RemoteIov> = (0..n)
         .map(|i| {
-            let slot = if len(i) == piece && len(n - 1) == piece {
-                n - 1 - i
-            } else {
-                i
-            };
+            let slot = if i < whole { whole - 1 - i } else { i };
             RemoteIov {
                 region,
                 offset: (slot * piece) as u64,
@@ -374,7 +368,7 @@ async fn bench(args: PdPathArgs) -> anyhow::Result<()> {
     let raw_times = raw_transfer(args.transport, bytes, page, args.iterations).await?;
     let raw_ms: Vec<f64> = raw_times.iter().map(|&d| ms(d)).collect();
     let (_, raw_med, raw_p99) = stats(&raw_ms);
-    let memcpy_gbs = gb_s(bytes as u64, memcpy);
+    let memcpy_gbs = gb_per_s(bytes as u64, memcpy);
     let raw_gbs = bytes as f64 / (raw_med * 1e-3) / 1e9;
     println!("\nbaselines (same bytes, this run)");
     println!(
@@ -409,7 +403,7 @@ async fn bench(args: PdPathArgs) -> anyhow::Result<()> {
             "  concurrency {n:>3}: {} requests in {:.2} s, {:.2} GB/s aggregate; per request median {med:.1} ms, p99 {p99:.1} ms",
             level.reports.len(),
             level.wall.as_secs_f64(),
-            gb_s(level.bytes, level.wall)
+            gb_per_s(level.bytes, level.wall)
         );
         levels.push(level);
     }
