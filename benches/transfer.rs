@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use kvtier::config::TransferChannel;
-use kvtier::transport::{self, HostBuffer, RemoteIov, TransportConfig};
+use kvtier::transport::{self, HostBuffer, RemoteAccess, RemoteIov, TransportConfig};
 
 const CHUNK: usize = 32 << 20;
 const N: usize = 30;
@@ -103,8 +103,8 @@ fn bench_transports(c: &mut Criterion) {
         let src = Arc::new(HostBuffer::new(SIZE));
         src.fill_pattern(1);
         let dst = Arc::new(HostBuffer::new(SIZE));
-        let src_reg = a.register(src.clone()).unwrap();
-        let dst_reg = b.register(dst.clone()).unwrap();
+        let src_reg = a.register(src.clone(), RemoteAccess::ReadWrite).unwrap();
+        let dst_reg = b.register(dst.clone(), RemoteAccess::ReadWrite).unwrap();
         let conn = rt
             .block_on(a.connect(&b.local_descriptor().unwrap()))
             .unwrap();

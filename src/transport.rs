@@ -5,7 +5,7 @@
 
 pub use kvtier_transport::{
     Connection, HostBuffer, LocalIov, Notification, RegionId, RegionMemory, RegistrationHandle,
-    RemoteIov, Transport, TransportConfig, TransportError,
+    RemoteAccess, RemoteIov, Transport, TransportConfig, TransportError, WriteGrants, WriterId,
 };
 
 use crate::config::TransferChannel;

@@ -124,6 +124,7 @@ async fn raw_alloc_keys(
     s.write_all(&frame(&Message::Alloc {
         req_id: req_id.into(),
         chunks,
+        writer: 0,
     }))
     .await
     .unwrap();
@@ -791,4 +792,117 @@ async fn a_progressive_send_whose_producer_stops_fails_and_returns_its_pages() {
     assert!(err.to_string().contains("300 of 1000 tokens"), "{err}");
     assert_eq!(receiver.lookup(&tokens), 256);
     assert_eq!(receiver.usage().used_pages, 1, "{:?}", receiver.usage());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_writes_only_pages_allocated_to_its_data_connection_and_reads_none() {
+    use kvtier::pd::protocol::{ChunkCommit, ChunkRequest, Message, Slot};
+    use kvtier::transport::{self, HostBuffer, RemoteAccess, RemoteIov, TransportConfig};
+    use kvtier_transport::TransportError;
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+    let m = model();
+    let receiver = tcp_receiver(8).await;
+    let sender = tcp_sender().await;
+    let tokens: Vec<u32> = (0..512).collect();
+    let kv = kv_for(&m, &tokens);
+    sender
+        .send("victim", &tokens, &kv, &spec(&receiver))
+        .await
+        .unwrap();
+    // Any peer that passes the handshake (no secret configured: anyone) gets the
+    // receiver's descriptor and can connect to its data plane ...
+    let mut control = raw_sender(&receiver).await;
+    control
+        .write_all(&frame(&Message::GetDescriptor))
+        .await
+        .unwrap();
+    let Message::Descriptor {
+        descriptor,
+        page_bytes,
+        ..
+    } = read_msg(&mut control).await
+    else {
+        panic!("no descriptor")
+    };
+    let region = kvtier_transport::Descriptor::decode(&descriptor, "tcp")
+        .unwrap()
+        .regions[0]
+        .id;
+    let rogue = transport::open(TransferChannel::Tcp, TransportConfig::default()).unwrap();
+    let junk = Arc::new(HostBuffer::new(page_bytes as usize));
+    junk.fill_pattern(0xbad);
+    let junk_reg = rogue
+        .register(junk.clone(), RemoteAccess::LocalOnly)
+        .unwrap();
+    let all = || [junk_reg.iov(0, page_bytes as usize).unwrap()];
+    let page = |offset: u64| RemoteIov {
+        region,
+        offset,
+        len: page_bytes,
+    };
+    let forbidden =
+        |r: &Result<(), TransportError>| matches!(r, Err(TransportError::Forbidden { .. }));
+    // ... but can overwrite no page (the victim's committed two among them) ...
+    for i in 0..8 {
+        let conn = rogue.connect(&descriptor).await.unwrap();
+        let r = conn.write(&all(), &[page(i * page_bytes)]).await;
+        assert!(forbidden(&r), "write into page {i}: {r:?}");
+    }
+    // ... nor read one.
+    let reader = rogue.connect(&descriptor).await.unwrap();
+    for i in 0..8 {
+        let r = reader.read(&all(), &[page(i * page_bytes)]).await;
+        assert!(forbidden(&r), "read of page {i}: {r:?}");
+    }
+    // A page allocated to its own request is writable through the data connection it
+    // named, not through another, and not at all once committed.
+    let own = rogue.connect(&descriptor).await.unwrap();
+    control
+        .write_all(&frame(&Message::Alloc {
+            req_id: "rogue".into(),
+            chunks: vec![ChunkRequest {
+                key: kvtier::ChunkKey(77),
+                tokens: 256,
+            }],
+            writer: own.writer_id().unwrap().0,
+        }))
+        .await
+        .unwrap();
+    let Message::Allocated { slots, .. } = read_msg(&mut control).await else {
+        panic!("no pages")
+    };
+    let Slot::Page { offset } = slots[0] else {
+        panic!("a fresh key is held")
+    };
+    let other = rogue.connect(&descriptor).await.unwrap();
+    let r = other.write(&all(), &[page(offset)]).await;
+    assert!(forbidden(&r), "write through another connection: {r:?}");
+    own.write(&all(), &[page(offset)]).await.unwrap();
+    control
+        .write_all(&frame(&Message::Commit {
+            req_id: "rogue".into(),
+            chunks: vec![ChunkCommit {
+                key: kvtier::ChunkKey(77),
+                checksum: junk.digest(0, page_bytes as usize),
+            }],
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(
+        read_msg(&mut control).await,
+        Message::Committed { .. }
+    ));
+    let r = own.write(&all(), &[page(offset)]).await;
+    assert!(forbidden(&r), "write after commit: {r:?}");
+    // The victim's KV is intact.
+    let mut out = vec![0u8; kv.len()];
+    assert_eq!(
+        receiver
+            .retrieve("victim", &tokens, &mut out)
+            .await
+            .unwrap(),
+        512
+    );
+    assert_eq!(out, kv, "the victim's KV was changed");
 }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvtier::config::TransferChannel;
-use kvtier::transport::{self, HostBuffer, RemoteIov, Transport, TransportConfig, TransportError};
+use kvtier::transport::{
+    self, HostBuffer, RemoteAccess, RemoteIov, Transport, TransportConfig, TransportError,
+};
 use kvtier_transport::handshake::HandshakeError;
 
 const CHUNK: usize = 32 << 20;
@@ -100,8 +102,12 @@ async fn scatter_gather_1gib(kind: TransferChannel) {
     src.fill_pattern(42);
     let back = Arc::new(HostBuffer::new(N * CHUNK));
     let (src_reg, back_reg) = (
-        local.register(src.clone()).unwrap(),
-        local.register(back.clone()).unwrap(),
+        local
+            .register(src.clone(), RemoteAccess::ReadWrite)
+            .unwrap(),
+        local
+            .register(back.clone(), RemoteAccess::ReadWrite)
+            .unwrap(),
     );
     let conn = local.connect(&peer.descriptor).await.unwrap();
     let region = region_of(local.as_ref(), &peer.descriptor);
@@ -144,7 +150,11 @@ async fn peer_killed_mid_transfer(kind: TransferChannel) {
     let local: Arc<dyn Transport> =
         Arc::from(transport::open(kind, config(timeout, None)).unwrap());
     let src = Arc::new(HostBuffer::new(size));
-    let reg = Arc::new(local.register(src.clone()).unwrap());
+    let reg = Arc::new(
+        local
+            .register(src.clone(), RemoteAccess::ReadWrite)
+            .unwrap(),
+    );
     let conn: Arc<dyn kvtier::transport::Connection> =
         Arc::from(local.connect(&peer.descriptor).await.unwrap());
     let region = region_of(local.as_ref(), &peer.descriptor);

@@ -17,7 +17,7 @@ use crate::keys::ChunkKey;
 
 /// Protocol version of this build (2: commits carry each chunk's checksum; 3: the common
 /// handshake).
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Largest message body.
 pub const MAX_FRAME: usize = 4 << 20;
 /// Most chunks in one allocation.
@@ -85,6 +85,10 @@ pub enum Message {
         req_id: String,
         /// Its chunks, in order.
         chunks: Vec<ChunkRequest>,
+        /// The id the receiver's transport knows the sender's data connection by
+        /// ([`kvtier_transport::Connection::writer_id`]; 0 where it has none): only that
+        /// connection may write the pages granted.
+        writer: u64,
     },
     /// Receiver → sender: one slot per chunk.
     Allocated {
@@ -199,9 +203,14 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             w.u64(*page_bytes);
             w.bytes32(descriptor);
         }
-        Message::Alloc { req_id, chunks } => {
+        Message::Alloc {
+            req_id,
+            chunks,
+            writer,
+        } => {
             w.u8(ALLOC);
             put_str(&mut w, req_id);
+            w.u64(*writer);
             w.u32(chunks.len() as u32);
             for c in chunks {
                 put_key(&mut w, c.key);
@@ -318,6 +327,7 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
         },
         ALLOC => {
             let req_id = get_str(&mut r)?;
+            let writer = r.u64()?;
             let n = r.count(MAX_CHUNKS, 20)?;
             let mut chunks = Vec::with_capacity(n);
             for _ in 0..n {
@@ -326,7 +336,11 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
                     tokens: r.u32()?,
                 });
             }
-            Message::Alloc { req_id, chunks }
+            Message::Alloc {
+                req_id,
+                chunks,
+                writer,
+            }
         }
         ALLOCATED => {
             let req_id = get_str(&mut r)?;
@@ -411,6 +425,7 @@ mod tests {
                     key: k,
                     tokens: 256,
                 }],
+                writer: 0x5eed,
             },
             Message::Allocated {
                 req_id: "r1".into(),

@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvtier_transport::{HostBuffer, RegistrationHandle, Transport};
+use kvtier_transport::{
+    HostBuffer, RegistrationHandle, RemoteAccess, Transport, WriteGrants, WriterId,
+};
 use rayon::prelude::*;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -43,6 +45,9 @@ struct Inner {
     hasher: ChunkHasher,
     transport: Box<dyn Transport>,
     buffer: Arc<HostBuffer>,
+    /// Which data connection may write which page (checked by transports that see every
+    /// write; see [`kvtier_transport::access`]).
+    grants: Arc<WriteGrants>,
     registration: Mutex<Option<RegistrationHandle>>,
     page_bytes: usize,
     total_pages: usize,
@@ -120,7 +125,18 @@ impl PdReceiver {
             settings.transport.on_host(&host),
         )?;
         let buffer = Arc::new(HostBuffer::new(total_pages * page_bytes));
-        let registration = transport.register(buffer.clone())?;
+        // Peers write only the pages granted to their data connection, and read none.
+        let grants = WriteGrants::new(page_bytes as u64, total_pages);
+        let registration =
+            transport.register(buffer.clone(), RemoteAccess::GrantedWrites(grants.clone()))?;
+        if !transport.enforces_write_grants() {
+            tracing::info!(
+                "P/D receiver: the {} transport's one-sided writes bypass this process, so it \
+                 cannot limit a peer to the pages allocated to it; commit checksums keep \
+                 bytes written by anyone else from becoming visible",
+                transport.kind()
+            );
+        }
         metrics
             .pd_buffer_capacity_bytes
             .set((total_pages * page_bytes) as i64);
@@ -166,6 +182,7 @@ impl PdReceiver {
             model,
             transport,
             buffer,
+            grants,
             registration: Mutex::new(Some(registration)),
             page_bytes,
             total_pages,
@@ -374,9 +391,15 @@ impl Inner {
     }
 
     /// Frees the pages `doomed` picks; returns how many. Committed pages (their writes
-    /// done) are reusable at once; the others go through the quarantine.
+    /// done) are reusable at once; the others go through the quarantine. No write is
+    /// admitted to any of them from then on.
     fn reclaim(&self, doomed: impl FnMut(&Page) -> bool) -> usize {
-        let (done, undone) = self.pages.lock().expect("lock").reclaim(doomed);
+        let (done, undone) = {
+            let mut pages = self.pages.lock().expect("lock");
+            let (done, undone) = pages.reclaim(doomed);
+            self.grants.revoke(undone.iter().copied());
+            (done, undone)
+        };
         let n = done.len() + undone.len();
         if n > 0 {
             self.metrics.pd_reclaimed_pages.inc_by(n as u64);
@@ -386,7 +409,15 @@ impl Inner {
         n
     }
 
-    async fn alloc(&self, conn: u64, req_id: &str, chunks: &[ChunkRequest]) -> Message {
+    /// Allocates pages for `chunks` of `req_id` on control connection `conn`, granted to
+    /// the data connection `writer` names (0: none, so no one can write them).
+    async fn alloc(
+        &self,
+        conn: u64,
+        req_id: &str,
+        chunks: &[ChunkRequest],
+        writer: u64,
+    ) -> Message {
         let max_tokens = self.hasher.chunk_size() as u32;
         if let Some(bad) = chunks
             .iter()
@@ -419,7 +450,16 @@ impl Inner {
                 if pages.thaw(now) > 0 {
                     self.space.notify_waiters();
                 }
-                (pages.alloc(conn, req_id, &asked, now), pages.next_thaw())
+                let grant = pages.alloc(conn, req_id, &asked, now);
+                if let (Grant::Placed(placed), true) = (&grant, writer != 0) {
+                    // Granted under the page lock: a page cannot be reclaimed in between.
+                    let fresh = placed.iter().filter_map(|p| match p {
+                        Placed::Page(index) => Some(*index),
+                        Placed::Held => None,
+                    });
+                    self.grants.grant(WriterId(writer), fresh);
+                }
+                (grant, pages.next_thaw())
             };
             let needed = match grant {
                 Grant::Placed(placed) => {
@@ -457,10 +497,11 @@ impl Inner {
 
     /// Makes the committed chunks of `req_id` visible once their bytes match the sender's
     /// checksums. Only pages this connection allocated for this request can be committed;
-    /// a chunk whose bytes differ (changed in flight) is freed and counted in
+    /// their write grants end first, so no byte changes after it was checked. A chunk whose
+    /// bytes differ (changed in flight, or written by someone else) is freed and counted in
     /// `kvtier_corrupt_chunks_total{tier="pd"}`: a miss at the decoder, never wrong KV.
-    fn commit(&self, conn: u64, req_id: &str, chunks: &[ChunkCommit]) -> Message {
-        // Where each chunk landed, checked under the lock ...
+    async fn commit(&self, conn: u64, req_id: &str, chunks: &[ChunkCommit]) -> Message {
+        // Where each chunk landed, checked (and closed to writes) under the lock ...
         let located = {
             let pages = self.pages.lock().expect("lock");
             let located: Result<Vec<_>, _> = chunks
@@ -472,7 +513,10 @@ impl Inner {
                 })
                 .collect();
             match located {
-                Ok(l) => l,
+                Ok(l) => {
+                    self.grants.revoke(l.iter().map(|&(_, index, _)| index));
+                    l
+                }
                 Err(refused) => {
                     return Message::Error {
                         reason: refused.to_string(),
@@ -480,13 +524,17 @@ impl Inner {
                 }
             }
         };
-        // ... hashed outside it ...
+        // ... once writes admitted before have landed (a sender commits after its writes
+        // completed, so this waits only for a peer racing its own commit) ...
+        let indices: Vec<u32> = located.iter().map(|&(_, index, _)| index).collect();
+        let quiet = self.grants.wait_landed(&indices, self.timeout).await;
+        // ... hashed outside the lock ...
         let bpt = self.model.bytes_per_token();
         let intact: Vec<bool> = located
             .par_iter()
             .map(|(c, index, tokens)| {
                 let at = *index as usize * self.page_bytes;
-                self.buffer.digest(at, *tokens as usize * bpt) == c.checksum
+                quiet && self.buffer.digest(at, *tokens as usize * bpt) == c.checksum
             })
             .collect();
         // ... and made visible (or freed) under it again, if still the same page.
@@ -589,8 +637,12 @@ async fn serve(inner: &Inner, mut conn: ControlConn, conn_id: u64) -> Result<(),
                     reason: e.to_string(),
                 },
             },
-            Message::Alloc { req_id, chunks } => inner.alloc(conn_id, &req_id, &chunks).await,
-            Message::Commit { req_id, chunks } => inner.commit(conn_id, &req_id, &chunks),
+            Message::Alloc {
+                req_id,
+                chunks,
+                writer,
+            } => inner.alloc(conn_id, &req_id, &chunks, writer).await,
+            Message::Commit { req_id, chunks } => inner.commit(conn_id, &req_id, &chunks).await,
             Message::Abort { req_id } => {
                 inner.reclaim(|p| p.conn == conn_id && p.req_id == req_id && !p.committed);
                 Message::Committed { req_id }

@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use crate::memory::{Staging, StagingPages};
 use kvtier_transport::{
-    Connection, Descriptor, RegionId, RegistrationHandle, RemoteIov, Transport, TransportError,
+    Connection, Descriptor, RegionId, RegistrationHandle, RemoteAccess, RemoteIov, Transport,
+    TransportError,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -157,7 +158,8 @@ impl PdSender {
             settings.transport.on_host("127.0.0.1"),
         )?;
         let staging = Arc::new(Staging::new(staging_pages, page_bytes));
-        let staging_reg = transport.register(staging.buffer().clone())?;
+        // Only our own writes read the staging pages: no peer may touch them.
+        let staging_reg = transport.register(staging.buffer().clone(), RemoteAccess::LocalOnly)?;
         let timeout = settings.transport.timeout;
         let secret = settings.transport.auth_token.clone();
         let name = format!("prefiller-{}-{}", std::process::id(), model.tp_rank);
@@ -447,6 +449,7 @@ impl PdSender {
         let alloc = Message::Alloc {
             req_id: req_id.into(),
             chunks,
+            writer: link.data.writer_id().map_or(0, |w| w.0),
         };
         let mut answer = control.request(&alloc, self.timeout * 4).await;
         if reused && matches!(&answer, Err(e) if e.is_closed()) {

@@ -21,7 +21,7 @@ use super::RemoteError;
 use crate::config::TransferChannel;
 use crate::memory::{BufferPool, KvBuffer};
 use crate::transport::{
-    self, Connection, HostBuffer, RegionId, RegistrationHandle, RemoteIov, Transport,
+    self, Connection, HostBuffer, RegionId, RegistrationHandle, RemoteAccess, RemoteIov, Transport,
     TransportConfig,
 };
 
@@ -122,7 +122,8 @@ impl StoreClient {
             .map_err(|_| RemoteError::Config("local_buffer_size too large".into()))?;
         let transport = transport::open(config.protocol, config.transport.clone())?;
         let staging = Arc::new(HostBuffer::new(staging_len));
-        let registration = transport.register(staging.clone())?;
+        // The source and destination of this client's own transfers: no peer may touch it.
+        let registration = transport.register(staging.clone(), RemoteAccess::LocalOnly)?;
         Ok(StoreClient {
             inner: Arc::new(Inner {
                 staging_alloc: Mutex::new(RangeAllocator::new(staging_len as u64)),

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use kvtier_transport::{
     BoxFuture, Connection, Descriptor, LocalIov, Notification, RegionMemory, RegionTable,
-    RegistrationHandle, RemoteIov, Result, Transport, TransportConfig, TransportError,
-    MAX_NOTIFICATION,
+    RegistrationHandle, RemoteAccess, RemoteIov, Result, Transport, TransportConfig,
+    TransportError, MAX_NOTIFICATION,
 };
 use nixl_sys::{
     Agent, AgentConfig, MemType, MemoryRegion, NixlDescriptor, NixlError, NotificationMap,
@@ -260,7 +260,14 @@ impl Transport for NixlTransport {
         KIND
     }
 
-    fn register(&self, memory: Arc<dyn RegionMemory>) -> Result<RegistrationHandle> {
+    fn register(
+        &self,
+        memory: Arc<dyn RegionMemory>,
+        access: RemoteAccess,
+    ) -> Result<RegistrationHandle> {
+        // NIXL's registration takes no access flags: every region registered with the
+        // agent is open to peers holding its metadata. `access` still keeps local-only
+        // regions out of this endpoint's descriptor.
         let region = HostRegion {
             addr: memory.as_ptr() as usize,
             len: memory.len(),
@@ -278,7 +285,7 @@ impl Transport for NixlTransport {
         };
         // Registered with NIXL before it is listed, and unlisted before NIXL forgets it: a
         // descriptor never offers a region its metadata lacks.
-        let id = self.inner.regions.insert(memory.clone());
+        let id = self.inner.regions.insert(memory.clone(), access);
         let inner = Arc::downgrade(&self.inner);
         Ok(RegistrationHandle::new(id, memory, move || {
             if let Some(inner) = inner.upgrade() {
@@ -651,9 +658,9 @@ mod tests {
         let (a, b) = (make(cfg()).unwrap(), make(cfg()).unwrap());
         let src = Arc::new(HostBuffer::new(1 << 16));
         src.fill_pattern(9);
-        let src_reg = a.register(src.clone()).unwrap();
+        let src_reg = a.register(src.clone(), RemoteAccess::ReadWrite).unwrap();
         let first = Arc::new(HostBuffer::new(4096));
-        let first_reg = b.register(first.clone()).unwrap();
+        let first_reg = b.register(first.clone(), RemoteAccess::ReadWrite).unwrap();
         let conn = a.connect(&b.local_descriptor().unwrap()).await.unwrap();
         let big: Vec<u8> = (0..MAX_NOTIFICATION).map(|i| (i % 251) as u8).collect();
         conn.notify(&big).await.unwrap();
@@ -663,7 +670,7 @@ mod tests {
         // A region registered later is reachable through a fresh descriptor, while the first
         // connection keeps working.
         let second = Arc::new(HostBuffer::new(1 << 16));
-        let second_reg = b.register(second.clone()).unwrap();
+        let second_reg = b.register(second.clone(), RemoteAccess::ReadWrite).unwrap();
         let conn2 = a.connect(&b.local_descriptor().unwrap()).await.unwrap();
         let whole = [RemoteIov {
             region: second_reg.id(),
@@ -703,10 +710,10 @@ mod tests {
         };
         let (a, b) = (make(cfg.clone()).unwrap(), make(cfg).unwrap());
         let src = Arc::new(HostBuffer::new(1 << 20));
-        let src_reg = a.register(src.clone()).unwrap();
+        let src_reg = a.register(src.clone(), RemoteAccess::ReadWrite).unwrap();
         // Kept allocated: only the peer goes away.
         let dst = Arc::new(HostBuffer::new(1 << 20));
-        let dst_reg = b.register(dst.clone()).unwrap();
+        let dst_reg = b.register(dst.clone(), RemoteAccess::ReadWrite).unwrap();
         let conn = a.connect(&b.local_descriptor().unwrap()).await.unwrap();
         let remote = [RemoteIov {
             region: dst_reg.id(),
@@ -753,7 +760,7 @@ mod tests {
         }
         let t = make(TransportConfig::default()).unwrap();
         let buf = Arc::new(HostBuffer::new(PEER_LEN));
-        let _reg = t.register(buf).unwrap();
+        let _reg = t.register(buf, RemoteAccess::ReadWrite).unwrap();
         let hex: String = t
             .local_descriptor()
             .unwrap()
@@ -827,7 +834,7 @@ mod tests {
             .collect();
         let region = Descriptor::decode(&descriptor, KIND).unwrap().regions[0].id;
         let src = Arc::new(HostBuffer::new(PEER_LEN));
-        let src_reg = a.register(src.clone()).unwrap();
+        let src_reg = a.register(src.clone(), RemoteAccess::ReadWrite).unwrap();
         let conn = a.connect(&descriptor).await.unwrap();
         let remote = [RemoteIov {
             region,
@@ -857,7 +864,7 @@ mod tests {
         src.fill_pattern(8);
         conn.write(&local, &remote).await.unwrap();
         let back = Arc::new(HostBuffer::new(PEER_LEN));
-        let back_reg = a.register(back.clone()).unwrap();
+        let back_reg = a.register(back.clone(), RemoteAccess::ReadWrite).unwrap();
         conn.read(&[back_reg.iov(0, PEER_LEN).unwrap()], &remote)
             .await
             .unwrap();

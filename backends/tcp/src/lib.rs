@@ -2,8 +2,11 @@
 //!
 //! Each endpoint listens on a TCP port. A peer's one-sided `write` becomes a stream of
 //! `Write` frames each followed by its bytes; the endpoint checks every range against its
-//! registrations, reads the bytes straight into the registered memory and acknowledges
-//! each frame, so a write completes only when its bytes are in place. Frames of a batch
+//! registrations — bounds, and the region's [`RemoteAccess`]: a granted region admits
+//! only writes its grants give to this connection (named by the `Writer` frame the client
+//! sends first) and no reads; a refused write's bytes are read and dropped — reads the
+//! bytes straight into the registered memory and acknowledges each frame, so a write
+//! completes only when its bytes are in place. Frames of a batch
 //! are pipelined: all are sent before any acknowledgement is awaited. `read` is the
 //! mirror image (`Read` frames answered by `Data` frames). Connections open with kvtier's
 //! common handshake ([`kvtier_transport::handshake`]): protocol version and, with
@@ -20,8 +23,8 @@ use kvtier_transport::handshake;
 use kvtier_transport::limits::{self, ConnectionLimit};
 use kvtier_transport::{
     region_slice, region_slice_mut, BoxFuture, Connection, Descriptor, LocalIov, Notification,
-    RegionMemory, RegionTable, RegistrationHandle, RemoteIov, Result, Transport, TransportConfig,
-    TransportError, MAX_NOTIFICATION,
+    RegionMemory, RegionTable, RegistrationHandle, RemoteAccess, RemoteIov, Result, Transport,
+    TransportConfig, TransportError, WriterId, MAX_NOTIFICATION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -87,6 +90,17 @@ async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> std::result::Result<Fra
 
 async fn send(w: &mut (impl AsyncWrite + Unpin), frame: &Frame) -> std::io::Result<()> {
     w.write_all(&protocol::encode(frame)).await
+}
+
+/// Reads and drops `len` bytes (a refused write's data).
+async fn discard(r: &mut (impl AsyncRead + Unpin), mut len: u64) -> std::io::Result<()> {
+    let mut sink = vec![0u8; 64 << 10];
+    while len > 0 {
+        let n = sink.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+        r.read_exact(&mut sink[..n]).await?;
+        len -= n as u64;
+    }
+    Ok(())
 }
 
 /// Acknowledges request `req` as done.
@@ -210,6 +224,8 @@ async fn serve(
         .map_err(|e| e.to_string())?;
     let (mut r, mut w) = stream.into_split();
     let timeout = inner.config.timeout;
+    // The id this connection's writes are granted under (its first frame names it).
+    let mut writer: Option<WriterId> = None;
     loop {
         let frame = tokio::select! {
             _ = stop.changed() => return Ok(()),
@@ -233,23 +249,53 @@ async fn serve(
                 offset,
                 len,
             } => {
-                let memory =
-                    match inner
-                        .regions
-                        .checked(kvtier_transport::RegionId(region), offset, len)
-                    {
-                        Ok(m) => m,
-                        Err(TransportError::OutOfBounds { region_len, .. }) => {
-                            // The data that follows cannot be placed: refuse and drop the stream.
-                            let status = Status::OutOfBounds { region_len };
-                            let refusal = Frame::Ack { req, status };
-                            let _ = replying(timeout, send(&mut w, &refusal)).await;
-                            return Err(format!(
-                                "write to region {region} {offset}+{len} out of bounds"
-                            ));
+                // `_landing` marks the bytes as landing (for write grants) until they have.
+                let (memory, _landing) = match inner.regions.peer_write(
+                    kvtier_transport::RegionId(region),
+                    offset,
+                    len,
+                    writer,
+                ) {
+                    Ok(m) => m,
+                    Err(e @ TransportError::Forbidden { .. }) => {
+                        // In bounds but not this connection's to write: the bytes that
+                        // follow are read and dropped, so the stream stays in step.
+                        tracing::warn!(
+                            "tcp transport {}: refused a write from {client}: {e}",
+                            inner.name
+                        );
+                        match tokio::time::timeout(timeout, discard(&mut r, len)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                return Err(format!("write data from {client} cut short: {e}"))
+                            }
+                            Err(_) => {
+                                return Err(format!(
+                                    "write data from {client} stalled past {timeout:?}"
+                                ))
+                            }
                         }
-                        Err(e) => return Err(e.to_string()),
-                    };
+                        let TransportError::Forbidden { reason, .. } = e else {
+                            unreachable!("matched above")
+                        };
+                        let refusal = Frame::Ack {
+                            req,
+                            status: Status::Forbidden { reason },
+                        };
+                        replying(timeout, send(&mut w, &refusal)).await?;
+                        continue;
+                    }
+                    Err(e) => {
+                        // The data that follows cannot be placed: refuse and drop the stream.
+                        let TransportError::OutOfBounds { region_len, .. } = e else {
+                            return Err(e.to_string());
+                        };
+                        let status = Status::OutOfBounds { region_len };
+                        let refusal = Frame::Ack { req, status };
+                        let _ = replying(timeout, send(&mut w, &refusal)).await;
+                        return Err(format!("write refused: {e}"));
+                    }
+                };
                 // SAFETY: the range was checked against the region; the region's owner does
                 // not touch bytes a peer is writing (RegionMemory's contract), and `memory`
                 // keeps them allocated until this read ends.
@@ -273,7 +319,7 @@ async fn serve(
             } => {
                 match inner
                     .regions
-                    .checked(kvtier_transport::RegionId(region), offset, len)
+                    .peer_read(kvtier_transport::RegionId(region), offset, len)
                 {
                     Ok(memory) => {
                         // SAFETY: checked range; see the write case.
@@ -291,8 +337,22 @@ async fn serve(
                         })
                         .await?;
                     }
-                    Err(TransportError::OutOfBounds { region_len, .. }) => {
-                        let status = Status::OutOfBounds { region_len };
+                    Err(
+                        e @ (TransportError::OutOfBounds { .. } | TransportError::Forbidden { .. }),
+                    ) => {
+                        let status = match e {
+                            TransportError::OutOfBounds { region_len, .. } => {
+                                Status::OutOfBounds { region_len }
+                            }
+                            TransportError::Forbidden { reason, .. } => {
+                                tracing::warn!(
+                                    "tcp transport {}: refused a read from {client}: {e}",
+                                    inner.name
+                                );
+                                Status::Forbidden { reason }
+                            }
+                            _ => unreachable!("matched above"),
+                        };
                         let refusal = Frame::Data {
                             req,
                             status,
@@ -303,6 +363,7 @@ async fn serve(
                     Err(e) => return Err(e.to_string()),
                 }
             }
+            Frame::Writer { id } if writer.is_none() => writer = Some(WriterId(id)),
             Frame::Notify { req, message } => {
                 if message.len() > MAX_NOTIFICATION {
                     return Err(format!(
@@ -338,14 +399,22 @@ impl Transport for TcpTransport {
         KIND
     }
 
-    fn register(&self, memory: Arc<dyn RegionMemory>) -> Result<RegistrationHandle> {
-        let id = self.inner.regions.insert(memory.clone());
+    fn register(
+        &self,
+        memory: Arc<dyn RegionMemory>,
+        access: RemoteAccess,
+    ) -> Result<RegistrationHandle> {
+        let id = self.inner.regions.insert(memory.clone(), access);
         let inner = Arc::downgrade(&self.inner);
         Ok(RegistrationHandle::new(id, memory, move || {
             if let Some(inner) = inner.upgrade() {
                 inner.regions.remove(id);
             }
         }))
+    }
+
+    fn enforces_write_grants(&self) -> bool {
+        true
     }
 
     fn registered_regions(&self) -> usize {
@@ -379,8 +448,10 @@ impl Transport for TcpTransport {
 
 /// A request waiting for the peer's answer.
 enum Pending {
-    Ack(oneshot::Sender<Result<()>>),
+    /// A write (naming its remote range) or a notification.
+    Ack(oneshot::Sender<Result<()>>, Option<RemoteIov>),
     Read {
+        remote: RemoteIov,
         memory: Arc<dyn RegionMemory>,
         offset: usize,
         len: u64,
@@ -428,7 +499,7 @@ impl Shared {
                 reason: reason.into(),
             };
             match p {
-                Pending::Ack(tx) | Pending::Read { done: tx, .. } => {
+                Pending::Ack(tx, _) | Pending::Read { done: tx, .. } => {
                     let _ = tx.send(Err(err));
                 }
             }
@@ -439,6 +510,8 @@ impl Shared {
 /// A connection to a TCP peer.
 struct TcpConnection {
     peer: String,
+    /// The id the peer's write grants know this connection by.
+    writer_id: WriterId,
     remote: Descriptor,
     timeout: Duration,
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
@@ -476,6 +549,17 @@ impl TcpConnection {
         let stream = TcpStream::from_std(std_stream).map_err(gone_io)?;
         let mut stream = stream;
         handshake::connect(&mut stream, &addr, inner.hello(), timeout).await?;
+        let writer_id = WriterId::random();
+        tokio::time::timeout(
+            timeout,
+            send(&mut stream, &Frame::Writer { id: writer_id.0 }),
+        )
+        .await
+        .map_err(|_| timed_out("connect"))?
+        .map_err(|e| TransportError::PeerGone {
+            peer: peer.clone(),
+            reason: format!("send writer id: {e}"),
+        })?;
         let (r, w) = stream.into_split();
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
@@ -485,6 +569,7 @@ impl TcpConnection {
         let reader = tokio::spawn(read_answers(r, shared.clone(), peer.clone()));
         Ok(TcpConnection {
             peer,
+            writer_id,
             remote,
             timeout,
             writer: tokio::sync::Mutex::new(w),
@@ -538,7 +623,7 @@ impl TcpConnection {
                         offset: l.offset,
                         len: l.len,
                     }),
-                    pending: Pending::Ack(tx),
+                    pending: Pending::Ack(tx, Some(*r)),
                 }
             } else {
                 Request {
@@ -550,6 +635,7 @@ impl TcpConnection {
                     },
                     payload: None,
                     pending: Pending::Read {
+                        remote: *r,
                         memory,
                         offset: l.offset,
                         len,
@@ -696,18 +782,35 @@ async fn read_answers(mut r: OwnedReadHalf, shared: Arc<Shared>, peer: String) {
         let Some(pending) = shared.pending.lock().expect("lock").remove(&req) else {
             break format!("answer to unknown request {req}");
         };
-        let oob = |region_len| TransportError::OutOfBounds {
-            region: kvtier_transport::RegionId(0),
-            offset: 0,
-            len: 0,
-            region_len,
+        // The peer's refusal of `remote`, as an error naming the range.
+        let refused = |remote: Option<RemoteIov>, status| {
+            let r = remote.unwrap_or(RemoteIov {
+                region: kvtier_transport::RegionId(0),
+                offset: 0,
+                len: 0,
+            });
+            match status {
+                Status::Forbidden { reason } => TransportError::Forbidden {
+                    region: r.region,
+                    offset: r.offset,
+                    len: r.len,
+                    reason,
+                },
+                Status::OutOfBounds { region_len } => TransportError::OutOfBounds {
+                    region: r.region,
+                    offset: r.offset,
+                    len: r.len,
+                    region_len,
+                },
+                Status::Ok => unreachable!("only refusals"),
+            }
         };
         match (pending, status, data_len) {
-            (Pending::Ack(tx), Status::Ok, None) => {
+            (Pending::Ack(tx, _), Status::Ok, None) => {
                 let _ = tx.send(Ok(()));
             }
-            (Pending::Ack(tx), Status::OutOfBounds { region_len }, None) => {
-                let _ = tx.send(Err(oob(region_len)));
+            (Pending::Ack(tx, remote), status, None) => {
+                let _ = tx.send(Err(refused(remote, status)));
             }
             (
                 Pending::Read {
@@ -715,6 +818,7 @@ async fn read_answers(mut r: OwnedReadHalf, shared: Arc<Shared>, peer: String) {
                     offset,
                     len,
                     done,
+                    ..
                 },
                 Status::Ok,
                 Some(n),
@@ -732,8 +836,8 @@ async fn read_answers(mut r: OwnedReadHalf, shared: Arc<Shared>, peer: String) {
                 }
                 let _ = done.send(Ok(()));
             }
-            (Pending::Read { done, .. }, Status::OutOfBounds { region_len }, Some(0)) => {
-                let _ = done.send(Err(oob(region_len)));
+            (Pending::Read { done, remote, .. }, status, Some(0)) if status != Status::Ok => {
+                let _ = done.send(Err(refused(Some(remote), status)));
             }
             (_, status, len) => {
                 break format!("answer {status:?}/{len:?} does not match request {req}")
@@ -746,6 +850,10 @@ async fn read_answers(mut r: OwnedReadHalf, shared: Arc<Shared>, peer: String) {
 impl Connection for TcpConnection {
     fn peer(&self) -> &str {
         &self.peer
+    }
+
+    fn writer_id(&self) -> Option<WriterId> {
+        Some(self.writer_id)
     }
 
     fn write<'a>(
@@ -782,7 +890,7 @@ impl Connection for TcpConnection {
             let request = Request {
                 frame,
                 payload: None,
-                pending: Pending::Ack(tx),
+                pending: Pending::Ack(tx, None),
             };
             self.exchange("notify", vec![request], vec![rx]).await
         })
@@ -855,8 +963,12 @@ mod tests {
             TcpTransport::bind(TransportConfig::default()).unwrap(),
         );
         let size = 256 << 20;
-        let src = a.register(Arc::new(HostBuffer::new(size))).unwrap();
-        let dst = b.register(Arc::new(HostBuffer::new(size))).unwrap();
+        let src = a
+            .register(Arc::new(HostBuffer::new(size)), RemoteAccess::ReadWrite)
+            .unwrap();
+        let dst = b
+            .register(Arc::new(HostBuffer::new(size)), RemoteAccess::ReadWrite)
+            .unwrap();
         let conn = a.connect(&b.local_descriptor().unwrap()).await.unwrap();
         let remote = [RemoteIov {
             region: dst.id(),
@@ -918,7 +1030,9 @@ mod tests {
         };
         let server = TcpTransport::bind(config).unwrap();
         let mem = Arc::new(HostBuffer::new(len));
-        let reg = server.register(mem.clone()).unwrap();
+        let reg = server
+            .register(mem.clone(), RemoteAccess::ReadWrite)
+            .unwrap();
         let mut raw = raw_client(&server).await;
         // Ask for the whole region, then read nothing for a while: the socket buffers fill
         // and the server's write waits for us.
@@ -946,7 +1060,9 @@ mod tests {
     async fn malformed_frames_close_only_that_connection() {
         let server = TcpTransport::bind(TransportConfig::default()).unwrap();
         let mem = Arc::new(HostBuffer::new(4096));
-        let _reg = server.register(mem.clone()).unwrap();
+        let _reg = server
+            .register(mem.clone(), RemoteAccess::ReadWrite)
+            .unwrap();
         // A raw client that completes the handshake, then sends garbage.
         let mut raw = raw_client(&server).await;
         raw.write_all(&[5, 0, 0, 0, 0xee, 1, 2, 3, 4])

@@ -12,9 +12,10 @@
 //! [`decode`] is total: any input gives a frame or a [`FrameError`], never a panic.
 
 use kvtier_transport::wire::{self, Reader, WireError, Writer};
+use kvtier_transport::AccessRefused;
 
 /// Protocol version spoken by this build.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Largest control-frame body.
 pub const MAX_FRAME: usize = 128 * 1024;
 
@@ -50,6 +51,12 @@ pub enum Frame {
         /// The message.
         message: Vec<u8>,
     },
+    /// Client → server, first after the opening: the id the server's write grants know
+    /// this connection by (see [`kvtier_transport::access`]).
+    Writer {
+        /// The connection's writer id (never 0).
+        id: u64,
+    },
     /// Server → client: request `req` finished.
     Ack {
         /// The request.
@@ -78,6 +85,11 @@ pub enum Status {
         /// The region's length.
         region_len: u64,
     },
+    /// The range is in bounds but this connection may not access it so.
+    Forbidden {
+        /// Why.
+        reason: AccessRefused,
+    },
 }
 
 /// Why a frame did not decode.
@@ -92,6 +104,9 @@ pub enum FrameError {
     /// An unknown status code.
     #[error("unknown status {0}")]
     BadStatus(u8),
+    /// A writer id of 0.
+    #[error("writer id 0")]
+    ZeroWriter,
 }
 
 const T_WRITE: u8 = 5;
@@ -99,6 +114,7 @@ const T_READ: u8 = 6;
 const T_NOTIFY: u8 = 7;
 const T_ACK: u8 = 8;
 const T_DATA: u8 = 9;
+const T_WRITER: u8 = 10;
 
 fn put_status(w: &mut Writer, s: Status) {
     match s {
@@ -106,6 +122,14 @@ fn put_status(w: &mut Writer, s: Status) {
         Status::OutOfBounds { region_len } => {
             w.u8(1);
             w.u64(region_len);
+        }
+        Status::Forbidden { reason } => {
+            w.u8(2);
+            w.u8(match reason {
+                AccessRefused::NoRemoteRead => 0,
+                AccessRefused::LocalOnly => 1,
+                AccessRefused::NotGranted => 2,
+            });
         }
     }
 }
@@ -140,6 +164,10 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
             w.u64(*req);
             w.raw(message);
         }
+        Frame::Writer { id } => {
+            w.u8(T_WRITER);
+            w.u64(*id);
+        }
         Frame::Ack { req, status } => {
             w.u8(T_ACK);
             w.u64(*req);
@@ -161,6 +189,14 @@ fn status(r: &mut Reader<'_>) -> Result<Status, FrameError> {
         1 => Ok(Status::OutOfBounds {
             region_len: r.u64()?,
         }),
+        2 => Ok(Status::Forbidden {
+            reason: match r.u8()? {
+                0 => AccessRefused::NoRemoteRead,
+                1 => AccessRefused::LocalOnly,
+                2 => AccessRefused::NotGranted,
+                s => return Err(FrameError::BadStatus(s)),
+            },
+        }),
         s => Err(FrameError::BadStatus(s)),
     }
 }
@@ -180,6 +216,7 @@ pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
         T_NOTIFY => "notify",
         T_ACK => "ack",
         T_DATA => "data",
+        T_WRITER => "writer",
         other => return Err(FrameError::UnknownType(other)),
     };
     let mut c = Reader::new(rest, name);
@@ -207,6 +244,10 @@ pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
             let message = c.rest().to_vec();
             Frame::Notify { req, message }
         }
+        T_WRITER => match c.u64()? {
+            0 => return Err(FrameError::ZeroWriter),
+            id => Frame::Writer { id },
+        },
         T_ACK => Frame::Ack {
             req: c.u64()?,
             status: status(&mut c)?,
@@ -255,6 +296,20 @@ mod tests {
                 req: 12,
                 status: Status::Ok,
                 len: 4096,
+            },
+            Frame::Writer { id: 0xfeed },
+            Frame::Ack {
+                req: 13,
+                status: Status::Forbidden {
+                    reason: AccessRefused::NotGranted,
+                },
+            },
+            Frame::Data {
+                req: 14,
+                status: Status::Forbidden {
+                    reason: AccessRefused::NoRemoteRead,
+                },
+                len: 0,
             },
         ]
     }

@@ -9,7 +9,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{HostBuffer, RegionId, RemoteIov, Result, Transport, TransportConfig, TransportError};
+use crate::{
+    HostBuffer, RegionId, RemoteAccess, RemoteIov, Result, Transport, TransportConfig,
+    TransportError,
+};
 
 /// Builds a transport (called within a tokio runtime).
 pub type Factory = dyn Fn(TransportConfig) -> Result<Box<dyn Transport>> + Send + Sync;
@@ -41,9 +44,9 @@ pub async fn sizes(make: &Factory) -> Result<()> {
     src.fill_pattern(1);
     let dst = Arc::new(HostBuffer::new(MAX));
     let back = Arc::new(HostBuffer::new(MAX));
-    let src_reg = a.register(src.clone())?;
-    let back_reg = a.register(back.clone())?;
-    let dst_reg = b.register(dst.clone())?;
+    let src_reg = a.register(src.clone(), RemoteAccess::ReadWrite)?;
+    let back_reg = a.register(back.clone(), RemoteAccess::ReadWrite)?;
+    let dst_reg = b.register(dst.clone(), RemoteAccess::ReadWrite)?;
     let conn = a.connect(&b.local_descriptor()?).await?;
     for &size in &[1usize, 7, 4096, 65_537, 1 << 20, (32 << 20) + 3, MAX] {
         // An odd offset on both sides, except for the full-size case.
@@ -74,8 +77,11 @@ pub async fn scatter_gather(make: &Factory) -> Result<()> {
     src.fill_pattern(2);
     let dst = Arc::new(HostBuffer::new(N * CHUNK));
     let back = Arc::new(HostBuffer::new(N * CHUNK));
-    let (src_reg, back_reg) = (a.register(src.clone())?, a.register(back.clone())?);
-    let dst_reg = b.register(dst.clone())?;
+    let (src_reg, back_reg) = (
+        a.register(src.clone(), RemoteAccess::ReadWrite)?,
+        a.register(back.clone(), RemoteAccess::ReadWrite)?,
+    );
+    let dst_reg = b.register(dst.clone(), RemoteAccess::ReadWrite)?;
     let conn = a.connect(&b.local_descriptor()?).await?;
     let local = (0..N)
         .map(|i| src_reg.iov(i * CHUNK, CHUNK))
@@ -110,7 +116,7 @@ pub async fn concurrent_connections(make: &Factory) -> Result<()> {
     const SLICE: usize = 4 << 20;
     let b = make(config())?;
     let dst = Arc::new(HostBuffer::new(CONNS * SLICE));
-    let dst_reg = b.register(dst.clone())?;
+    let dst_reg = b.register(dst.clone(), RemoteAccess::ReadWrite)?;
     let descriptor = b.local_descriptor()?;
     let region = dst_reg.id();
     let mut tasks = Vec::new();
@@ -120,7 +126,7 @@ pub async fn concurrent_connections(make: &Factory) -> Result<()> {
         tasks.push(tokio::spawn(async move {
             let src = Arc::new(HostBuffer::new(SLICE));
             src.fill_pattern(100 + i as u64);
-            let reg = a.register(src.clone())?;
+            let reg = a.register(src.clone(), RemoteAccess::ReadWrite)?;
             let conn = a.connect(&descriptor).await?;
             let remote = [RemoteIov {
                 region,
@@ -159,8 +165,8 @@ pub async fn out_of_bounds(make: &Factory) -> Result<()> {
     let (a, b) = (make(config())?, make(config())?);
     let src = Arc::new(HostBuffer::new(1 << 20));
     let dst = Arc::new(HostBuffer::new(1 << 16));
-    let src_reg = a.register(src.clone())?;
-    let dst_reg = b.register(dst.clone())?;
+    let src_reg = a.register(src.clone(), RemoteAccess::ReadWrite)?;
+    let dst_reg = b.register(dst.clone(), RemoteAccess::ReadWrite)?;
     let conn = a.connect(&b.local_descriptor()?).await?;
     let bad = [
         RemoteIov {
@@ -235,8 +241,8 @@ pub async fn notifications(make: &Factory) -> Result<()> {
     let src = Arc::new(HostBuffer::new(8 << 20));
     src.fill_pattern(4);
     let dst = Arc::new(HostBuffer::new(8 << 20));
-    let src_reg = a.register(src.clone())?;
-    let dst_reg = b.register(dst.clone())?;
+    let src_reg = a.register(src.clone(), RemoteAccess::ReadWrite)?;
+    let dst_reg = b.register(dst.clone(), RemoteAccess::ReadWrite)?;
     let conn = a.connect(&b.local_descriptor()?).await?;
     let t = Instant::now();
     let r = b.recv_notification(Duration::from_millis(200)).await;
@@ -269,10 +275,10 @@ pub async fn notifications(make: &Factory) -> Result<()> {
 pub async fn registrations(make: &Factory) -> Result<()> {
     let (a, b) = (make(config())?, make(config())?);
     let src = Arc::new(HostBuffer::new(1 << 20));
-    let src_reg = a.register(src.clone())?;
+    let src_reg = a.register(src.clone(), RemoteAccess::ReadWrite)?;
     let before = b.registered_regions();
     let dst = Arc::new(HostBuffer::new(1 << 20));
-    let dst_reg = b.register(dst.clone())?;
+    let dst_reg = b.register(dst.clone(), RemoteAccess::ReadWrite)?;
     let id = dst_reg.id();
     ensure(b.registered_regions() == before + 1, || {
         "registration not counted".into()
@@ -300,6 +306,92 @@ pub async fn registrations(make: &Factory) -> Result<()> {
     })
 }
 
+/// Local-only regions are not offered to peers; where the transport enforces write grants
+/// ([`Transport::enforces_write_grants`]), a granted region admits a peer's writes only
+/// to units granted to that connection, while granted, and no reads.
+pub async fn remote_access(make: &Factory) -> Result<()> {
+    const UNIT: usize = 4096;
+    let (a, b) = (make(config())?, make(config())?);
+    let src = Arc::new(HostBuffer::new(4 * UNIT));
+    src.fill_pattern(6);
+    let src_reg = a.register(src.clone(), RemoteAccess::LocalOnly)?;
+    let local = Arc::new(HostBuffer::new(UNIT));
+    let local_reg = b.register(local.clone(), RemoteAccess::LocalOnly)?;
+    let grants = crate::WriteGrants::new(UNIT as u64, 4);
+    let granted = Arc::new(HostBuffer::new(4 * UNIT));
+    let granted_reg = b.register(granted.clone(), RemoteAccess::GrantedWrites(grants.clone()))?;
+    let descriptor = b.local_descriptor()?;
+    let offered = crate::Descriptor::decode(&descriptor, b.kind())?.regions;
+    ensure(
+        offered.iter().all(|r| r.id != local_reg.id())
+            && offered.iter().any(|r| r.id == granted_reg.id()),
+        || format!("descriptor offers {offered:?}"),
+    )?;
+    let unit = |i: usize, n: usize| RemoteIov {
+        region: granted_reg.id(),
+        offset: (i * UNIT) as u64,
+        len: (n * UNIT) as u64,
+    };
+    let conn = a.connect(&descriptor).await?;
+    let r = conn
+        .write(
+            &[src_reg.iov(0, 16)?],
+            &[RemoteIov {
+                region: local_reg.id(),
+                offset: 0,
+                len: 16,
+            }],
+        )
+        .await;
+    ensure(r.is_err(), || {
+        "a write into a local-only region passed".into()
+    })?;
+    if !b.enforces_write_grants() {
+        return Ok(());
+    }
+    let forbidden = |r: &Result<()>| matches!(r, Err(TransportError::Forbidden { .. }));
+    // Not granted to anyone yet.
+    let conn = a.connect(&descriptor).await?;
+    let r = conn.write(&[src_reg.iov(UNIT, UNIT)?], &[unit(1, 1)]).await;
+    ensure(forbidden(&r), || format!("ungranted write gave {r:?}"))?;
+    // Granted to one connection: it may write that unit, not the next; others may not.
+    let owner = a.connect(&descriptor).await?;
+    let id = owner
+        .writer_id()
+        .ok_or_else(|| fail("a connection to a granting peer has no writer id".into()))?;
+    grants.grant(id, [1]);
+    owner
+        .write(&[src_reg.iov(UNIT, UNIT)?], &[unit(1, 1)])
+        .await?;
+    ensure(granted.digest(UNIT, UNIT) == src.digest(UNIT, UNIT), || {
+        "granted write did not land".into()
+    })?;
+    let other = a.connect(&descriptor).await?;
+    let r = other
+        .write(&[src_reg.iov(UNIT, UNIT)?], &[unit(1, 1)])
+        .await;
+    ensure(forbidden(&r), || {
+        format!("another connection's write gave {r:?}")
+    })?;
+    let reader = a.connect(&descriptor).await?;
+    let r = reader.read(&[src_reg.iov(0, UNIT)?], &[unit(1, 1)]).await;
+    ensure(forbidden(&r), || {
+        format!("read of a granted region gave {r:?}")
+    })?;
+    let r = owner
+        .write(&[src_reg.iov(UNIT, 2 * UNIT)?], &[unit(1, 2)])
+        .await;
+    ensure(forbidden(&r), || format!("write past the grant gave {r:?}"))?;
+    // Revoked: refused even to its owner.
+    let owner = a.connect(&descriptor).await?;
+    let id = owner.writer_id().expect("checked above");
+    grants.grant(id, [2]);
+    owner.write(&[src_reg.iov(0, UNIT)?], &[unit(2, 1)]).await?;
+    grants.revoke([2]);
+    let r = owner.write(&[src_reg.iov(0, UNIT)?], &[unit(2, 1)]).await;
+    ensure(forbidden(&r), || format!("write after revoke gave {r:?}"))
+}
+
 /// Connecting to a descriptor nobody serves fails within the timeout.
 pub async fn unreachable_peer(make: &Factory) -> Result<()> {
     let b = make(config())?;
@@ -317,7 +409,7 @@ pub async fn unreachable_peer(make: &Factory) -> Result<()> {
         Ok(Ok(conn)) => {
             // Some transports connect lazily: the first transfer must fail instead.
             let buf = Arc::new(HostBuffer::new(4096));
-            let reg = a.register(buf)?;
+            let reg = a.register(buf, RemoteAccess::ReadWrite)?;
             let r = tokio::time::timeout(
                 Duration::from_secs(15),
                 conn.write(
@@ -347,7 +439,7 @@ pub async fn unreachable_peer(make: &Factory) -> Result<()> {
 macro_rules! conformance_tests {
     ($make:path) => {
         $crate::conformance_tests!(@case $make, sizes, scatter_gather, concurrent_connections,
-            out_of_bounds, notifications, registrations, unreachable_peer);
+            out_of_bounds, notifications, registrations, remote_access, unreachable_peer);
     };
     (@case $make:path, $($case:ident),*) => {
         $(

@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod access;
 pub mod auth;
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -27,6 +28,7 @@ pub mod limits;
 mod memory;
 pub mod wire;
 
+pub use access::{AccessRefused, RemoteAccess, WriteGrants, WriteGuard, WriterId};
 pub use descriptor::{Descriptor, RegionInfo};
 pub use memory::{
     region_slice, region_slice_mut, size_class, HostAlloc, HostBuffer, RegionMemory, RegionTable,
@@ -65,6 +67,19 @@ pub enum TransportError {
         op: &'static str,
         /// The timeout.
         after: Duration,
+    },
+    /// The range is in bounds but the region's [`RemoteAccess`] does not let this peer
+    /// (connection) do that.
+    #[error("range {offset}+{len} of region {region:?}: {reason}")]
+    Forbidden {
+        /// The region named.
+        region: RegionId,
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// Why.
+        reason: AccessRefused,
     },
     /// The peer closed the connection, died, or failed the operation.
     #[error("peer {peer} gone: {reason}")]
@@ -284,8 +299,20 @@ pub trait Transport: Send + Sync {
     /// Short name: `tcp`, `ucx`, `nixl`.
     fn kind(&self) -> &'static str;
 
-    /// Registers `memory` for local use in transfers and for remote access by peers.
-    fn register(&self, memory: Arc<dyn RegionMemory>) -> Result<RegistrationHandle>;
+    /// Registers `memory` for local use in transfers and for remote access by peers as
+    /// `access` allows.
+    fn register(
+        &self,
+        memory: Arc<dyn RegionMemory>,
+        access: RemoteAccess,
+    ) -> Result<RegistrationHandle>;
+
+    /// Whether this endpoint checks every peer's write against the [`WriteGrants`] of a
+    /// [`RemoteAccess::GrantedWrites`] region (true where writes pass through its own
+    /// code; one-sided RDMA-style writes never do).
+    fn enforces_write_grants(&self) -> bool {
+        false
+    }
 
     /// Regions currently registered (for leak checks and metrics).
     fn registered_regions(&self) -> usize;
@@ -305,6 +332,12 @@ pub trait Transport: Send + Sync {
 pub trait Connection: Send + Sync {
     /// The peer's name.
     fn peer(&self) -> &str;
+
+    /// The id the peer knows this connection's writes by, for its [`WriteGrants`]; `None`
+    /// where the transport cannot tell connections apart at the target.
+    fn writer_id(&self) -> Option<WriterId> {
+        None
+    }
 
     /// Puts each `local[i]` into `remote[i]`; completes when every byte is at the peer.
     fn write<'a>(

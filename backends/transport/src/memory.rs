@@ -6,6 +6,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::access::{RemoteAccess, WriteGuard, WriterId};
 use crate::{RegionId, RegionInfo, Result, TransportError};
 
 /// Memory a transport may read and write through raw pointers while it is registered.
@@ -287,27 +288,34 @@ unsafe impl RegionMemory for HostBuffer {
     }
 }
 
-/// The regions one transport instance has registered: ids, memory, bounds checks.
+/// The regions one transport instance has registered: ids, memory, access, bounds checks.
 #[derive(Default)]
 pub struct RegionTable {
     next: AtomicU64,
-    regions: RwLock<HashMap<RegionId, Arc<dyn RegionMemory>>>,
+    regions: RwLock<HashMap<RegionId, Region>>,
 }
 
+/// One registered region: its memory and who may access it from the network.
+type Region = (Arc<dyn RegionMemory>, RemoteAccess);
+
 impl RegionTable {
-    /// Adds `memory` under a fresh id.
-    pub fn insert(&self, memory: Arc<dyn RegionMemory>) -> RegionId {
+    /// Adds `memory`, accessible to peers as `access` says, under a fresh id.
+    pub fn insert(&self, memory: Arc<dyn RegionMemory>, access: RemoteAccess) -> RegionId {
         let id = RegionId(self.next.fetch_add(1, Ordering::Relaxed) + 1);
         self.regions
             .write()
             .expect("region table lock")
-            .insert(id, memory);
+            .insert(id, (memory, access));
         id
     }
 
     /// Removes `id`; returns its memory.
     pub fn remove(&self, id: RegionId) -> Option<Arc<dyn RegionMemory>> {
-        self.regions.write().expect("region table lock").remove(&id)
+        self.regions
+            .write()
+            .expect("region table lock")
+            .remove(&id)
+            .map(|(m, _)| m)
     }
 
     /// Regions held.
@@ -320,14 +328,26 @@ impl RegionTable {
         self.len() == 0
     }
 
-    /// The memory of `id` if `offset..offset+len` lies inside it. The returned `Arc` keeps
-    /// the memory alive through a transfer even if the region is deregistered meanwhile.
-    pub fn checked(&self, id: RegionId, offset: u64, len: u64) -> Result<Arc<dyn RegionMemory>> {
+    /// How peers may access `id`, if it is registered.
+    pub fn access(&self, id: RegionId) -> Option<RemoteAccess> {
         let map = self.regions.read().expect("region table lock");
-        let memory = map.get(&id);
-        let region_len = memory.map_or(0, |m| m.len() as u64);
-        match (memory, offset.checked_add(len)) {
-            (Some(m), Some(end)) if end <= region_len => Ok(m.clone()),
+        map.get(&id).map(|(_, a)| a.clone())
+    }
+
+    /// The memory and access of `id` if `offset..offset+len` lies inside it. The returned
+    /// `Arc` keeps the memory alive through a transfer even if the region is deregistered
+    /// meanwhile.
+    fn checked(
+        &self,
+        id: RegionId,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Arc<dyn RegionMemory>, RemoteAccess)> {
+        let map = self.regions.read().expect("region table lock");
+        let entry = map.get(&id);
+        let region_len = entry.map_or(0, |(m, _)| m.len() as u64);
+        match (entry, offset.checked_add(len)) {
+            (Some((m, a)), Some(end)) if end <= region_len => Ok((m.clone(), a.clone())),
             _ => Err(TransportError::OutOfBounds {
                 region: id,
                 offset,
@@ -337,12 +357,51 @@ impl RegionTable {
         }
     }
 
-    /// Every region as peers see it (`key` filled by `key_of`).
+    /// The memory of `id` for a peer's read of `offset..offset+len`: in bounds, and the
+    /// region admits remote reads.
+    pub fn peer_read(&self, id: RegionId, offset: u64, len: u64) -> Result<Arc<dyn RegionMemory>> {
+        let (memory, access) = self.checked(id, offset, len)?;
+        access
+            .check_read()
+            .map_err(|reason| TransportError::Forbidden {
+                region: id,
+                offset,
+                len,
+                reason,
+            })?;
+        Ok(memory)
+    }
+
+    /// The memory of `id` for a write of `offset..offset+len` by the peer whose connection
+    /// is `writer`: in bounds and allowed by the region's access. Keep the guard until the
+    /// bytes have landed.
+    pub fn peer_write(
+        &self,
+        id: RegionId,
+        offset: u64,
+        len: u64,
+        writer: Option<WriterId>,
+    ) -> Result<(Arc<dyn RegionMemory>, Option<WriteGuard>)> {
+        let (memory, access) = self.checked(id, offset, len)?;
+        let guard = access.check_write(writer, offset, len).map_err(|reason| {
+            TransportError::Forbidden {
+                region: id,
+                offset,
+                len,
+                reason,
+            }
+        })?;
+        Ok((memory, guard))
+    }
+
+    /// Every region peers may access, as they see it (`key` filled by `key_of`); local-only
+    /// regions are not listed.
     pub fn infos(&self, mut key_of: impl FnMut(RegionId) -> Vec<u8>) -> Vec<RegionInfo> {
         let map = self.regions.read().expect("region table lock");
         let mut infos: Vec<RegionInfo> = map
             .iter()
-            .map(|(id, m)| RegionInfo {
+            .filter(|(_, (_, a))| a.allows_remote_write())
+            .map(|(id, (m, _))| RegionInfo {
                 id: *id,
                 addr: m.as_ptr() as u64,
                 len: m.len() as u64,

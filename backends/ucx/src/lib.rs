@@ -40,8 +40,8 @@ use std::time::{Duration, Instant};
 
 use kvtier_transport::{
     BoxFuture, Connection, Descriptor, LocalIov, Notification, RegionId, RegionMemory, RegionTable,
-    RegistrationHandle, RemoteIov, Result, Transport, TransportConfig, TransportError,
-    MAX_NOTIFICATION,
+    RegistrationHandle, RemoteAccess, RemoteIov, Result, Transport, TransportConfig,
+    TransportError, MAX_NOTIFICATION,
 };
 use tokio::sync::oneshot;
 // Links the static UCX libraries and their constructors into every binary using this
@@ -188,12 +188,18 @@ impl Transport for UcxTransport {
         KIND
     }
 
-    fn register(&self, memory: Arc<dyn RegionMemory>) -> Result<RegistrationHandle> {
+    fn register(
+        &self,
+        memory: Arc<dyn RegionMemory>,
+        access: RemoteAccess,
+    ) -> Result<RegistrationHandle> {
         let inner = &self.inner;
         let (tx, rx) = mpsc::sync_channel(1);
         inner.handle.send(Command::Register {
             addr: memory.as_ptr() as usize,
             len: memory.len(),
+            remote_read: access.allows_remote_read(),
+            remote_write: access.allows_remote_write(),
             reply: tx,
         })?;
         let registered = match rx.recv_timeout(inner.config.timeout) {
@@ -208,7 +214,7 @@ impl Transport for UcxTransport {
         };
         let id = {
             let mut keys = inner.keys.lock().map_err(|_| lock_poisoned())?;
-            let id = inner.regions.insert(memory.clone());
+            let id = inner.regions.insert(memory.clone(), access);
             keys.insert(id, (registered.token, registered.rkey));
             id
         };
@@ -428,7 +434,9 @@ mod tests {
     async fn corrupt_descriptors_are_refused() {
         let a = UcxTransport::new(TransportConfig::default()).unwrap();
         let b = UcxTransport::new(TransportConfig::default()).unwrap();
-        let _reg = b.register(Arc::new(HostBuffer::new(4096))).unwrap();
+        let _reg = b
+            .register(Arc::new(HostBuffer::new(4096)), RemoteAccess::ReadWrite)
+            .unwrap();
         let good = Descriptor::decode(&b.local_descriptor().unwrap(), KIND).unwrap();
         let mut bad = Vec::new();
         for i in (0..good.body.len()).step_by(3) {
@@ -466,14 +474,14 @@ mod tests {
         let timeout = Duration::from_secs(3);
         let b = UcxTransport::new(config(timeout)).unwrap();
         let dst = Arc::new(HostBuffer::new(1 << 20));
-        let reg = b.register(dst.clone()).unwrap();
+        let reg = b.register(dst.clone(), RemoteAccess::ReadWrite).unwrap();
         let descriptor = b.local_descriptor().unwrap();
         let region = reg.id();
         drop(reg);
         drop(b);
         let a = UcxTransport::new(config(timeout)).unwrap();
         let src = Arc::new(HostBuffer::new(1 << 20));
-        let src_reg = a.register(src).unwrap();
+        let src_reg = a.register(src, RemoteAccess::ReadWrite).unwrap();
         let t = Instant::now();
         match a.connect(&descriptor).await {
             Err(e) => eprintln!("connect failed: {e}"),
@@ -506,8 +514,8 @@ mod tests {
         let src = Arc::new(HostBuffer::new(1 << 16));
         src.fill_pattern(9);
         let dst = Arc::new(HostBuffer::new(1 << 16));
-        let src_reg = a.register(src.clone()).unwrap();
-        let dst_reg = b.register(dst.clone()).unwrap();
+        let src_reg = a.register(src.clone(), RemoteAccess::ReadWrite).unwrap();
+        let dst_reg = b.register(dst.clone(), RemoteAccess::ReadWrite).unwrap();
         let conn = a.connect(&b.local_descriptor().unwrap()).await.unwrap();
         drop(a);
         let remote = [RemoteIov {
@@ -598,7 +606,7 @@ mod tests {
         }
         let b = UcxTransport::new(config(Duration::from_secs(20))).unwrap();
         let dst = Arc::new(HostBuffer::new(PEER_LEN));
-        let _reg = b.register(dst.clone()).unwrap();
+        let _reg = b.register(dst.clone(), RemoteAccess::ReadWrite).unwrap();
         let hex: String = b
             .local_descriptor()
             .unwrap()
@@ -623,7 +631,7 @@ mod tests {
         let a = UcxTransport::new(config(timeout)).unwrap();
         let src = Arc::new(HostBuffer::new(PEER_LEN));
         src.fill_pattern(11);
-        let reg = a.register(src.clone()).unwrap();
+        let reg = a.register(src.clone(), RemoteAccess::ReadWrite).unwrap();
         let conn = a.connect(&descriptor).await.unwrap();
         let region = Descriptor::decode(&descriptor, KIND).unwrap().regions[0].id;
         let remote = [RemoteIov {
@@ -662,7 +670,7 @@ mod tests {
         let timeout = Duration::from_secs(2);
         let a = UcxTransport::new(config(timeout)).unwrap();
         let src = Arc::new(HostBuffer::new(4 << 20));
-        let reg = a.register(src.clone()).unwrap();
+        let reg = a.register(src.clone(), RemoteAccess::ReadWrite).unwrap();
         let conn = a.connect(&descriptor).await.unwrap();
         let region = Descriptor::decode(&descriptor, KIND).unwrap().regions[0].id;
         let remote = [RemoteIov {

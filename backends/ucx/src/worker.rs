@@ -138,10 +138,13 @@ pub(crate) struct Registered {
 
 /// What other threads ask of the progress thread.
 pub(crate) enum Command {
-    /// `ucp_mem_map` `len` bytes at `addr` and pack their rkey.
+    /// `ucp_mem_map` `len` bytes at `addr` (open to peers' reads and writes as the flags
+    /// say) and pack their rkey.
     Register {
         addr: usize,
         len: usize,
+        remote_read: bool,
+        remote_write: bool,
         reply: mpsc::SyncSender<Result<Registered>>,
     },
     /// `ucp_mem_unmap` a registration; the reply comes once it is unmapped.
@@ -660,8 +663,14 @@ impl Engine {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Register { addr, len, reply } => {
-                let _ = reply.send(self.register(addr, len));
+            Command::Register {
+                addr,
+                len,
+                remote_read,
+                remote_write,
+                reply,
+            } => {
+                let _ = reply.send(self.register(addr, len, remote_read, remote_write));
             }
             Command::Deregister { token, reply } => {
                 if let Some(memh) = self.memhs.remove(&token) {
@@ -726,19 +735,36 @@ impl Engine {
         }
     }
 
-    fn register(&mut self, addr: usize, len: usize) -> Result<Registered> {
+    fn register(
+        &mut self,
+        addr: usize,
+        len: usize,
+        remote_read: bool,
+        remote_write: bool,
+    ) -> Result<Registered> {
         if len == 0 {
             return Ok(Registered {
                 token: 0,
                 rkey: Vec::new(),
             });
         }
+        // Peers' access as the memory keys express it: enforced by RDMA NICs; not by
+        // shared memory or cross-memory attach, which have no keys.
+        let mut prot = sys::UCP_MEM_MAP_PROT_LOCAL_READ | sys::UCP_MEM_MAP_PROT_LOCAL_WRITE;
+        if remote_read {
+            prot |= sys::UCP_MEM_MAP_PROT_REMOTE_READ;
+        }
+        if remote_write {
+            prot |= sys::UCP_MEM_MAP_PROT_REMOTE_WRITE;
+        }
         let params = sys::ucp_mem_map_params_t {
             field_mask: (sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_ADDRESS
-                | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH)
+                | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH
+                | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_PROT)
                 as u64,
             address: addr as *mut c_void,
             length: len,
+            prot: prot as _,
             ..Default::default()
         };
         let mut memh: sys::ucp_mem_h = ptr::null_mut();

@@ -15,7 +15,9 @@ use crate::config::TransferChannel;
 use crate::remote::etcd::Etcd;
 use crate::remote::rpc::{IndexEntry, Request, Response, SegmentInfo};
 use crate::remote::RemoteError;
-use crate::transport::{self, HostBuffer, RegistrationHandle, Transport, TransportConfig};
+use crate::transport::{
+    self, HostBuffer, RegistrationHandle, RemoteAccess, Transport, TransportConfig,
+};
 
 /// How to run a store node.
 #[derive(Clone, Debug)]
@@ -77,7 +79,8 @@ impl StoreNode {
         }
         let transport = transport::open(config.protocol, config.transport.clone())?;
         let buffer = Arc::new(HostBuffer::new(size));
-        let registration = transport.register(buffer.clone())?;
+        // Clients put objects into the node's memory and get them from it.
+        let registration = transport.register(buffer.clone(), RemoteAccess::ReadWrite)?;
         let descriptor = transport.local_descriptor()?;
         let listener = TcpListener::bind((config.transport.host.as_str(), config.control_port))
             .await

@@ -27,7 +27,7 @@ use kvtier::config::{Config, PdRole, TransferChannel};
 use kvtier::metrics::{gb_per_s, Metrics};
 use kvtier::model::ModelSpec;
 use kvtier::pd::{PdReceiver, PdSender, ProxyListener, ReceiverSpec, SendReport};
-use kvtier::transport::{self, HostBuffer, RemoteIov, TransportConfig};
+use kvtier::transport::{self, HostBuffer, RemoteAccess, RemoteIov, TransportConfig};
 use kvtier_cli::synthetic;
 
 use crate::pd_cluster::stats;
@@ -171,12 +171,12 @@ async fn raw_transfer(
     };
     let receiver = transport::open(channel, config())?;
     let dst = Arc::new(HostBuffer::new(bytes));
-    let _dst_reg = receiver.register(dst.clone())?;
+    let _dst_reg = receiver.register(dst.clone(), RemoteAccess::ReadWrite)?;
     let descriptor = receiver.local_descriptor()?;
     let sender = transport::open(channel, config())?;
     let src = Arc::new(HostBuffer::new(bytes));
     src.fill_pattern(0x6b76);
-    let src_reg = sender.register(src.clone())?;
+    let src_reg = sender.register(src.clone(), RemoteAccess::LocalOnly)?;
     let conn = sender.connect(&descriptor).await?;
     let region = kvtier_transport::Descriptor::decode(&descriptor, sender.kind())?
         .regions

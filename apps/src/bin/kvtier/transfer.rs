@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use kvtier::config::TransferChannel;
-use kvtier::transport::{self, HostBuffer, RemoteIov, TransportConfig};
+use kvtier::transport::{self, HostBuffer, RemoteAccess, RemoteIov, TransportConfig};
 
 /// Parses `1GiB`, `32MiB`, `4KiB`, `1GB`, `1000` (bytes).
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -108,7 +108,7 @@ pub fn run_peer(args: PeerArgs) -> anyhow::Result<()> {
     let channel = args.transport.context("--transport or --raw is required")?;
     let _guard = rt.enter();
     let t = transport::open(channel, transport_config(args.timeout_sec, args.auth_token))?;
-    let reg = t.register(region.clone())?;
+    let reg = t.register(region.clone(), RemoteAccess::ReadWrite)?;
     let descriptor = t.local_descriptor()?;
     let hex: String = descriptor.iter().map(|b| format!("{b:02x}")).collect();
     writeln!(stdout.lock(), "descriptor {hex}")?;
@@ -436,8 +436,8 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let src = Arc::new(HostBuffer::new(size));
     src.fill_pattern(0x6b76);
     let back = Arc::new(HostBuffer::new(size));
-    let src_reg = local.register(src.clone())?;
-    let back_reg = local.register(back.clone())?;
+    let src_reg = local.register(src.clone(), RemoteAccess::LocalOnly)?;
+    let back_reg = local.register(back.clone(), RemoteAccess::LocalOnly)?;
     let conn = rt.block_on(local.connect(&descriptor))?;
     let remote_region = kvtier_transport::Descriptor::decode(&descriptor, local.kind())?
         .regions
