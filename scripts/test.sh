@@ -39,6 +39,11 @@ step "etcd and redis-server for the remote-store tests (started by the tests the
 if ! command -v etcd >/dev/null || ! command -v redis-server >/dev/null; then
     apt-get update -qq && apt-get install -y -qq etcd-server redis-server
 fi
+# etcd over TLS: the `etcd-tls` feature builds against OpenSSL; the test makes its
+# certificates with the openssl CLI.
+if ! dpkg -s libssl-dev pkg-config openssl >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq libssl-dev pkg-config openssl
+fi
 etcd --version | sed -n 1p  # sed reads to the end: no SIGPIPE under pipefail
 redis-server --version
 

@@ -1,4 +1,4 @@
-//! The crate's error type.
+//! The crate's error type, and [`error_chain`] for messages.
 
 use crate::chunk::CorruptChunk;
 use crate::config::ConfigError;
@@ -43,3 +43,19 @@ pub enum Error {
 
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error and its sources, `: `-joined, each once (some errors' own message omits the
+/// cause: an HTTP client's "error sending request" hides the refused certificate).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let msg = inner.to_string();
+        if !s.contains(&msg) {
+            s += ": ";
+            s += &msg;
+        }
+        src = inner.source();
+    }
+    s
+}

@@ -257,15 +257,132 @@ struct EtcdServer {
     client_port: u16,
     peer_port: u16,
     dir: PathBuf,
+    /// Served over TLS with these certificates, client certificates required.
+    tls: Option<TestCerts>,
+}
+
+/// A test CA and the certificates it signed, as PEM files (made with the openssl CLI).
+struct TestCerts {
+    ca: PathBuf,
+    server: (PathBuf, PathBuf),
+    client: (PathBuf, PathBuf),
+}
+
+/// Runs the openssl CLI in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new(need("openssl", "openssl"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A self-signed CA named `name` in `dir` (`{name}.pem`, `{name}-key.pem`).
+fn test_ca(dir: &Path, name: &str) -> PathBuf {
+    let (cert, key) = (format!("{name}.pem"), format!("{name}-key.pem"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+    dir.join(cert)
+}
+
+impl TestCerts {
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate, in `dir`.
+    fn make(dir: &Path) -> TestCerts {
+        let ca = test_ca(dir, "ca");
+        let sign = |name: &str, ext: &str| {
+            let (key, csr, cert) = (
+                format!("{name}-key.pem"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    &key,
+                    "-out",
+                    &csr,
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
+            );
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca-key.pem",
+                    "-CAcreateserial",
+                    "-out",
+                    &cert,
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &format!("{name}.ext"),
+                ],
+            );
+            (dir.join(cert), dir.join(key))
+        };
+        TestCerts {
+            ca,
+            // etcd's JSON gateway presents the server certificate to etcd itself when
+            // client certificates are required: it needs clientAuth too.
+            server: sign(
+                "server",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+            ),
+            client: sign("client", "extendedKeyUsage=clientAuth\n"),
+        }
+    }
 }
 
 impl EtcdServer {
     fn start(dir: &Path) -> EtcdServer {
+        Self::start_with(dir, None)
+    }
+
+    fn start_with(dir: &Path, tls: Option<TestCerts>) -> EtcdServer {
         let mut e = EtcdServer {
             proc: None,
             client_port: free_port(),
             peer_port: free_port(),
             dir: dir.to_path_buf(),
+            tls,
         };
         e.restart();
         e
@@ -273,7 +390,8 @@ impl EtcdServer {
 
     fn restart(&mut self) {
         let etcd = need("etcd", "etcd-server");
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let data = self.dir.join("etcd-data");
         let args = [
@@ -296,6 +414,20 @@ impl EtcdServer {
             "--auth-token-ttl",
             "2",
         ];
+        let mut args: Vec<&str> = args.to_vec();
+        let tls_args;
+        if let Some(t) = &self.tls {
+            tls_args = [
+                "--cert-file".to_string(),
+                t.server.0.display().to_string(),
+                "--key-file".to_string(),
+                t.server.1.display().to_string(),
+                "--trusted-ca-file".to_string(),
+                t.ca.display().to_string(),
+                "--client-cert-auth".to_string(),
+            ];
+            args.extend(tls_args.iter().map(String::as_str));
+        }
         self.proc = Some(Proc::spawn("etcd", &etcd, &args, &self.dir));
         let deadline = Instant::now() + Duration::from_secs(30);
         let etcd = self.client("probe");
@@ -313,7 +445,16 @@ impl EtcdServer {
     }
 
     fn url(&self, cluster: &str) -> String {
-        format!("etcd://127.0.0.1:{}/{cluster}", self.client_port)
+        match &self.tls {
+            None => format!("etcd://127.0.0.1:{}/{cluster}", self.client_port),
+            Some(t) => format!(
+                "etcds://127.0.0.1:{}/{cluster}?cacert={}&cert={}&key={}",
+                self.client_port,
+                t.ca.display(),
+                t.client.0.display(),
+                t.client.1.display()
+            ),
+        }
     }
 
     fn client(&self, cluster: &str) -> Etcd {
@@ -729,6 +870,78 @@ fn etcd_with_authentication_serves_only_who_has_the_password() {
     // The cluster kept working past many token lifetimes.
     engine.ask("clear");
     assert_eq!(retrieve(&mut engine, 51, 512), 512);
+}
+
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let certs = TestCerts::make(dir);
+    let (ca, client) = (certs.ca.clone(), certs.client.clone());
+    let etcd = EtcdServer::start_with(dir, Some(certs));
+    let url = etcd.url("c7");
+    // A node, a master and an engine keep membership and leadership in etcd over TLS.
+    let _n = node("t1", &url, "16MiB", dir);
+    let (_m, addr) = master("tm1", &url, dir);
+    let mut engine = probe("engine", &kvtier_engine_yaml(&addr, &url, 1), dir);
+    wait_for("the node joins", Duration::from_secs(30), || {
+        engine.try_field("stats", "segments").as_deref() == Some("1")
+    });
+    assert_eq!(engine.field("store 61 512", "stored"), "512");
+    engine.ask("flush");
+    engine.ask("clear");
+    assert_eq!(retrieve(&mut engine, 61, 512), 512);
+
+    // Refused, each with the reason: no client certificate, plain text to the TLS port,
+    // and a server certificate that the trusted CA did not sign.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let port = etcd.client_port;
+    let list = |url: &str| {
+        let e = Etcd::new(url, Duration::from_secs(5)).unwrap();
+        rt.block_on(e.list("segments/"))
+    };
+    assert_eq!(list(&url).unwrap().len(), 1);
+    let no_cert = format!("etcds://127.0.0.1:{port}/c7?cacert={}", ca.display());
+    let err = list(&no_cert).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("https://127.0.0.1:{port}")) && err.contains("bad certificate"),
+        "{err}"
+    );
+    let plain = format!("etcd://127.0.0.1:{port}/c7");
+    assert!(list(&plain).is_err());
+    let other_ca = test_ca(dir, "other-ca");
+    let wrong_ca = format!(
+        "etcds://127.0.0.1:{port}/c7?cacert={}&cert={}&key={}",
+        other_ca.display(),
+        client.0.display(),
+        client.1.display()
+    );
+    let err = list(&wrong_ca).unwrap_err().to_string();
+    assert!(err.contains("certificate verify failed"), "{err}");
+    // Misconfigurations are named before anything is sent.
+    for (url, says) in [
+        (
+            format!("etcds://127.0.0.1:{port}/c7?cert={}", client.0.display()),
+            "`cert` and `key` go together",
+        ),
+        (
+            format!("etcd://127.0.0.1:{port}/c7?cacert={}", ca.display()),
+            "use etcds://",
+        ),
+        (
+            format!("etcds://127.0.0.1:{port}/c7?cafile=x"),
+            "unknown query parameter `cafile`",
+        ),
+        (
+            format!("etcds://127.0.0.1:{port}/c7?cacert=/nonexistent/ca.pem"),
+            "cacert=/nonexistent/ca.pem",
+        ),
+    ] {
+        let err = Etcd::new(&url, Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(says), "{url}: {err}");
+    }
 }
 
 #[test]

@@ -138,7 +138,8 @@ pub struct RemoteSettings {
     /// Master of a `mooncakestore://` URL when given apart
     /// (`extra_config.master_server_address`).
     pub master_address: Option<String>,
-    /// etcd of the store, `etcd://[user:password@]host:port[/cluster]`
+    /// etcd of the store, `etcd://[user:password@]host:port[/cluster]` (`etcds://…` over
+    /// TLS, see [`crate::remote::etcd::Etcd::new`])
     /// (`extra_config.metadata_server`).
     pub metadata_server: Option<String>,
     /// Address this engine's store endpoints listen on and advertise

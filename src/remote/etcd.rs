@@ -8,6 +8,10 @@
 //! password in `KVTIER_ETCD_PASSWORD`): the client authenticates once, sends the token
 //! with every request, and authenticates again when etcd says the token expired. The
 //! password is never logged ([`Etcd::endpoint`] and errors name the host only).
+//!
+//! etcd over TLS: `etcds://host:port/cluster?cacert=ca.pem&cert=client.pem&key=client-key.pem`
+//! (cargo feature `etcd-tls`, the system's OpenSSL): `cacert` replaces the system's trusted
+//! CAs, `cert` and `key` present a client certificate (etcd's `--client-cert-auth`).
 
 use std::time::Duration;
 
@@ -55,6 +59,88 @@ fn auth_refused(status: reqwest::StatusCode, body: &Value) -> bool {
     status == reqwest::StatusCode::UNAUTHORIZED
         || text.contains("invalid auth token")
         || text.contains("user name is empty")
+}
+
+/// The TLS files an `etcds://` URL names in its query (`cacert`, `cert`, `key`).
+#[derive(Debug, Default)]
+struct TlsFiles {
+    cacert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+impl TlsFiles {
+    fn parse(query: &str) -> Result<TlsFiles, String> {
+        let mut files = TlsFiles::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("query parameter `{pair}` has no value"))?;
+            let value = Some(percent_decode(value));
+            match name {
+                "cacert" => files.cacert = value,
+                "cert" => files.cert = value,
+                "key" => files.key = value,
+                other => {
+                    return Err(format!(
+                        "unknown query parameter `{other}` (known: cacert, cert, key)"
+                    ))
+                }
+            }
+        }
+        if files.cert.is_some() != files.key.is_some() {
+            return Err("`cert` and `key` go together (a client certificate and its key)".into());
+        }
+        Ok(files)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.cacert.is_none() && self.cert.is_none() && self.key.is_none()
+    }
+
+    /// Sets up `builder` for TLS with these files.
+    #[cfg(feature = "etcd-tls")]
+    fn configure(
+        &self,
+        builder: reqwest::ClientBuilder,
+    ) -> Result<reqwest::ClientBuilder, RemoteError> {
+        let read = |param: &str, path: &str| {
+            std::fs::read(path).map_err(|e| {
+                RemoteError::Config(format!("etcd TLS `{param}={path}`: cannot read: {e}"))
+            })
+        };
+        let unusable = |param: &str, path: &str, e: reqwest::Error| {
+            RemoteError::Config(format!("etcd TLS `{param}={path}`: {e}"))
+        };
+        let mut builder = builder.https_only(true);
+        if let Some(path) = &self.cacert {
+            let certs = reqwest::Certificate::from_pem_bundle(&read("cacert", path)?)
+                .map_err(|e| unusable("cacert", path, e))?;
+            if certs.is_empty() {
+                return Err(RemoteError::Config(format!(
+                    "etcd TLS `cacert={path}`: no PEM certificate in it"
+                )));
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            let identity =
+                reqwest::Identity::from_pkcs8_pem(&read("cert", cert)?, &read("key", key)?)
+                    .map_err(|e| unusable("cert/key", cert, e))?;
+            builder = builder.identity(identity);
+        }
+        Ok(builder)
+    }
+
+    #[cfg(not(feature = "etcd-tls"))]
+    fn configure(
+        &self,
+        _builder: reqwest::ClientBuilder,
+    ) -> Result<reqwest::ClientBuilder, RemoteError> {
+        Err(RemoteError::Config(
+            "etcd over TLS (etcds://) needs kvtier built with the `etcd-tls` feature".into(),
+        ))
+    }
 }
 
 /// An etcd lease id.
@@ -118,18 +204,41 @@ fn int(v: &Value) -> Option<i64> {
 }
 
 impl Etcd {
-    /// A client for `url` (`etcd://host:port[/cluster]`, `http://` accepted; the cluster
-    /// name, `default` if absent, namespaces every key). Connects lazily.
+    /// A client for `url`: `etcd://[user[:password]@]host:port[/cluster]` (`http://`
+    /// accepted), or `etcds://…` (`https://`) for etcd over TLS, which takes the query
+    /// parameters `cacert` (PEM file of the CAs to trust instead of the system's), and
+    /// `cert` + `key` (PEM client certificate and PKCS#8 key, for etcd's
+    /// `--client-cert-auth`). The cluster name, `default` if absent, namespaces every key.
+    /// Connects lazily.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, RemoteError> {
-        let rest = url
+        let shown = crate::config::redact_passwords(url);
+        let bad = |why: String| RemoteError::Config(format!("metadata server `{shown}`: {why}"));
+        let (tls, rest) = if let Some(r) = url
+            .strip_prefix("etcds://")
+            .or_else(|| url.strip_prefix("https://"))
+        {
+            (true, r)
+        } else if let Some(r) = url
             .strip_prefix("etcd://")
             .or_else(|| url.strip_prefix("http://"))
-            .ok_or_else(|| {
-                RemoteError::Config(format!(
-                    "metadata server `{}`: expected etcd://[user[:password]@]host:port[/cluster]",
-                    crate::config::redact_passwords(url)
-                ))
-            })?;
+        {
+            (false, r)
+        } else {
+            return Err(bad(
+                "expected etcd://[user[:password]@]host:port[/cluster], or etcds://… for TLS"
+                    .into(),
+            ));
+        };
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, q),
+            None => (rest, ""),
+        };
+        let files = TlsFiles::parse(query).map_err(bad)?;
+        if !tls && !files.is_empty() {
+            return Err(bad(
+                "TLS files given for a plain-text URL: use etcds://host:port/…".into(),
+            ));
+        }
         // The authority ends at the first '/'; the user information at its last '@'
         // (reserved characters in a user or password are percent-encoded).
         let authority_end = rest.find('/').unwrap_or(rest.len());
@@ -140,9 +249,9 @@ impl Etcd {
                     None => (
                         percent_decode(userinfo),
                         std::env::var(PASSWORD_ENV).map_err(|_| {
-                            RemoteError::Config(format!(
-                                "metadata server etcd://{userinfo}@{host}: no password (put it \
-                                 in the URL as user:password@ or in {PASSWORD_ENV})"
+                            bad(format!(
+                                "no password for user `{userinfo}` (put it in the URL as \
+                                 user:password@ or in {PASSWORD_ENV})"
                             ))
                         })?,
                     ),
@@ -164,21 +273,22 @@ impl Etcd {
             None => (rest, "default"),
         };
         if hostport.is_empty() || !hostport.contains(':') {
-            return Err(RemoteError::Config(format!(
-                "metadata server `{url}`: expected etcd://host:port[/cluster]"
-            )));
+            return Err(bad("expected etcd://host:port[/cluster]".into()));
         }
-        let http = reqwest::Client::builder()
+        let scheme = if tls { "https" } else { "http" };
+        let mut builder = reqwest::Client::builder()
             .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .map_err(|source| RemoteError::EtcdHttp {
-                url: format!("http://{hostport}"),
-                source,
-            })?;
+            .connect_timeout(timeout);
+        if tls {
+            builder = files.configure(builder)?;
+        }
+        let http = builder.build().map_err(|source| RemoteError::EtcdHttp {
+            url: format!("{scheme}://{hostport}"),
+            source,
+        })?;
         Ok(Etcd {
             http,
-            base: format!("http://{hostport}/v3"),
+            base: format!("{scheme}://{hostport}/v3"),
             prefix: format!("/kvtier/{cluster}/"),
             auth,
         })

@@ -75,7 +75,7 @@ pub enum RemoteError {
         source: kvtier_transport::TransportError,
     },
     /// etcd's HTTP gateway could not be reached or its answer could not be read.
-    #[error("etcd {url}: {source}")]
+    #[error("etcd {url}: {}", crate::error::error_chain(source))]
     EtcdHttp {
         /// The URL called.
         url: String,
@@ -185,10 +185,13 @@ impl RemoteTier {
         let protocol = settings.transport.channel;
         let etcd = || match settings.metadata_server.as_deref() {
             None => Ok(None),
-            Some(m) if m.starts_with("etcd://") => etcd::Etcd::new(m, timeout).map(Some),
+            Some(m) if m.starts_with("etcd://") || m.starts_with("etcds://") => {
+                etcd::Etcd::new(m, timeout).map(Some)
+            }
             Some(m) => Err(RemoteError::Config(format!(
                 "`extra_config.metadata_server: {m}`: kvtier keeps membership in etcd \
-                 (etcd://host:port[/cluster]); Mooncake's HTTP metadata server is not supported"
+                 (etcd://host:port[/cluster], etcds://… over TLS); Mooncake's HTTP metadata \
+                 server is not supported"
             ))),
         };
         let client_config = |master: Option<String>, etcd: Option<etcd::Etcd>| ClientConfig {

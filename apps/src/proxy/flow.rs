@@ -16,8 +16,9 @@ use prometheus::{Encoder, TextEncoder};
 use serde_json::{json, Map, Value};
 
 use super::sse::Relay;
-use super::{error_chain, InFlight, Shared};
+use super::{InFlight, Shared};
 use crate::error::Result;
+use kvtier::error::error_chain;
 
 #[derive(Clone, Copy)]
 pub(super) enum Endpoint {

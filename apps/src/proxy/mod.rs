@@ -251,18 +251,3 @@ impl Drop for InFlight {
         self.gauge.dec();
     }
 }
-
-/// An error and its sources, `: `-joined (reqwest's own message omits the cause).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let msg = inner.to_string();
-        if !s.contains(&msg) {
-            s += ": ";
-            s += &msg;
-        }
-        src = inner.source();
-    }
-    s
-}

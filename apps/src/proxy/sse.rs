@@ -9,7 +9,8 @@ use axum::body::Bytes;
 use futures_util::StreamExt;
 use serde_json::json;
 
-use super::{error_chain, InFlight, Shared};
+use super::{InFlight, Shared};
+use kvtier::error::error_chain;
 
 pub(super) type Upstream =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<Bytes>> + Send>>;

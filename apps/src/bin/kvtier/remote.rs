@@ -30,7 +30,8 @@ pub struct MasterArgs {
     /// Address clients should use (published in etcd); default: the listen address.
     #[arg(long)]
     advertise: Option<String>,
-    /// etcd for leader election and membership (`etcd://host:port[/cluster]`). Without
+    /// etcd for leader election and membership (`etcd://[user[:password]@]host:port[/cluster]`;
+    /// over TLS `etcds://…?cacert=ca.pem&cert=client.pem&key=client-key.pem`). Without
     /// it the master runs alone and needs `--segment-size` (embedded mode).
     #[arg(long, alias = "metadata-server")]
     etcd: Option<String>,
@@ -71,7 +72,7 @@ pub struct StoreNodeArgs {
     /// `transport_auth_token`); flags override it.
     #[arg(long)]
     config: Option<std::path::PathBuf>,
-    /// etcd to register in (`etcd://host:port[/cluster]`; `metadata_server`).
+    /// etcd to register in (`metadata_server`; `etcd://…` or `etcds://…`, as for `master`).
     #[arg(long, alias = "metadata-server")]
     etcd: Option<String>,
     /// Bytes contributed (`global_segment_size`; default 4GiB).
