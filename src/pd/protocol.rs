@@ -491,6 +491,7 @@ mod tests {
     fn huge_counts_are_rejected_before_allocating() {
         let mut body = vec![ALLOC];
         body.extend_from_slice(&0u32.to_le_bytes()); // empty req id
+        body.extend_from_slice(&7u64.to_le_bytes()); // writer id
         body.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             decode(&body),
