@@ -49,6 +49,8 @@ struct Inner {
     name: String,
     /// Connections served at once.
     limit: ConnectionLimit,
+    /// A connection silent this long (milliseconds) is closed.
+    idle_ms: AtomicU64,
     addr: SocketAddr,
     regions: RegionTable,
     notify_tx: mpsc::Sender<Notification>,
@@ -158,6 +160,7 @@ impl TcpTransport {
                 format!("tcp transport on {addr}"),
                 limits::MAX_CONNECTIONS,
             ),
+            idle_ms: AtomicU64::new(limits::DATA_IDLE_TIMEOUT.as_millis() as u64),
             config,
             addr,
             regions: RegionTable::default(),
@@ -177,6 +180,14 @@ impl TcpTransport {
     /// This endpoint's name (as peers see it).
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// Closes connections silent for `idle` from now on (default
+    /// [`limits::DATA_IDLE_TIMEOUT`]).
+    pub fn set_idle_timeout(&self, idle: Duration) {
+        self.inner
+            .idle_ms
+            .store(idle.as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -227,9 +238,19 @@ async fn serve(
     // The id this connection's writes are granted under (its first frame names it).
     let mut writer: Option<WriterId> = None;
     loop {
+        let idle = Duration::from_millis(inner.idle_ms.load(Ordering::Relaxed));
         let frame = tokio::select! {
             _ = stop.changed() => return Ok(()),
-            f = read_frame(&mut r) => f,
+            f = tokio::time::timeout(idle, read_frame(&mut r)) => match f {
+                Ok(f) => f,
+                Err(_) => {
+                    tracing::debug!(
+                        "tcp transport {}: {client} silent for {idle:?}; closing",
+                        inner.name
+                    );
+                    return Ok(());
+                }
+            },
         };
         let frame = match frame {
             Ok(f) => f,
@@ -476,23 +497,41 @@ struct Request {
 struct Shared {
     pending: Mutex<HashMap<u64, Pending>>,
     /// Why the connection is unusable, once it is.
-    dead: Mutex<Option<String>>,
+    dead: Mutex<Option<Dead>>,
     /// A second handle on the socket, to shut it down when the connection is given up:
     /// the peer then stops placing bytes of an abandoned write at once.
     socket: std::net::TcpStream,
 }
 
+/// Why a connection became unusable.
+struct Dead {
+    reason: String,
+    /// The peer closed it while no request was waiting (its idle limit, or a restart): a
+    /// fresh connection may take its place.
+    idle: bool,
+}
+
 impl Shared {
+    /// Gives the connection up: every waiting request fails with `reason`.
     fn fail_all(&self, reason: &str, peer: &str) {
-        *self.dead.lock().expect("lock") = Some(reason.to_string());
+        self.die(reason, peer, false);
+    }
+
+    /// Gives the connection up; `closed_by_peer` when the peer closed the stream.
+    fn die(&self, reason: &str, peer: &str, closed_by_peer: bool) {
+        let pending: Vec<Pending> = {
+            let mut pending = self.pending.lock().expect("lock");
+            let idle = closed_by_peer && pending.is_empty();
+            let mut dead = self.dead.lock().expect("lock");
+            if dead.is_none() {
+                *dead = Some(Dead {
+                    reason: reason.to_string(),
+                    idle,
+                });
+            }
+            pending.drain().map(|(_, p)| p).collect()
+        };
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
-        let pending: Vec<Pending> = self
-            .pending
-            .lock()
-            .expect("lock")
-            .drain()
-            .map(|(_, p)| p)
-            .collect();
         for p in pending {
             let err = TransportError::PeerGone {
                 peer: peer.into(),
@@ -507,35 +546,51 @@ impl Shared {
     }
 }
 
-/// A connection to a TCP peer.
+/// A connection to a TCP peer. Replaced by a fresh stream (same writer id) when the peer
+/// closed it while idle, or before a use after half the peer's idle limit of silence.
 struct TcpConnection {
-    peer: String,
-    /// The id the peer's write grants know this connection by.
-    writer_id: WriterId,
+    /// How to open a stream to the peer.
+    dialer: Dialer,
     remote: Descriptor,
-    timeout: Duration,
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
-    shared: Arc<Shared>,
+    /// The current stream; held while a batch of frames is sent.
+    live: tokio::sync::Mutex<Live>,
+    /// When a request last went out.
+    last_used: Mutex<std::time::Instant>,
     next_req: AtomicU64,
+}
+
+/// Everything needed to open a stream of a [`TcpConnection`].
+struct Dialer {
+    peer: String,
+    /// The peer's listening address.
+    addr: String,
+    /// Our side of the opening: our name and secret.
+    local_name: String,
+    secret: Option<String>,
+    /// The id the peer's write grants know the connection by (kept across streams).
+    writer_id: WriterId,
+    timeout: Duration,
+}
+
+/// One open stream of a [`TcpConnection`].
+struct Live {
+    writer: OwnedWriteHalf,
+    shared: Arc<Shared>,
     reader: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for TcpConnection {
+impl Drop for Live {
     fn drop(&mut self) {
         self.reader.abort();
     }
 }
 
-impl TcpConnection {
-    async fn open(inner: &Inner, descriptor: &[u8]) -> Result<TcpConnection> {
-        let remote = Descriptor::decode(descriptor, KIND)?;
-        let addr = std::str::from_utf8(&remote.body)
-            .map_err(|_| TransportError::Protocol("tcp descriptor address is not UTF-8".into()))?
-            .to_string();
-        let peer = remote.name.clone();
-        let timeout = inner.config.timeout;
+impl Dialer {
+    /// Opens a stream to the peer: connect, the opening exchange, our writer id.
+    async fn dial(&self) -> Result<Live> {
+        let (peer, addr, timeout) = (&self.peer, &self.addr, self.timeout);
         let timed_out = |op| TransportError::Timeout { op, after: timeout };
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(&addr))
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| timed_out("connect"))?
             .map_err(|e| TransportError::PeerGone {
@@ -546,20 +601,24 @@ impl TcpConnection {
         let gone_io = |e: std::io::Error| TransportError::Io(format!("socket to {peer}: {e}"));
         let std_stream = stream.into_std().map_err(gone_io)?;
         let socket = std_stream.try_clone().map_err(gone_io)?;
-        let stream = TcpStream::from_std(std_stream).map_err(gone_io)?;
-        let mut stream = stream;
-        handshake::connect(&mut stream, &addr, inner.hello(), timeout).await?;
-        let writer_id = WriterId::random();
-        tokio::time::timeout(
-            timeout,
-            send(&mut stream, &Frame::Writer { id: writer_id.0 }),
-        )
-        .await
-        .map_err(|_| timed_out("connect"))?
-        .map_err(|e| TransportError::PeerGone {
-            peer: peer.clone(),
-            reason: format!("send writer id: {e}"),
-        })?;
+        let mut stream = TcpStream::from_std(std_stream).map_err(gone_io)?;
+        let hello = handshake::Hello {
+            service: handshake::Service::TcpTransport,
+            version: protocol::VERSION,
+            name: &self.local_name,
+            secret: self.secret.as_deref(),
+        };
+        handshake::connect(&mut stream, addr, hello, timeout).await?;
+        let writer = Frame::Writer {
+            id: self.writer_id.0,
+        };
+        tokio::time::timeout(timeout, send(&mut stream, &writer))
+            .await
+            .map_err(|_| timed_out("connect"))?
+            .map_err(|e| TransportError::PeerGone {
+                peer: peer.clone(),
+                reason: format!("send writer id: {e}"),
+            })?;
         let (r, w) = stream.into_split();
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
@@ -567,26 +626,62 @@ impl TcpConnection {
             socket,
         });
         let reader = tokio::spawn(read_answers(r, shared.clone(), peer.clone()));
-        Ok(TcpConnection {
-            peer,
-            writer_id,
-            remote,
-            timeout,
-            writer: tokio::sync::Mutex::new(w),
+        Ok(Live {
+            writer: w,
             shared,
-            next_req: AtomicU64::new(1),
             reader,
         })
     }
+}
 
-    fn check_alive(&self) -> Result<()> {
-        match &*self.shared.dead.lock().expect("lock") {
-            Some(reason) => Err(TransportError::PeerGone {
-                peer: self.peer.clone(),
-                reason: reason.clone(),
-            }),
-            None => Ok(()),
+impl TcpConnection {
+    async fn open(inner: &Inner, descriptor: &[u8]) -> Result<TcpConnection> {
+        let remote = Descriptor::decode(descriptor, KIND)?;
+        let addr = std::str::from_utf8(&remote.body)
+            .map_err(|_| TransportError::Protocol("tcp descriptor address is not UTF-8".into()))?
+            .to_string();
+        let dialer = Dialer {
+            peer: remote.name.clone(),
+            addr,
+            local_name: inner.name.clone(),
+            secret: inner.config.auth_token.clone(),
+            writer_id: WriterId::random(),
+            timeout: inner.config.timeout,
+        };
+        let live = dialer.dial().await?;
+        Ok(TcpConnection {
+            dialer,
+            remote,
+            live: tokio::sync::Mutex::new(live),
+            last_used: Mutex::new(std::time::Instant::now()),
+            next_req: AtomicU64::new(1),
+        })
+    }
+
+    /// Makes `live` usable for the next request: a stream the peer closed while idle, or
+    /// one silent long enough that the peer may close it any moment, is replaced; one
+    /// that failed stays failed.
+    async fn ready(&self, live: &mut Live) -> Result<()> {
+        let stale = self.last_used.lock().expect("lock").elapsed() >= limits::DATA_IDLE_TIMEOUT / 2
+            && live.shared.pending.lock().expect("lock").is_empty();
+        let replace = match &*live.shared.dead.lock().expect("lock") {
+            Some(Dead {
+                idle: false,
+                reason,
+            }) => {
+                return Err(TransportError::PeerGone {
+                    peer: self.dialer.peer.clone(),
+                    reason: reason.clone(),
+                })
+            }
+            Some(Dead { idle: true, .. }) => true,
+            None => stale,
+        };
+        if replace {
+            *live = self.dialer.dial().await?;
         }
+        *self.last_used.lock().expect("lock") = std::time::Instant::now();
+        Ok(())
     }
 
     /// A pipelined batch of `Write` frames (each followed by its bytes) or `Read` frames,
@@ -598,7 +693,6 @@ impl TcpConnection {
         remote: &[RemoteIov],
     ) -> Result<()> {
         self.remote.check_transfer(local, remote)?;
-        self.check_alive()?;
         let mut requests = Vec::with_capacity(local.len());
         let mut receivers = Vec::with_capacity(local.len());
         for (l, r) in local.iter().zip(remote) {
@@ -663,9 +757,14 @@ impl TcpConnection {
             .iter()
             .any(|r| matches!(r.frame, Frame::Read { .. }));
         let sent_all = std::sync::atomic::AtomicBool::new(false);
+        let mut live = self.live.lock().await;
+        self.ready(&mut live).await?;
+        let shared = live.shared.clone();
         let work = async {
             {
-                let mut w = self.writer.lock().await;
+                // The stream is ours while the batch goes out.
+                let mut live = live;
+                let w = &mut live.writer;
                 for Request {
                     frame,
                     payload,
@@ -678,11 +777,7 @@ impl TcpConnection {
                         | Frame::Notify { req, .. } => *req,
                         _ => unreachable!("only requests are sent"),
                     };
-                    self.shared
-                        .pending
-                        .lock()
-                        .expect("lock")
-                        .insert(req, pending);
+                    shared.pending.lock().expect("lock").insert(req, pending);
                     let sent = async {
                         w.write_all(&protocol::encode(&frame)).await?;
                         if let Some(p) = &payload {
@@ -695,10 +790,9 @@ impl TcpConnection {
                         std::io::Result::Ok(())
                     };
                     if let Err(e) = sent.await {
-                        self.shared
-                            .fail_all(&format!("send failed: {e}"), &self.peer);
+                        shared.fail_all(&format!("send failed: {e}"), &self.dialer.peer);
                         return Err(TransportError::PeerGone {
-                            peer: self.peer.clone(),
+                            peer: self.dialer.peer.clone(),
                             reason: e.to_string(),
                         });
                     }
@@ -710,7 +804,7 @@ impl TcpConnection {
                     Ok(r) => r?,
                     Err(_) => {
                         return Err(TransportError::PeerGone {
-                            peer: self.peer.clone(),
+                            peer: self.dialer.peer.clone(),
                             reason: "connection closed".into(),
                         })
                     }
@@ -721,21 +815,21 @@ impl TcpConnection {
         // A caller that drops this future mid-request leaves half a frame on the stream
         // and a write the peer is still placing: give the connection up.
         let mut abandoned = Abandoned {
-            shared: &self.shared,
-            peer: &self.peer,
+            shared: &shared,
+            peer: &self.dialer.peer,
             armed: true,
             harmless: &sent_all,
         };
-        let outcome = tokio::time::timeout(self.timeout, work).await;
+        let outcome = tokio::time::timeout(self.dialer.timeout, work).await;
         abandoned.armed = false;
         match outcome {
             Ok(r) => r,
             Err(_) => {
                 // The stream is in an unknown state: no later request may use it.
-                self.shared.fail_all(&format!("{op} timed out"), &self.peer);
+                shared.fail_all(&format!("{op} timed out"), &self.dialer.peer);
                 Err(TransportError::Timeout {
                     op,
-                    after: self.timeout,
+                    after: self.dialer.timeout,
                 })
             }
         }
@@ -762,13 +856,14 @@ impl Drop for Abandoned<'_> {
 
 /// Reads the peer's answers and completes the requests waiting for them.
 async fn read_answers(mut r: OwnedReadHalf, shared: Arc<Shared>, peer: String) {
-    let reason = loop {
+    // Why the stream ended, and whether the peer closed it.
+    let (reason, closed) = loop {
         let frame = match read_frame(&mut r).await {
             Ok(f) => f,
-            Err(ReadError::Closed(e)) => break format!("connection closed: {e}"),
+            Err(ReadError::Closed(e)) => break (format!("connection closed: {e}"), true),
             Err(ReadError::Malformed(e)) => {
                 tracing::error!("tcp transport: malformed answer from {peer}: {e}; closing");
-                break format!("malformed answer: {e}");
+                break (format!("malformed answer: {e}"), false);
             }
         };
         let (req, status, data_len) = match frame {
@@ -776,11 +871,11 @@ async fn read_answers(mut r: OwnedReadHalf, shared: Arc<Shared>, peer: String) {
             Frame::Data { req, status, len } => (req, status, Some(len)),
             other => {
                 tracing::error!("tcp transport: unexpected {other:?} from {peer}; closing");
-                break format!("unexpected frame {other:?}");
+                break (format!("unexpected frame {other:?}"), false);
             }
         };
         let Some(pending) = shared.pending.lock().expect("lock").remove(&req) else {
-            break format!("answer to unknown request {req}");
+            break (format!("answer to unknown request {req}"), false);
         };
         // The peer's refusal of `remote`, as an error naming the range.
         let refused = |remote: Option<RemoteIov>, status| {
@@ -832,7 +927,7 @@ async fn read_answers(mut r: OwnedReadHalf, shared: Arc<Shared>, peer: String) {
                         peer: peer.clone(),
                         reason: e.to_string(),
                     }));
-                    break format!("read data cut short: {e}");
+                    break (format!("read data cut short: {e}"), false);
                 }
                 let _ = done.send(Ok(()));
             }
@@ -840,20 +935,23 @@ async fn read_answers(mut r: OwnedReadHalf, shared: Arc<Shared>, peer: String) {
                 let _ = done.send(Err(refused(Some(remote), status)));
             }
             (_, status, len) => {
-                break format!("answer {status:?}/{len:?} does not match request {req}")
+                break (
+                    format!("answer {status:?}/{len:?} does not match request {req}"),
+                    false,
+                )
             }
         }
     };
-    shared.fail_all(&reason, &peer);
+    shared.die(&reason, &peer, closed);
 }
 
 impl Connection for TcpConnection {
     fn peer(&self) -> &str {
-        &self.peer
+        &self.dialer.peer
     }
 
     fn writer_id(&self) -> Option<WriterId> {
-        Some(self.writer_id)
+        Some(self.dialer.writer_id)
     }
 
     fn write<'a>(
@@ -880,7 +978,6 @@ impl Connection for TcpConnection {
                     message.len()
                 )));
             }
-            self.check_alive()?;
             let req = self.next_req.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             let frame = Frame::Notify {
@@ -1007,6 +1104,48 @@ mod tests {
     }
 
     /// A hand-driven connection to `server`, past the handshake (no secret).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_connections_are_closed_and_clients_reconnect_with_their_writer_id() {
+        use kvtier_transport::WriteGrants;
+        use tokio::io::AsyncReadExt;
+        let (a, b) = (
+            TcpTransport::bind(TransportConfig::default()).unwrap(),
+            TcpTransport::bind(TransportConfig::default()).unwrap(),
+        );
+        b.set_idle_timeout(Duration::from_millis(300));
+        let src = Arc::new(HostBuffer::new(4096));
+        src.fill_pattern(9);
+        let src_reg = a.register(src.clone(), RemoteAccess::LocalOnly).unwrap();
+        let grants = WriteGrants::new(4096, 1);
+        let dst = Arc::new(HostBuffer::new(4096));
+        let dst_reg = b
+            .register(dst.clone(), RemoteAccess::GrantedWrites(grants.clone()))
+            .unwrap();
+        let conn = a.connect(&b.local_descriptor().unwrap()).await.unwrap();
+        grants.grant(conn.writer_id().unwrap(), [0]);
+        let remote = [RemoteIov {
+            region: dst_reg.id(),
+            offset: 0,
+            len: 4096,
+        }];
+        conn.write(&[src_reg.iov(0, 4096).unwrap()], &remote)
+            .await
+            .unwrap();
+        // The server closes the silent stream; the next write goes out on a fresh one
+        // under the same writer id, so the grant still holds.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        src.fill_pattern(10);
+        conn.write(&[src_reg.iov(0, 4096).unwrap()], &remote)
+            .await
+            .unwrap();
+        assert_eq!(dst.digest(0, 4096), src.digest(0, 4096));
+        // A raw peer that says nothing after the opening is closed within the limit.
+        let mut raw = raw_client(&b).await;
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    }
+
     async fn raw_client(server: &TcpTransport) -> TcpStream {
         let mut raw = TcpStream::connect(server.local_addr()).await.unwrap();
         let hello = handshake::Hello {

@@ -1,7 +1,7 @@
 //! Bounds every kvtier listener applies to its peers: how many connections it serves at
 //! once (a connection past the cap is closed at once, so a peer cannot exhaust tasks and
 //! descriptors), how long a reply may wait for a peer that stopped reading, and how long a
-//! control connection may sit silent.
+//! control or data connection may sit silent.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,6 +17,11 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// listener's connection slots). Clients that keep idle connections pooled reconnect when
 /// a pooled one turns out closed.
 pub const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a data-plane server (the TCP transport's) waits for a connection's next frame
+/// before it closes the connection. Its clients open a fresh connection instead of using
+/// one that sat silent for half as long, or that the server closed while idle.
+pub const DATA_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Admission of one listener's connections.
 #[derive(Clone)]
