@@ -76,4 +76,6 @@ MATURIN_PEP517_ARGS="--profile dev" \
     target/vllm/bin/python -m pip install -q --disable-pip-version-check ./python
 
 step "Python package and vLLM connector tests (real vLLM)"
-KVTIER_REQUIRE_VLLM=1 target/vllm/bin/python -m pytest -q -p no:cacheprovider python/tests
+# The `kvtier` binary the Rust tests above just built, not an older release build.
+KVTIER_BIN="$PWD/target/debug/kvtier" KVTIER_REQUIRE_VLLM=1 \
+    target/vllm/bin/python -m pytest -q -p no:cacheprovider python/tests
