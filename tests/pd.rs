@@ -906,3 +906,42 @@ async fn a_peer_writes_only_pages_allocated_to_its_data_connection_and_reads_non
     );
     assert_eq!(out, kv, "the victim's KV was changed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_from_registered_kv_arrives_verified_without_staging() {
+    use kvtier::transport::HostBuffer;
+    use std::sync::Arc;
+    let m = model();
+    let receiver = tcp_receiver(16).await;
+    let sender = tcp_sender().await;
+    let tokens: Vec<u32> = (0..700).collect();
+    let kv = kv_for(&m, &tokens);
+    // The KV at an offset inside a larger registered buffer (as in a KV cache).
+    let offset = 4096;
+    let memory = Arc::new(HostBuffer::new(offset + kv.len() + 4096));
+    memory.write_at(offset, &kv);
+    let registration = sender.register_kv(memory.clone()).unwrap();
+    let planar = sender
+        .planar_kv(registration.clone(), offset, tokens.len())
+        .unwrap();
+    let r = sender
+        .send_registered("direct", &tokens, &planar, &spec(&receiver))
+        .await
+        .unwrap();
+    assert_eq!((r.tokens, r.bytes), (700, kv.len() as u64));
+    let mut out = vec![0u8; kv.len()];
+    assert_eq!(
+        receiver
+            .retrieve("direct", &tokens, &mut out)
+            .await
+            .unwrap(),
+        700
+    );
+    assert_eq!(out, kv, "decoder KV differs from the registered KV");
+    // KV that does not fit its registration is refused before anything is sent.
+    let err = sender
+        .planar_kv(registration, offset + 8192, tokens.len())
+        .err()
+        .expect("past the end");
+    assert!(matches!(err, PdError::Shape(_)), "{err}");
+}

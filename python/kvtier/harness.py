@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,6 +30,22 @@ BASE_ENV = {
 
 
 def free_port() -> int:
+    """A port free now, chosen below the kernel's ephemeral range: a process that binds port 0
+    meanwhile (kvtier's TCP transport does, vLLM's workers too) cannot be handed the same
+    port before the one it was picked for binds it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    for _ in range(256):
+        port = random.randint(10000, max(10001, ephemeral_low - 1))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -87,6 +87,37 @@ impl HostMemory {
     }
 }
 
+/// A contiguous torch CPU tensor as memory a transport may register: the reference it
+/// holds keeps the tensor's storage alive (and in place) for as long as a registration or a
+/// write in flight uses it.
+pub(crate) struct TensorMemory {
+    region: Region,
+    _tensor: Py<PyAny>,
+}
+
+impl TensorMemory {
+    /// The memory of `tensor` (see [`tensor_region`]).
+    pub(crate) fn new(tensor: &Bound<'_, PyAny>) -> PyResult<TensorMemory> {
+        Ok(TensorMemory {
+            region: tensor_region(tensor)?,
+            _tensor: tensor.clone().unbind(),
+        })
+    }
+}
+
+// SAFETY: a CPU tensor's storage stays allocated and does not move while a reference to
+// the tensor is held (`_tensor`); the connector hands blocks to a transfer only after vLLM
+// wrote them (saves follow the forward pass) and vLLM does not reuse them meanwhile.
+unsafe impl kvtier::transport::RegionMemory for TensorMemory {
+    fn as_ptr(&self) -> *mut u8 {
+        self.region.addr as *mut u8
+    }
+
+    fn len(&self) -> usize {
+        self.region.len
+    }
+}
+
 /// The memory of a contiguous torch CPU tensor.
 pub(crate) fn tensor_region(tensor: &Bound<'_, PyAny>) -> PyResult<Region> {
     let device: String = tensor.getattr("device")?.getattr("type")?.extract()?;

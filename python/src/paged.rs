@@ -11,11 +11,14 @@ use std::collections::HashSet;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use std::sync::Arc;
+
 use kvtier::keys::ChunkSpan;
-use kvtier::pd::{PdSender, ReceiverSpec, SendReport};
+use kvtier::pd::{KvRange, PdSender, ReceiverSpec, RegisteredKv, SendReport};
+use kvtier::transport::RegistrationHandle;
 use kvtier::{Engine, Error, KvLayout};
 
-use crate::memory::{tensor_region, Region};
+use crate::memory::{tensor_region, Region, TensorMemory};
 
 /// Bytes of one layer's block of `block_size` tokens for `engine`'s model.
 fn block_bytes(engine: &Engine, block_size: usize) -> usize {
@@ -27,6 +30,11 @@ fn block_bytes(engine: &Engine, block_size: usize) -> usize {
 #[pyclass(module = "kvtier._kvtier", frozen)]
 pub struct PagedCache {
     layers: Vec<Region>,
+    /// Each layer tensor registered with the P/D sender's transport (an engine that is a
+    /// P/D sender): sends write blocks straight from vLLM's cache. Empty otherwise.
+    registered: Vec<Arc<RegistrationHandle>>,
+    /// The sender they are registered with (its address, to recognise it).
+    registered_with: usize,
     /// Keeps the layer tensors (and so the regions) alive.
     _tensors: Vec<Py<PyAny>>,
     /// Blocks per layer.
@@ -103,8 +111,26 @@ impl PagedCache {
             }
             layers.push(region);
         }
+        // A P/D sender writes straight from the cache: register each layer once.
+        let (registered, registered_with) = match engine.pd_sender() {
+            Some(sender) => {
+                let mut registered = Vec::with_capacity(tensors.len());
+                for t in &tensors {
+                    let memory = Arc::new(TensorMemory::new(t)?);
+                    registered.push(
+                        sender
+                            .register_kv(memory)
+                            .map_err(|e| PyValueError::new_err(e.to_string()))?,
+                    );
+                }
+                (registered, sender as *const PdSender as usize)
+            }
+            None => (Vec::new(), 0),
+        };
         Ok(PagedCache {
             layers,
+            registered,
+            registered_with,
             _tensors: tensors.into_iter().map(Bound::unbind).collect(),
             num_blocks: num_blocks.unwrap_or_default(),
             block_size,
@@ -218,15 +244,25 @@ impl PagedCache {
         to: &ReceiverSpec,
     ) -> kvtier::Result<SendReport> {
         let blocks = self.whole_blocks(tokens.len(), block_ids)?;
-        sender
-            .send_with(
-                req_id,
-                &tokens[..blocks * self.block_size],
-                |span, page| self.gather(block_ids, span, page),
-                to,
-            )
-            .await
-            .map_err(Into::into)
+        let tokens = &tokens[..blocks * self.block_size];
+        let sent = if self.registered_with == sender as *const PdSender as usize {
+            // Straight from vLLM's blocks: no staging copy.
+            let kv = PagedSend {
+                cache: self,
+                block_ids,
+            };
+            sender.send_registered(req_id, tokens, &kv, to).await
+        } else {
+            sender
+                .send_with(
+                    req_id,
+                    tokens,
+                    |span, page| self.gather(block_ids, span, page),
+                    to,
+                )
+                .await
+        };
+        sent.map_err(Into::into)
     }
 
     /// Loads the cached prefix of `tokens` into `block_ids` (see `Engine.load_blocks`):
@@ -261,5 +297,44 @@ impl PagedCache {
             loaded = span.end;
         }
         Ok(loaded)
+    }
+}
+
+/// One request's blocks of a [`PagedCache`] registered with a P/D sender's transport: a
+/// chunk's payload is, layer by layer, its blocks (adjacent block ids as one range).
+struct PagedSend<'a> {
+    cache: &'a PagedCache,
+    /// Checked by `whole_blocks` against the cache's blocks.
+    block_ids: &'a [u32],
+}
+
+impl RegisteredKv for PagedSend<'_> {
+    fn registrations(&self) -> &[Arc<RegistrationHandle>] {
+        &self.cache.registered
+    }
+
+    fn ranges(&self, span: &ChunkSpan, out: &mut Vec<KvRange>) {
+        let (bs, bb) = (self.cache.block_size, self.cache.block_bytes);
+        let (first, n) = (span.start / bs, span.tokens() / bs);
+        // Appends only: ranges before `start` belong to other chunks.
+        let start = out.len();
+        for layer in 0..self.cache.layers.len() {
+            for &id in &self.block_ids[first..first + n] {
+                let offset = id as usize * bb;
+                let ours = out.len() > start;
+                match out.last_mut() {
+                    Some(last)
+                        if ours && last.region == layer && last.offset + last.len == offset =>
+                    {
+                        last.len += bb
+                    }
+                    _ => out.push(KvRange {
+                        region: layer,
+                        offset,
+                        len: bb,
+                    }),
+                }
+            }
+        }
     }
 }

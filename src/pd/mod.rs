@@ -27,7 +27,10 @@ mod sender;
 
 pub use notify::{ProxyListener, TransferDone};
 pub use receiver::{BufferUsage, PdReceiver};
-pub use sender::{ChunkSource, Gather, PdSender, ReceiverSpec, SendReport, WAVE_BYTES};
+pub use sender::{
+    ChunkSource, Gather, KvRange, PdSender, PlanarKv, ReceiverSpec, RegisteredKv, SendReport,
+    WAVE_BYTES,
+};
 
 /// What the P/D path can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,10 @@
 //!    decoder delays a request that fits; it never fails it).
 //! 2. Waves of at most [`WAVE_BYTES`] (and half the staging buffer): each wave's chunks are
 //!    gathered into staging pages and checksummed, then written one-sided by a task of its
-//!    own while the next wave is gathered, so copying hides behind the wire.
+//!    own while the next wave is gathered, so copying hides behind the wire. KV that lives
+//!    in memory registered with the sender's transport ([`PdSender::send_registered`],
+//!    e.g. vLLM's KV cache, registered once) skips the staging copy: each chunk is
+//!    checksummed where it lies and written straight from its ranges.
 //! 3. A wave is committed (with its checksums) as soon as its write lands.
 //! 4. A progressive send ([`PdSender::send_progressive`]) allocates and sends only chunks
 //!    its producer has finished, so the transfer runs while prefill still computes; before
@@ -27,9 +30,10 @@ use std::time::{Duration, Instant};
 
 use crate::memory::{Staging, StagingPages};
 use kvtier_transport::{
-    Connection, Descriptor, RegionId, RegistrationHandle, RemoteAccess, RemoteIov, Transport,
-    TransportError,
+    Connection, Descriptor, RegionId, RegionMemory, RegistrationHandle, RemoteAccess, RemoteIov,
+    Transport, TransportError,
 };
+use rayon::prelude::*;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -309,7 +313,7 @@ impl PdSender {
             )))
         };
         let fill = self.gather_from(kv, tokens.len());
-        self.send_checked(req_id, tokens, checked, &fill, None, to)
+        self.send_checked(req_id, tokens, checked, Payloads::Staged(&fill), None, to)
             .await
     }
 
@@ -340,7 +344,7 @@ impl PdSender {
     where
         F: Fn(&ChunkSpan, &mut [u8]) + Sync,
     {
-        self.send_checked(req_id, tokens, Ok(()), &fill, None, to)
+        self.send_checked(req_id, tokens, Ok(()), Payloads::Staged(&fill), None, to)
             .await
     }
 
@@ -362,7 +366,66 @@ impl PdSender {
     where
         F: ChunkSource,
     {
-        self.send_checked(req_id, tokens, Ok(()), &fill, Some(ready), to)
+        self.send_checked(
+            req_id,
+            tokens,
+            Ok(()),
+            Payloads::Staged(&fill),
+            Some(ready),
+            to,
+        )
+        .await
+    }
+
+    /// Registers `memory` with this sender's transport (local only: no peer may touch it)
+    /// so that sends can write KV straight from it ([`PdSender::send_registered`]).
+    /// Register long-lived memory once (a KV cache), not per request.
+    pub fn register_kv(&self, memory: Arc<dyn RegionMemory>) -> Result<Arc<RegistrationHandle>> {
+        Ok(Arc::new(
+            self.transport.register(memory, RemoteAccess::LocalOnly)?,
+        ))
+    }
+
+    /// The KV of `tokens` tokens laid out as for [`crate::Engine::store`], starting at
+    /// byte `offset` of `registration` (from [`PdSender::register_kv`]).
+    pub fn planar_kv(
+        &self,
+        registration: Arc<RegistrationHandle>,
+        offset: usize,
+        tokens: usize,
+    ) -> Result<PlanarKv> {
+        let bytes = tokens * self.model.bytes_per_token();
+        if offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > registration.len())
+        {
+            return Err(PdError::Shape(format!(
+                "KV of {tokens} tokens ({bytes} bytes) at offset {offset} does not fit in a \
+                 registered region of {} bytes",
+                registration.len()
+            )));
+        }
+        Ok(PlanarKv {
+            registration: [registration],
+            offset,
+            tokens,
+            row: self.model.chunk_shape(1).row_bytes(),
+            planes: self.model.layout.kv_factor() * self.model.layers as usize,
+        })
+    }
+
+    /// Like [`PdSender::send`] for KV in registered memory: each chunk is written straight
+    /// from the ranges `kv` names (no staging copy) and checksummed where it lies. The KV
+    /// must not change until the send returns.
+    pub async fn send_registered(
+        &self,
+        req_id: &str,
+        tokens: &[u32],
+        kv: &dyn RegisteredKv,
+        to: &ReceiverSpec,
+    ) -> Result<SendReport> {
+        let direct: Payloads<'_, fn(&ChunkSpan, &mut [u8])> = Payloads::Direct(kv);
+        self.send_checked(req_id, tokens, Ok(()), direct, None, to)
             .await
     }
 
@@ -371,7 +434,7 @@ impl PdSender {
         req_id: &str,
         tokens: &[u32],
         checked: Result<()>,
-        fill: &F,
+        fill: Payloads<'_, F>,
         ready: Option<watch::Receiver<usize>>,
         to: &ReceiverSpec,
     ) -> Result<SendReport>
@@ -569,7 +632,7 @@ impl PdSender {
         &self,
         req_id: &str,
         tokens: &[u32],
-        fill: &F,
+        payloads: Payloads<'_, F>,
         mut ready: Option<watch::Receiver<usize>>,
         to: &ReceiverSpec,
     ) -> Result<SendReport>
@@ -584,9 +647,11 @@ impl PdSender {
         // The transfer proper: from the allocation to the last commit.
         let start = Instant::now();
         let mut report = SendReport::default();
-        let wave_pages = (WAVE_BYTES / self.page_bytes)
-            .min(self.staging.pages() / 2)
-            .max(1);
+        let wave_pages = match payloads {
+            Payloads::Staged(_) => (WAVE_BYTES / self.page_bytes).min(self.staging.pages() / 2),
+            Payloads::Direct(_) => WAVE_BYTES / self.page_bytes,
+        }
+        .max(1);
         let reg = self.staging_reg.clone().expect("registered while alive");
         // Chunks not yet allocated at the receiver, and allocated ones not yet staged.
         let mut unallocated: &[ChunkSpan] = &spans;
@@ -650,38 +715,72 @@ impl PdSender {
             let n = todo.len().min(wave_pages);
             let wave: Vec<(&ChunkSpan, u64)> = todo.drain(..n).collect();
             let lens: Vec<usize> = wave.iter().map(|(s, _)| s.tokens() * bpt).collect();
-            let mut pages = match self.staging.try_acquire(n) {
-                Some(pages) => pages,
-                None => {
-                    // Wait holding nothing: land the wave in flight first (its pages may
-                    // be the ones this wave needs).
-                    if let Some(wave) = in_flight.take() {
-                        self.land(&mut control, req_id, wave, &mut report).await?;
+            let staging = match payloads {
+                Payloads::Staged(_) => match self.staging.try_acquire(n) {
+                    Some(pages) => Some(pages),
+                    None => {
+                        // Wait holding nothing: land the wave in flight first (its pages
+                        // may be the ones this wave needs).
+                        if let Some(wave) = in_flight.take() {
+                            self.land(&mut control, req_id, wave, &mut report).await?;
+                        }
+                        let waiting = Instant::now();
+                        // Bounded: the receiver reclaims pages left uncommitted too long.
+                        let acquired =
+                            match tokio::time::timeout(self.timeout, self.staging.acquire(n)).await
+                            {
+                                Ok(pages) => pages,
+                                Err(_) => {
+                                    self.abort(&mut control, req_id).await;
+                                    return Err(PdError::StagingFull {
+                                        req_id: req_id.into(),
+                                        pages: self.staging.pages(),
+                                        after: self.timeout,
+                                    });
+                                }
+                            };
+                        report.staging_wait += waiting.elapsed();
+                        Some(acquired)
                     }
-                    let waiting = Instant::now();
-                    // Bounded: the receiver reclaims pages left uncommitted too long.
-                    let acquired =
-                        match tokio::time::timeout(self.timeout, self.staging.acquire(n)).await {
-                            Ok(pages) => pages,
-                            Err(_) => {
-                                self.abort(&mut control, req_id).await;
-                                return Err(PdError::StagingFull {
-                                    req_id: req_id.into(),
-                                    pages: self.staging.pages(),
-                                    after: self.timeout,
-                                });
-                            }
-                        };
-                    report.staging_wait += waiting.elapsed();
-                    acquired
-                }
+                },
+                Payloads::Direct(_) => None,
             };
-            // Gather and checksum this wave while the previous one is on the wire. What
-            // the receiver checks before a chunk becomes visible: bytes that changed on
-            // the way are a miss there, never wrong KV.
-            let staging = Instant::now();
-            let checksums = blocking(|| pages.fill(&lens, |i, page| fill.fill(wave[i].0, page)));
-            report.stage += staging.elapsed();
+            // Gather and checksum this wave (or, from registered KV, checksum it where it
+            // lies) while the previous one is on the wire. What the receiver checks before
+            // a chunk becomes visible: bytes that changed on the way are a miss there,
+            // never wrong KV.
+            let staging_started = Instant::now();
+            let (pages, regs, local, remote, checksums) = match (payloads, staging) {
+                (Payloads::Staged(fill), Some(mut pages)) => {
+                    let checksums =
+                        blocking(|| pages.fill(&lens, |i, page| fill.fill(wave[i].0, page)));
+                    let local: Vec<KvRange> = lens
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &len)| KvRange {
+                            region: 0,
+                            offset: pages.offset(i),
+                            len,
+                        })
+                        .collect();
+                    let remote = wave
+                        .iter()
+                        .zip(&lens)
+                        .map(|((_, offset), &len)| RemoteIov {
+                            region: link.region,
+                            offset: *offset,
+                            len: len as u64,
+                        })
+                        .collect();
+                    (Some(pages), vec![reg.clone()], local, remote, checksums)
+                }
+                (Payloads::Direct(kv), _) => {
+                    let (local, remote, checksums) = direct_wave(kv, &wave, &lens, link.region)?;
+                    (None, kv.registrations().to_vec(), local, remote, checksums)
+                }
+                (Payloads::Staged(_), None) => unreachable!("staged waves hold pages"),
+            };
+            report.stage += staging_started.elapsed();
             // The previous wave's bytes must have landed before this wave's write starts
             // (one data connection, in order); its commit (the receiver hashes it) then
             // runs while this wave is on the wire.
@@ -704,22 +803,8 @@ impl PdSender {
                     after: self.timeout * WRITE_WINDOW,
                 });
             }
-            let offsets: Vec<(usize, usize)> = lens
-                .iter()
-                .enumerate()
-                .map(|(i, &len)| (pages.offset(i), len))
-                .collect();
-            let remote: Vec<RemoteIov> = wave
-                .iter()
-                .zip(&lens)
-                .map(|((_, offset), &len)| RemoteIov {
-                    region: link.region,
-                    offset: *offset,
-                    len: len as u64,
-                })
-                .collect();
             let bytes = remote.iter().map(|r| r.len).sum();
-            let flight = Flight::start(link.clone(), reg.clone(), pages, offsets, remote);
+            let flight = Flight::start(link.clone(), regs, pages, local, remote);
             report.waves += 1;
             in_flight = Some(Wave {
                 flight,
@@ -757,14 +842,18 @@ impl PdSender {
         }
         drop(idle);
         tracing::info!(
-            "P/D sent {req_id}: {} tokens ({} already at the receiver) to {}:{} in {:.2} ms ({:.2} GB/s, {} waves)",
+            "P/D sent {req_id}: {} tokens ({} already at the receiver) to {}:{} in {:.2} ms ({:.2} GB/s, {} waves, {})",
             report.tokens,
             report.skipped_tokens,
             to.host,
             to.init_port,
             report.elapsed.as_secs_f64() * 1e3,
             gb_per_s(report.bytes, report.elapsed),
-            report.waves
+            report.waves,
+            match payloads {
+                Payloads::Staged(_) => "staged",
+                Payloads::Direct(_) => "from registered memory",
+            }
         );
         Ok(report)
     }
@@ -813,6 +902,133 @@ impl ChunkSource for Gather<'_> {
     }
 }
 
+/// KV in memory registered with the sender's transport ([`PdSender::register_kv`]): a
+/// send writes each chunk straight from the ranges it names, without a staging copy.
+pub trait RegisteredKv: Sync {
+    /// The registrations (with the sending [`PdSender`]'s transport) of the memory holding
+    /// the KV; [`KvRange::region`] indexes them.
+    fn registrations(&self) -> &[Arc<RegistrationHandle>];
+
+    /// Appends the ranges that make up the payload of chunk `span` (as
+    /// [`crate::ChunkShape::payload_len`] lays it out), in payload order. Entries already
+    /// in `out` belong to other chunks: never change them.
+    fn ranges(&self, span: &ChunkSpan, out: &mut Vec<KvRange>);
+}
+
+/// `len` bytes at `offset` of the registration `region` of a [`RegisteredKv`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvRange {
+    /// Index into [`RegisteredKv::registrations`].
+    pub region: usize,
+    /// Start within that registration.
+    pub offset: usize,
+    /// Length.
+    pub len: usize,
+}
+
+/// KV laid out as for [`crate::Engine::store`] (one plane per layer and K/V, tokens in
+/// order) in one registered region: a chunk is one range per plane. Made by
+/// [`PdSender::planar_kv`].
+pub struct PlanarKv {
+    registration: [Arc<RegistrationHandle>; 1],
+    offset: usize,
+    tokens: usize,
+    row: usize,
+    planes: usize,
+}
+
+impl RegisteredKv for PlanarKv {
+    fn registrations(&self) -> &[Arc<RegistrationHandle>] {
+        &self.registration
+    }
+
+    fn ranges(&self, span: &ChunkSpan, out: &mut Vec<KvRange>) {
+        let seg = span.tokens() * self.row;
+        out.extend((0..self.planes).map(|plane| KvRange {
+            region: 0,
+            offset: self.offset + (plane * self.tokens + span.start) * self.row,
+            len: seg,
+        }));
+    }
+}
+
+/// How a send gets its chunks' bytes.
+enum Payloads<'a, F> {
+    /// Gathered into staging pages by a [`ChunkSource`].
+    Staged(&'a F),
+    /// Written straight from registered memory.
+    Direct(&'a dyn RegisteredKv),
+}
+
+impl<F> Clone for Payloads<'_, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<F> Copy for Payloads<'_, F> {}
+
+/// Local and remote ranges and checksums of a wave sent from registered KV: each chunk's
+/// ranges in payload order, written into consecutive bytes of its page.
+type DirectWave = (Vec<KvRange>, Vec<RemoteIov>, Vec<u64>);
+
+fn direct_wave(
+    kv: &dyn RegisteredKv,
+    wave: &[(&ChunkSpan, u64)],
+    lens: &[usize],
+    region: RegionId,
+) -> Result<DirectWave> {
+    let regs = kv.registrations();
+    let mut local = Vec::new();
+    let mut remote = Vec::new();
+    let mut per_chunk = Vec::with_capacity(wave.len());
+    for ((span, page), &len) in wave.iter().zip(lens) {
+        let first = local.len();
+        kv.ranges(span, &mut local);
+        let mut at = *page;
+        for r in &local[first..] {
+            if r.region >= regs.len() {
+                return Err(PdError::Shape(format!(
+                    "registered KV names region {} of {}",
+                    r.region,
+                    regs.len()
+                )));
+            }
+            remote.push(RemoteIov {
+                region,
+                offset: at,
+                len: r.len as u64,
+            });
+            at += r.len as u64;
+        }
+        if at - page != len as u64 {
+            return Err(PdError::Shape(format!(
+                "registered KV names {} bytes for chunk {} of {} tokens; its payload is {len}",
+                at - page,
+                span.key,
+                span.tokens()
+            )));
+        }
+        per_chunk.push(first..local.len());
+    }
+    let checksums: Option<Vec<u64>> = blocking(|| {
+        per_chunk
+            .par_iter()
+            .map(|chunk| {
+                kvtier_transport::region_digest(
+                    local[chunk.clone()]
+                        .iter()
+                        .map(|r| (regs[r.region].memory().as_ref(), r.offset, r.len)),
+                )
+            })
+            .collect()
+    });
+    let checksums = checksums.ok_or_else(|| {
+        PdError::Shape("registered KV names ranges outside its registrations".into())
+    })?;
+    Ok((local, remote, checksums))
+}
+
 /// A wave on its way (its staging pages travel with its write).
 struct Wave {
     flight: Flight,
@@ -853,9 +1069,9 @@ struct Flight {
 impl Flight {
     fn start(
         link: Arc<Link>,
-        reg: Arc<RegistrationHandle>,
-        pages: StagingPages,
-        offsets: Vec<(usize, usize)>,
+        regs: Vec<Arc<RegistrationHandle>>,
+        pages: Option<StagingPages>,
+        local: Vec<KvRange>,
         remote: Vec<RemoteIov>,
     ) -> Flight {
         let task_link = link.clone();
@@ -863,9 +1079,16 @@ impl Flight {
             // Given back when the task ends: the write has landed, failed or been dropped.
             let _pages = pages;
             let started = Instant::now();
-            let local = offsets
+            let local = local
                 .iter()
-                .map(|&(offset, len)| reg.iov(offset, len))
+                .map(|r| match regs.get(r.region) {
+                    Some(reg) => reg.iov(r.offset, r.len),
+                    None => Err(TransportError::Protocol(format!(
+                        "local range names registration {} of {}",
+                        r.region,
+                        regs.len()
+                    ))),
+                })
                 .collect::<std::result::Result<Vec<_>, _>>();
             let written = match local {
                 Ok(local) => task_link.data.write(&local, &remote).await,

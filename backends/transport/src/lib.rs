@@ -31,8 +31,8 @@ pub mod wire;
 pub use access::{AccessRefused, RemoteAccess, WriteGrants, WriteGuard, WriterId};
 pub use descriptor::{Descriptor, RegionInfo};
 pub use memory::{
-    region_slice, region_slice_mut, size_class, HostAlloc, HostBuffer, RegionMemory, RegionTable,
-    BUFFER_ALIGN, HUGE_ALIGN,
+    region_digest, region_slice, region_slice_mut, size_class, HostAlloc, HostBuffer, RegionMemory,
+    RegionTable, BUFFER_ALIGN, HUGE_ALIGN,
 };
 
 /// A boxed, sendable future (keeps the traits object-safe).

@@ -269,6 +269,21 @@ impl HostBuffer {
     }
 }
 
+/// xxh3-64 of `ranges` — (memory, offset, length) — in order, as one stream; `None` if a
+/// range is out of its memory's bounds. Nothing may write those bytes meanwhile
+/// (RegionMemory's contract: the owner does not race transfers that read them).
+pub fn region_digest<'a>(
+    ranges: impl IntoIterator<Item = (&'a dyn RegionMemory, usize, usize)>,
+) -> Option<u64> {
+    let mut hash = xxhash_rust::xxh3::Xxh3::new();
+    for (memory, offset, len) in ranges {
+        // SAFETY: `region_slice` checks the bounds; the slice lives only for this update,
+        // and nothing writes the range meanwhile (the contract above).
+        hash.update(unsafe { region_slice(memory, offset, len) }?);
+    }
+    Some(hash.digest())
+}
+
 /// Deterministic test bytes: `out[i]` depends on `seed` and `start + i`.
 pub fn pattern(seed: u64, start: u64, out: &mut [u8]) {
     for (i, b) in out.iter_mut().enumerate() {

@@ -26,7 +26,7 @@ use clap::Args;
 use kvtier::config::{Config, PdRole, TransferChannel};
 use kvtier::metrics::{gb_per_s, Metrics};
 use kvtier::model::ModelSpec;
-use kvtier::pd::{PdReceiver, PdSender, ProxyListener, ReceiverSpec, SendReport};
+use kvtier::pd::{PdReceiver, PdSender, PlanarKv, ProxyListener, ReceiverSpec, SendReport};
 use kvtier::transport::{self, HostBuffer, RemoteAccess, RemoteIov, TransportConfig};
 use kvtier_cli::synthetic;
 
@@ -67,6 +67,12 @@ pub struct PdPathArgs {
     /// Timed iterations of each baseline.
     #[arg(long, default_value_t = 5)]
     iterations: usize,
+    /// Where the concurrency levels send from: `registered` (the KV lies in memory
+    /// registered with the sender's transport, written without a copy:
+    /// `PdSender::send_registered`) or `staging` (gathered into the prefiller's staging
+    /// buffer: `PdSender::send`).
+    #[arg(long, value_parser = ["registered", "staging"], default_value = "registered")]
+    kv_source: String,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -261,6 +267,7 @@ async fn consume(
 async fn run_level(
     pair: &Arc<Pair>,
     kv: &Arc<Vec<u8>>,
+    registered: &Option<Arc<PlanarKv>>,
     args: &PdPathArgs,
     run: u64,
     concurrency: usize,
@@ -271,6 +278,7 @@ async fn run_level(
     let mut workers = Vec::new();
     for _ in 0..concurrency {
         let (pair, kv, next) = (pair.clone(), kv.clone(), next.clone());
+        let registered = registered.clone();
         let input_len = args.input_len;
         workers.push(tokio::spawn(async move {
             let mut reports = Vec::new();
@@ -281,7 +289,14 @@ async fn run_level(
                 }
                 let req = format!("bench-{run}-{i}");
                 let tokens = request_tokens(run, i, input_len);
-                let report = pair.sender.send(&req, &tokens, &kv, &pair.to).await?;
+                let report = match &registered {
+                    Some(r) => {
+                        pair.sender
+                            .send_registered(&req, &tokens, r.as_ref(), &pair.to)
+                            .await?
+                    }
+                    None => pair.sender.send(&req, &tokens, &kv, &pair.to).await?,
+                };
                 pair.proxy.wait(&req, Duration::from_secs(60)).await?;
                 consume(&pair, &req, &tokens, &kv, i == 0).await?;
                 reports.push(report);
@@ -389,6 +404,27 @@ async fn bench(args: PdPathArgs) -> anyhow::Result<()> {
 
     // 2. Concurrency levels.
     let pair = Arc::new(pair(&args, &model).await?);
+    // The KV once more, in memory registered with the sender's transport.
+    let registered = if args.kv_source == "registered" {
+        let memory = Arc::new(HostBuffer::new(bytes));
+        memory.write_at(0, &kv);
+        let registration = pair.sender.register_kv(memory)?;
+        Some(Arc::new(pair.sender.planar_kv(
+            registration,
+            0,
+            args.input_len,
+        )?))
+    } else {
+        None
+    };
+    println!(
+        "\nP/D path, sending from {}",
+        if registered.is_some() {
+            "registered memory (PdSender::send_registered: no staging copy)"
+        } else {
+            "the staging buffer (PdSender::send: gather into staging)"
+        }
+    );
     // Warm-up: connections, registrations, first faults.
     let warm = request_tokens(1 << 40, 0, args.input_len);
     pair.sender.send("warm-up", &warm, &kv, &pair.to).await?;
@@ -396,7 +432,7 @@ async fn bench(args: PdPathArgs) -> anyhow::Result<()> {
     consume(&pair, "warm-up", &warm, &kv, true).await?;
     let mut levels = Vec::new();
     for (run, &n) in args.concurrency.iter().enumerate() {
-        let level = run_level(&pair, &kv, &args, run as u64 + 1, n).await?;
+        let level = run_level(&pair, &kv, &registered, &args, run as u64 + 1, n).await?;
         let t: Vec<f64> = level.reports.iter().map(|r| ms(r.elapsed)).collect();
         let (_, med, p99) = stats(&t);
         println!(
