@@ -29,26 +29,35 @@ BASE_ENV = {
 }
 
 
+_HANDED_OUT: set = set()
+
+
 def free_port() -> int:
-    """A port free now, chosen below the kernel's ephemeral range: a process that binds port 0
-    meanwhile (kvtier's TCP transport does, vLLM's workers too) cannot be handed the same
-    port before the one it was picked for binds it."""
+    """A port free now that this process has not handed out before, chosen between 20000 and
+    the kernel's ephemeral range: a process that binds port 0 meanwhile (kvtier's TCP
+    transport does, vLLM's workers too) cannot be handed the same port before the one it was
+    picked for binds it, and vLLM's fixed defaults (kv_port 14579) lie below."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             ephemeral_low = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         ephemeral_low = 32768
     for _ in range(256):
-        port = random.randint(10000, max(10001, ephemeral_low - 1))
+        port = random.randint(20000, max(20001, ephemeral_low - 1))
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    _HANDED_OUT.add(port)
+    return port
 
 
 def kvtier_transfer_config(role: str = "kv_both", extra: Optional[dict] = None, **fields: Any) -> str:

@@ -270,8 +270,8 @@ async fn serve(
                 offset,
                 len,
             } => {
-                // `_landing` marks the bytes as landing (for write grants) until they have.
-                let (memory, _landing) = match inner.regions.peer_write(
+                // `landing` marks the bytes as landing (for write grants) until they have.
+                let (memory, landing) = match inner.regions.peer_write(
                     kvtier_transport::RegionId(region),
                     offset,
                     len,
@@ -330,6 +330,9 @@ async fn serve(
                         return Err(format!("write data from {client} stalled past {timeout:?}"))
                     }
                 }
+                // Landed: before the acknowledgement, so a commit that follows it never
+                // waits for this write.
+                drop(landing);
                 ack_ok(&mut w, req, timeout).await?;
             }
             Frame::Read {
