@@ -10,6 +10,9 @@ kvtier=${1:-target/release/kvtier}
 python=target/py/bin/python
 KVTIER_NIXL_LIB=$(ls -d "$PWD"/target/py/lib/python3*/site-packages/.nixl_cu12.mesonpy.libs 2>/dev/null)
 export KVTIER_NIXL_LIB UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo} UCX_LOG_LEVEL=${UCX_LOG_LEVEL:-error}
+# The NIXL wheel's UCX crashes at exit when its EFA module loads (kvtier sets this itself;
+# the Python agent loop needs it from here).
+export UCX_MODULES=${UCX_MODULES:-^efa}
 
 echo "== raw transfer, 960 MiB in 32 MiB chunks (best of 5)"
 for t in tcp ucx nixl; do
