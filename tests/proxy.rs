@@ -8,6 +8,8 @@
 //! proxy restarted, P/D buffer too small. Each fault ends in a clear error or a recovery,
 //! and the decoder's P/D buffer usage returns to zero.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -15,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::free_ports;
 
 /// The repository root: this test is built by the `kvtier-cli` package (apps/).
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -79,17 +82,6 @@ impl Proc {
     fn pid(&self) -> i32 {
         self.child.id() as i32
     }
-}
-
-/// `n` distinct free ports on 127.0.0.1.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
 }
 
 fn args(list: &[&str]) -> Vec<String> {

@@ -12,6 +12,8 @@
 //! The test command installs etcd and redis-server; without them these tests fail, naming
 //! what to install.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -31,11 +33,7 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(60);
 const LEASE_TTL: &str = "3";
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    support::free_ports(1)[0]
 }
 
 fn need(program: &str, package: &str) -> PathBuf {

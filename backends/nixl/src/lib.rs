@@ -1,7 +1,8 @@
 //! kvtier's NIXL transport.
 //!
-//! Each endpoint owns a NIXL agent (uniquely named per instance) with a UCX backend and
-//! NIXL's progress thread. [`Transport::register`] registers the memory with the agent;
+//! Each endpoint owns a NIXL agent (uniquely named per instance) with a UCX backend,
+//! progressed by a thread of kvtier's that sleeps while idle (NIXL's own progress thread
+//! keeps a core busy). [`Transport::register`] registers the memory with the agent;
 //! [`Transport::local_descriptor`] carries the agent's metadata (connection info and the
 //! keys of every registered region) in the descriptor body, next to the regions' ids,
 //! addresses and lengths. [`Transport::connect`] loads a peer's metadata into the agent.
@@ -44,6 +45,9 @@ pub use runtime::{prepare_environment, runtime_available, LIB_ENV};
 const KIND: &str = "nixl";
 /// The NIXL backend plugin used.
 const BACKEND: &str = "UCX";
+/// Notifications kept for `recv_notification` at most; newer ones are dropped (and
+/// logged) while that many wait unread.
+const MAX_QUEUED_NOTIFICATIONS: usize = 1024;
 
 fn nixl(context: &str, e: NixlError) -> TransportError {
     TransportError::Io(format!("nixl: {context}: {e}"))
@@ -73,6 +77,8 @@ fn agent_name() -> String {
 /// the client side of connections to other endpoints.
 pub struct NixlTransport {
     inner: Arc<Inner>,
+    /// kvtier's progress thread for the agent (see [`Progress`]); stopped on drop.
+    progress: Option<Progress>,
 }
 
 struct Inner {
@@ -82,6 +88,8 @@ struct Inner {
     regions: RegionTable,
     /// Notifications taken from the agent and not yet handed out.
     received: Mutex<VecDeque<Notification>>,
+    /// Notifications dropped because [`MAX_QUEUED_NOTIFICATIONS`] waited unread.
+    dropped_notifications: AtomicU64,
     /// One receiver polls the agent at a time.
     recv_turn: tokio::sync::Mutex<()>,
 }
@@ -93,7 +101,8 @@ impl NixlTransport {
         runtime_available()?;
         let name = agent_name();
         let agent_config = AgentConfig {
-            enable_prog_thread: true,
+            // Progressed by kvtier's own thread (`Progress`).
+            enable_prog_thread: false,
             thread_sync: ThreadSync::Rw,
             ..AgentConfig::default()
         };
@@ -105,21 +114,98 @@ impl NixlTransport {
         agent
             .create_backend(BACKEND, &params)
             .map_err(|e| nixl("create UCX backend", e))?;
-        Ok(NixlTransport {
-            inner: Arc::new(Inner {
-                config,
-                name,
-                agent,
-                regions: RegionTable::default(),
-                received: Mutex::new(VecDeque::new()),
-                recv_turn: tokio::sync::Mutex::new(()),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            config,
+            name,
+            agent,
+            regions: RegionTable::default(),
+            received: Mutex::new(VecDeque::new()),
+            dropped_notifications: AtomicU64::new(0),
+            recv_turn: tokio::sync::Mutex::new(()),
+        });
+        let progress = Some(Progress::start(&inner)?);
+        Ok(NixlTransport { inner, progress })
     }
 
     /// This endpoint's name: its NIXL agent name (as peers see it).
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+}
+
+impl Drop for NixlTransport {
+    fn drop(&mut self) {
+        if let Some(progress) = self.progress.take() {
+            progress.stop();
+        }
+    }
+}
+
+/// Progresses an agent in the background: NIXL's own progress thread is off, because it
+/// polls without pause and keeps a core busy even when nothing moves (measured with the
+/// nixl-cu12 1.5.1 wheel: 3.0 s of CPU in 3 s of an idle agent's life).
+///
+/// Who needs the agent progressed: a transfer's initiator progresses it while it waits
+/// for completion (same-host copies are made there), so this thread serves the rest —
+/// the target side of transports that need it (UCX over TCP emulates one-sided writes
+/// with messages the target must take in) and notifications. It polls again after
+/// [`Progress::MIN_PAUSE`] when a poll found work (a notification, or a poll longer than
+/// [`Progress::BUSY_POLL`]: bytes were taken in) and backs off to [`Progress::MAX_PAUSE`]
+/// when none did. Measured on 2 cores, 30 × 32 MiB: same-host writes 10.98 → 12.62 GiB/s
+/// and reads 14.92 → 17.27 against NIXL's thread; over UCX's TCP alone, writes 4.69 →
+/// 5.97 and reads 1.23 → 1.59; an idle endpoint uses 1.6 % of a core instead of 100 %.
+struct Progress {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Progress {
+    const MIN_PAUSE: Duration = Duration::from_micros(20);
+    const MAX_PAUSE: Duration = Duration::from_millis(1);
+    /// A poll that took longer did work (took in a peer's bytes): poll again soon.
+    const BUSY_POLL: Duration = Duration::from_micros(30);
+
+    fn start(inner: &Arc<Inner>) -> Result<Progress> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let weak = Arc::downgrade(inner);
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("kvtier-nixl-progress".into())
+            .spawn(move || {
+                let mut pause = Self::MIN_PAUSE;
+                let mut failing = false;
+                while !flag.load(Ordering::Relaxed) {
+                    let Some(inner) = weak.upgrade() else { break };
+                    let polled = Instant::now();
+                    match inner.take_notifications() {
+                        Ok(n) => {
+                            failing = false;
+                            pause = if n > 0 || polled.elapsed() > Self::BUSY_POLL {
+                                Self::MIN_PAUSE
+                            } else {
+                                (pause * 2).min(Self::MAX_PAUSE)
+                            };
+                        }
+                        Err(e) => {
+                            if !failing {
+                                tracing::warn!("nixl agent {}: progress: {e}", inner.name);
+                            }
+                            failing = true;
+                            pause = Self::MAX_PAUSE;
+                        }
+                    }
+                    drop(inner);
+                    std::thread::sleep(pause);
+                }
+            })
+            .map_err(|e| TransportError::Io(format!("nixl: start the progress thread: {e}")))?;
+        Ok(Progress { stop, thread })
+    }
+
+    /// Stops the thread and waits for it (at most one pause and one poll).
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
     }
 }
 
@@ -201,7 +287,9 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Inner {
-    /// Moves every notification the agent holds into `received`; returns how many.
+    /// Moves every notification the agent holds into `received` (up to
+    /// [`MAX_QUEUED_NOTIFICATIONS`] waiting); returns how many it took from the agent.
+    /// Progresses the agent's workers too.
     fn take_notifications(&self) -> Result<usize> {
         let mut map = NotificationMap::new().map_err(|e| nixl("notification map", e))?;
         self.agent
@@ -226,10 +314,19 @@ impl Inner {
             }
         }
         let n = taken.len();
-        self.received
-            .lock()
-            .expect("notification queue lock")
-            .extend(taken);
+        let mut queue = self.received.lock().expect("notification queue lock");
+        let room = MAX_QUEUED_NOTIFICATIONS.saturating_sub(queue.len());
+        if n > room {
+            self.dropped_notifications
+                .fetch_add((n - room) as u64, Ordering::Relaxed);
+            tracing::warn!(
+                "nixl agent {}: {} notifications dropped: {MAX_QUEUED_NOTIFICATIONS} are \
+                 waiting unread already (is anyone receiving?)",
+                self.name,
+                n - room
+            );
+        }
+        queue.extend(taken.into_iter().take(room));
         Ok(n)
     }
 
@@ -772,6 +869,97 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    /// Nobody receives: the progress thread keeps the first notifications up to the bound
+    /// and drops the rest; a receiver then gets exactly those, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unread_notifications_are_kept_up_to_the_bound() {
+        let cfg = || TransportConfig {
+            timeout: Duration::from_secs(10),
+            ..TransportConfig::default()
+        };
+        if make(cfg()).is_err() {
+            return; // runtime missing: reported by make
+        }
+        let (a, b) = (
+            NixlTransport::new(cfg()).unwrap(),
+            NixlTransport::new(cfg()).unwrap(),
+        );
+        let conn = a.connect(&b.local_descriptor().unwrap()).await.unwrap();
+        let extra = 10;
+        for i in 0..(MAX_QUEUED_NOTIFICATIONS + extra) as u32 {
+            conn.notify(&i.to_le_bytes()).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while b.inner.dropped_notifications.load(Ordering::Relaxed) < extra as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {} notifications taken in after 30 s",
+                b.inner.received.lock().unwrap().len(),
+                MAX_QUEUED_NOTIFICATIONS + extra
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for i in 0..MAX_QUEUED_NOTIFICATIONS as u32 {
+            let n = b.recv_notification(Duration::from_secs(5)).await.unwrap();
+            assert_eq!(n.message, i.to_le_bytes());
+        }
+        let last = b.recv_notification(Duration::from_millis(200)).await;
+        assert!(
+            matches!(last, Err(TransportError::Timeout { .. })),
+            "{last:?}"
+        );
+        assert_eq!(
+            b.inner.dropped_notifications.load(Ordering::Relaxed),
+            extra as u64
+        );
+    }
+
+    /// NIXL's own progress thread polls without pause: an endpoint that only waits for
+    /// peers kept a core busy. kvtier's progress thread sleeps while nothing arrives.
+    #[test]
+    fn an_idle_endpoint_leaves_the_cpu_idle() {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        if make(TransportConfig::default()).is_err() {
+            return; // runtime missing: reported by make
+        }
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tests::peer_child", "--nocapture"])
+            .env(PEER_CHILD, "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let peer = Peer(child);
+        let ready = std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(|l| l.ok())
+            .any(|l| l.starts_with("DESCRIPTOR "));
+        assert!(ready, "the peer printed no descriptor");
+        let ticks = || {
+            // utime and stime, fields 14 and 15 of /proc/<pid>/stat (after the command).
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", peer.0.id())).unwrap();
+            let fields: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .map(|f| f.parse().unwrap())
+                .collect();
+            fields[0] + fields[1]
+        };
+        // SAFETY: sysconf reads a constant of the system; no memory is involved.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let before = ticks();
+        std::thread::sleep(Duration::from_secs(2));
+        let used = ticks() - before;
+        assert!(
+            used * 4 < 2 * per_second,
+            "an idle NIXL endpoint used {used} of {} clock ticks in 2 s (over a quarter of a core)",
+            2 * per_second
+        );
     }
 
     /// Kills the peer process on drop, whatever happened.
