@@ -291,6 +291,9 @@ impl Inner {
     /// [`MAX_QUEUED_NOTIFICATIONS`] waiting); returns how many it took from the agent.
     /// Progresses the agent's workers too.
     fn take_notifications(&self) -> Result<usize> {
+        // Held across the agent call: two takers (the progress thread and a receiver)
+        // queue their batches in the order the agent handed them out.
+        let mut queue = self.received.lock().expect("notification queue lock");
         let mut map = NotificationMap::new().map_err(|e| nixl("notification map", e))?;
         self.agent
             .get_notifications(&mut map, None)
@@ -314,7 +317,6 @@ impl Inner {
             }
         }
         let n = taken.len();
-        let mut queue = self.received.lock().expect("notification queue lock");
         let room = MAX_QUEUED_NOTIFICATIONS.saturating_sub(queue.len());
         if n > room {
             self.dropped_notifications
