@@ -49,9 +49,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-
+# The kvtier package installed in this interpreter (scripts/test.sh puts it in target/vllm).
 from kvtier.demo import DECODER_YAML, PREFILLER_YAML  # noqa: E402
 from kvtier.harness import OpenAiEndpoint, VllmServer, free_port, kvtier_transfer_config, start_proxy  # noqa: E402
 from kvtier.tiny_llama import kv_bytes_per_token, make  # noqa: E402
