@@ -676,6 +676,47 @@ async fn failures_are_bounded_and_name_request_and_stage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_over_the_limit_is_refused_before_any_upstream_call() {
+    let p = free_ports(3);
+    // A prefiller that accepts connections and never answers: a request that got through
+    // would hang there instead of being answered at once.
+    let hang_port = silent_listener();
+    let proxy = Proc::spawn(&proxy_args(
+        p[0],
+        hang_port,
+        p[1],
+        p[2],
+        &["--timeout-sec", "60"],
+    ));
+    let base = format!("http://127.0.0.1:{}", p[0]);
+    wait_healthy(&base, &[&proxy]).await;
+    // 64 MiB of prompt plus the JSON around it.
+    let prompt = "a".repeat(64 << 20);
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        post(
+            &format!("{base}/v1/completions"),
+            json!({"prompt": prompt, "max_tokens": 1}),
+        ),
+    )
+    .await
+    .expect("an oversized request was not answered at once");
+    assert_eq!(r.status(), 413);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("length limit"), "{text}");
+    // The proxy serves on.
+    assert_eq!(
+        client()
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_proxy_answers_503_instead_of_queueing() {
     let p = free_ports(3);
     // A prefiller that accepts connections and never answers: requests stay in flight.
