@@ -74,6 +74,9 @@ pub struct StorageManager {
     disk: Option<DiskTier>,
     remote: Option<RemoteLink>,
     metrics: Metrics,
+    /// Held while the tier gauges are read and set: of two tasks publishing after their
+    /// changes, the later sets the later state (see [`StorageManager::publish_usage`]).
+    publishing: std::sync::Mutex<()>,
 }
 
 impl StorageManager {
@@ -86,6 +89,7 @@ impl StorageManager {
             disk,
             remote: None,
             metrics,
+            publishing: std::sync::Mutex::new(()),
         };
         manager.publish_usage();
         manager
@@ -415,7 +419,13 @@ impl StorageManager {
         self.tiers().iter().map(|t| (t.kind(), t.usage())).collect()
     }
 
+    /// Sets the tier gauges. Reading and setting them under one lock keeps a publisher that
+    /// read an older state from setting it after a newer one was set.
     fn publish_usage(&self) {
+        let _publishing = self
+            .publishing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (kind, usage) in self.usage() {
             self.metrics.record_usage(kind, usage);
         }

@@ -345,7 +345,10 @@ impl PdReceiver {
 
 impl Inner {
     fn usage(&self) -> BufferUsage {
-        let pages = self.pages.lock().expect("lock");
+        self.usage_of(&self.pages.lock().expect("lock"))
+    }
+
+    fn usage_of(&self, pages: &PageTable) -> BufferUsage {
         BufferUsage {
             used_pages: pages.held(),
             quarantined_pages: pages.quarantined(),
@@ -354,8 +357,11 @@ impl Inner {
         }
     }
 
-    fn publish(&self) {
-        let u = self.usage();
+    /// Sets the buffer gauges from `pages`. Called with the page lock held: two tasks that
+    /// changed the table one after the other set the gauges in that order too, so the last
+    /// value set is never an older state's.
+    fn publish(&self, pages: &PageTable) {
+        let u = self.usage_of(pages);
         self.metrics
             .pd_buffer_used_bytes
             .set((u.used_pages * u.page_bytes) as i64);
@@ -366,9 +372,12 @@ impl Inner {
 
     /// Frees pages whose writes are done (committed and consumed): reusable at once.
     fn release(&self, indices: impl IntoIterator<Item = u32>) {
-        self.pages.lock().expect("lock").release(indices);
+        {
+            let mut pages = self.pages.lock().expect("lock");
+            pages.release(indices);
+            self.publish(&pages);
+        }
         self.space.notify_waiters();
-        self.publish();
     }
 
     /// Frees pages that writes may still target — an abort, a sender gone or silent, a
@@ -377,16 +386,23 @@ impl Inner {
     /// in the next request's page after that request's checksum was verified.
     fn quarantine(&self, indices: impl IntoIterator<Item = u32>) {
         let until = Instant::now() + self.quarantine;
-        self.pages.lock().expect("lock").quarantine(indices, until);
-        self.publish();
+        let mut pages = self.pages.lock().expect("lock");
+        pages.quarantine(indices, until);
+        self.publish(&pages);
     }
 
     /// Returns pages whose quarantine ended to the free list and wakes allocations.
     fn thaw(&self) {
-        let n = self.pages.lock().expect("lock").thaw(Instant::now());
+        let n = {
+            let mut pages = self.pages.lock().expect("lock");
+            let n = pages.thaw(Instant::now());
+            if n > 0 {
+                self.publish(&pages);
+            }
+            n
+        };
         if n > 0 {
             self.space.notify_waiters();
-            self.publish();
         }
     }
 
@@ -447,23 +463,28 @@ impl Inner {
             let (grant, next_thaw) = {
                 let mut pages = self.pages.lock().expect("lock");
                 let now = Instant::now();
-                if pages.thaw(now) > 0 {
+                let thawed = pages.thaw(now) > 0;
+                if thawed {
                     self.space.notify_waiters();
                 }
                 let grant = pages.alloc(conn, req_id, &asked, now);
-                if let (Grant::Placed(placed), true) = (&grant, writer != 0) {
-                    // Granted under the page lock: a page cannot be reclaimed in between.
-                    let fresh = placed.iter().filter_map(|p| match p {
-                        Placed::Page(index) => Some(*index),
-                        Placed::Held => None,
-                    });
-                    self.grants.grant(WriterId(writer), fresh);
+                if let Grant::Placed(placed) = &grant {
+                    if writer != 0 {
+                        // Granted under the page lock: a page cannot be reclaimed in between.
+                        let fresh = placed.iter().filter_map(|p| match p {
+                            Placed::Page(index) => Some(*index),
+                            Placed::Held => None,
+                        });
+                        self.grants.grant(WriterId(writer), fresh);
+                    }
+                    self.publish(&pages);
+                } else if thawed {
+                    self.publish(&pages);
                 }
                 (grant, pages.next_thaw())
             };
             let needed = match grant {
                 Grant::Placed(placed) => {
-                    self.publish();
                     let slots = placed
                         .into_iter()
                         .map(|p| match p {
