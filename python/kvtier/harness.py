@@ -33,17 +33,24 @@ _HANDED_OUT: set = set()
 
 
 def free_port() -> int:
-    """A port free now that this process has not handed out before, chosen between 20000 and
-    the kernel's ephemeral range: a process that binds port 0 meanwhile (kvtier's TCP
-    transport does, vLLM's workers too) cannot be handed the same port before the one it was
-    picked for binds it, and vLLM's fixed defaults (kv_port 14579) lie below."""
+    """A port free now that this process has not handed out before, chosen outside the
+    kernel's ephemeral range (between 20000 and its start, or above its end where it starts
+    lower): a process that binds port 0 meanwhile (kvtier's TCP transport does, vLLM's
+    workers too) cannot be handed the same port before the one it was picked for binds it,
+    and vLLM's fixed defaults (kv_port 14579) lie below."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            ephemeral_low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 32768
+            low, high = (int(p) for p in f.read().split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    if low >= 21000:
+        first, last = 20000, low - 1
+    elif high <= 64535:
+        first, last = high + 1, 65535
+    else:
+        first, last = 20000, 65535
     for _ in range(256):
-        port = random.randint(20000, max(20001, ephemeral_low - 1))
+        port = random.randint(first, last)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as s:
