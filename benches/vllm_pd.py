@@ -5,6 +5,10 @@ one run, on the same model and prompts.
     target/vllm/bin/python benches/vllm_pd.py [--requests 8] [--input-len 2000] [--transports tcp,ucx,nixl]
 
 (`--transports nixl` needs KVTIER_NIXL_LIB, as for the Rust tests; UCX_NET_DEVICES=lo.)
+The test command installs the kvtier package into target/vllm with the dev profile and
+without the ucx/nixl features; the README's figures came from that build plus the features:
+`MATURIN_PEP517_ARGS="--profile dev --features ucx,nixl" target/vllm/bin/pip install ./python`
+(leave out `--profile dev` for a release build, and say so beside its figures).
 
 Each system gets a prefiller and a decoder (vLLM, one pinned OpenMP thread each):
 - kvtier: `KvtierConnector` (kv_producer / kv_consumer, the reference 1p1d YAML with
