@@ -132,8 +132,10 @@ impl PdReceiver {
         if !transport.enforces_write_grants() {
             tracing::info!(
                 "P/D receiver: the {} transport's one-sided writes bypass this process, so it \
-                 cannot limit a peer to the pages allocated to it; commit checksums keep \
-                 bytes written by anyone else from becoming visible",
+                 cannot limit a peer to the pages allocated to it, nor (on one host, or over \
+                 NIXL) keep it from reading the buffer; commit checksums keep bytes written \
+                 by anyone else from becoming visible, and only peers that pass the \
+                 handshake (`transport_auth_token`) learn the buffer's keys",
                 transport.kind()
             );
         }
