@@ -259,6 +259,44 @@ fn bench_remote_over_nixl_exits_cleanly() {
     );
 }
 
+/// A process that sent and received P/D KV over NIXL (a prefiller and a decoder in one)
+/// exits with status 0 after its results, as every NIXL user must (the wheel's bundled UCX
+/// once crashed in its exit handlers).
+#[cfg(feature = "nixl")]
+#[test]
+fn bench_pd_over_nixl_exits_cleanly() {
+    let out = kvtier(&[
+        "bench",
+        "pd",
+        "--transport",
+        "nixl",
+        "--input-len",
+        "600",
+        "--layers",
+        "2",
+        "--concurrency",
+        "1",
+        "--requests",
+        "2",
+        "--overlap-requests",
+        "1",
+        "--iterations",
+        "1",
+        "--decoder-buffer",
+        "16MiB",
+        "--prefiller-buffer",
+        "4MiB",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("P/D path over nixl"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{}; stderr:\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+}
+
 /// `kvtier bench pd` on a small model: every level and the overlap run complete, the KV
 /// checked at the receiver, and each goal's ratio printed beside its target.
 #[test]
