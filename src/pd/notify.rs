@@ -306,6 +306,37 @@ mod tests {
         }
     }
 
+    /// Notices sent at once each take a connection of their own (no lock is held across
+    /// connecting or waiting for an ack): eight concurrent sends leave the pool full,
+    /// where sends serialised on one connection would leave one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_notices_do_not_wait_for_each_other() {
+        let listener = ProxyListener::bind("127.0.0.1", 0, Some("s".into()))
+            .await
+            .unwrap();
+        let notifier = ProxyNotifier::new(
+            listener.local_addr().to_string(),
+            "sender".into(),
+            Some("s".into()),
+            Duration::from_secs(10),
+        );
+        let sends = (0..8).map(|i| {
+            let notifier = &notifier;
+            async move { notifier.send(&done(&format!("r{i}"))).await }
+        });
+        for r in futures_util::future::join_all(sends).await {
+            r.unwrap();
+        }
+        assert_eq!(notifier.idle.lock().unwrap().len(), MAX_IDLE);
+        for i in 0..8 {
+            let got = listener
+                .wait(&format!("r{i}"), Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert_eq!(got, done(&format!("r{i}")));
+        }
+    }
+
     #[test]
     fn the_board_keeps_at_most_its_cap_dropping_the_oldest() {
         let board = Board::default();
