@@ -694,14 +694,31 @@ async fn collect_garbage(inner: Arc<Inner>) {
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         inner.thaw();
-        let ttl = inner.ttl;
+        if let Some(ttl) = inner.ttl {
+            let n = inner.reclaim(|p| p.committed && p.since.elapsed() > ttl);
+            if n > 0 {
+                tracing::warn!(
+                    "P/D receiver {}: freed {n} received chunks no request claimed within \
+                     {ttl:?} (pd_ttl_sec)",
+                    inner.name
+                );
+            }
+        }
+        let mut abandoned = Vec::new();
         let n = inner.reclaim(|p| {
-            let age = p.since.elapsed();
-            (!p.committed && age > stale_uncommitted)
-                || (p.committed && ttl.is_some_and(|t| age > t))
+            let stale = !p.committed && p.since.elapsed() > stale_uncommitted;
+            if stale && !abandoned.contains(&p.req_id) {
+                abandoned.push(p.req_id.clone());
+            }
+            stale
         });
         if n > 0 {
-            tracing::warn!("P/D receiver {}: reclaimed {n} stale pages", inner.name);
+            tracing::warn!(
+                "P/D receiver {}: reclaimed {n} pages allocated more than {stale_uncommitted:?} \
+                 ago and never committed (requests {}): their sender went silent",
+                inner.name,
+                abandoned.join(", ")
+            );
         }
     }
 }
