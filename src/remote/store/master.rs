@@ -593,3 +593,59 @@ async fn follow_membership(shared: &Arc<Shared>, current: Vec<SegmentInfo>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::rpc::ObjectKey;
+
+    /// A node that stops reading its index updates costs the master at most
+    /// [`MIRROR_QUEUE`] queued updates; the rest are dropped and counted.
+    #[tokio::test]
+    async fn a_node_that_reads_no_updates_holds_at_most_the_queue_bound() {
+        let shared = Shared {
+            config: MasterConfig {
+                listen: "127.0.0.1:0".into(),
+                advertise: None,
+                etcd: None,
+                lease_ttl: Duration::from_secs(10),
+                placement: PlacementConfig::default(),
+                auth_token: None,
+                timeout: Duration::from_secs(1),
+                segments: Vec::new(),
+            },
+            role: Mutex::new(Role::Follower {
+                leader: String::new(),
+            }),
+            valid_until: Mutex::new(None),
+            links: Mutex::new(HashMap::new()),
+            mirror_dropped: AtomicU64::new(0),
+            lease: Mutex::new(None),
+        };
+        // Segment 7's node: its queue is never drained.
+        let (tx, mut rx) = mpsc::channel(MIRROR_QUEUE);
+        shared
+            .links
+            .lock()
+            .insert(7, (tx, tokio::spawn(std::future::pending())));
+        let extra = 10;
+        let updates = (0..MIRROR_QUEUE + extra)
+            .map(|i| NodeUpdate::Drop(7, i as ObjectKey, 0))
+            .collect();
+        shared.forward(updates);
+        assert_eq!(shared.mirror_dropped.load(Ordering::Relaxed), extra as u64);
+        // The queue holds the first updates, in order.
+        let mut queued = 0;
+        while let Ok(u) = rx.try_recv() {
+            assert!(matches!(u, NodeUpdate::Drop(7, key, 0) if key == queued as ObjectKey));
+            queued += 1;
+        }
+        assert_eq!(queued, MIRROR_QUEUE);
+        // Updates for a segment without a node are not queued anywhere.
+        shared.forward(vec![NodeUpdate::Drop(8, 1, 0)]);
+        assert_eq!(shared.mirror_dropped.load(Ordering::Relaxed), extra as u64);
+        for (_, (_, task)) in shared.links.lock().drain() {
+            task.abort();
+        }
+    }
+}
