@@ -1075,35 +1075,26 @@ mod tests {
             offset: 0,
             len: size as u64,
         }];
+        // The data stream is connected on first use: connect it now, so the write below is
+        // dropped while its frame is going out (dropped while still connecting, it would
+        // leave nothing on the stream, and the connection would rightly stay usable).
+        let small = [src.iov(0, 4096).unwrap()];
+        let first_page = [RemoteIov {
+            region: dst.id(),
+            offset: 0,
+            len: 4096,
+        }];
+        conn.write(&small, &first_page).await.unwrap();
         // The caller gives up mid-transfer: the future is dropped.
         let iov = [src.iov(0, size).unwrap()];
         let r = tokio::time::timeout(Duration::from_millis(1), conn.write(&iov, &remote)).await;
         assert!(r.is_err(), "256 MiB written in under 1 ms?");
         // Half a frame may be on the stream: the connection must refuse further use.
-        let small = [src.iov(0, 4096).unwrap()];
-        let r = conn
-            .write(
-                &small,
-                &[RemoteIov {
-                    region: dst.id(),
-                    offset: 0,
-                    len: 4096,
-                }],
-            )
-            .await;
+        let r = conn.write(&small, &first_page).await;
         assert!(matches!(r, Err(TransportError::PeerGone { .. })), "{r:?}");
         // A new connection works.
         let conn = a.connect(&b.local_descriptor().unwrap()).await.unwrap();
-        conn.write(
-            &small,
-            &[RemoteIov {
-                region: dst.id(),
-                offset: 0,
-                len: 4096,
-            }],
-        )
-        .await
-        .unwrap();
+        conn.write(&small, &first_page).await.unwrap();
     }
 
     /// A hand-driven connection to `server`, past the handshake (no secret).
