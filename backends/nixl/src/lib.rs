@@ -898,24 +898,31 @@ mod tests {
             .unwrap();
     }
 
+    /// Two endpoints (10 s timeout) and a connection from the first to the second; `None`
+    /// when the NIXL runtime is missing.
+    async fn connected_pair() -> Option<(NixlTransport, NixlTransport, Box<dyn Connection>)> {
+        let cfg = || TransportConfig {
+            timeout: Duration::from_secs(10),
+            ..TransportConfig::default()
+        };
+        make(cfg()).ok()?;
+        let (a, b) = (
+            NixlTransport::new(cfg()).unwrap(),
+            NixlTransport::new(cfg()).unwrap(),
+        );
+        let conn = a.connect(&b.local_descriptor().unwrap()).await.unwrap();
+        Some((a, b, conn))
+    }
+
     /// A receiver that waits while the progress thread takes its notification in returns
     /// with it, instead of polling on until its deadline (it once looked only at what its
     /// own polls took). The notification comes after the receiver's first second of
     /// spinning, when it polls seldom and the progress thread usually wins.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_notification_the_progress_thread_took_wakes_a_waiting_receiver() {
-        let cfg = || TransportConfig {
-            timeout: Duration::from_secs(10),
-            ..TransportConfig::default()
-        };
-        if make(cfg()).is_err() {
+        let Some((_a, b, conn)) = connected_pair().await else {
             return; // runtime missing: reported by make
-        }
-        let (a, b) = (
-            NixlTransport::new(cfg()).unwrap(),
-            NixlTransport::new(cfg()).unwrap(),
-        );
-        let conn = a.connect(&b.local_descriptor().unwrap()).await.unwrap();
+        };
         let wait = Duration::from_secs(60);
         for i in 0..3u32 {
             let receiver = async {
@@ -941,18 +948,9 @@ mod tests {
     /// and drops the rest; a receiver then gets exactly those, in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unread_notifications_are_kept_up_to_the_bound() {
-        let cfg = || TransportConfig {
-            timeout: Duration::from_secs(10),
-            ..TransportConfig::default()
-        };
-        if make(cfg()).is_err() {
+        let Some((_a, b, conn)) = connected_pair().await else {
             return; // runtime missing: reported by make
-        }
-        let (a, b) = (
-            NixlTransport::new(cfg()).unwrap(),
-            NixlTransport::new(cfg()).unwrap(),
-        );
-        let conn = a.connect(&b.local_descriptor().unwrap()).await.unwrap();
+        };
         let extra = 10;
         for i in 0..(MAX_QUEUED_NOTIFICATIONS + extra) as u32 {
             conn.notify(&i.to_le_bytes()).await.unwrap();
