@@ -16,6 +16,19 @@ fn kvtier(args: &[&str]) -> Output {
         .expect("run kvtier")
 }
 
+/// The stdout of a run that must have exited with status 0 (its status, stdout and stderr
+/// otherwise in the failure).
+fn succeeded(out: &Output) -> String {
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    stdout
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -86,8 +99,7 @@ fn demo_runs_end_to_end() {
         "--suffix-tokens",
         "300",
     ]);
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let stdout = succeeded(&out);
     assert!(stdout.contains("SYNTHETIC"), "{stdout}");
     assert!(
         stdout.contains("all retrieved KV verified byte for byte"),
@@ -111,8 +123,7 @@ fn demo_pd_runs_the_1p1d_example_and_stops_every_process() {
         "--layers",
         "2",
     ]);
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let stdout = succeeded(&out);
     assert_eq!(
         stdout.matches("decoder verified: true").count(),
         2,
@@ -249,14 +260,8 @@ fn bench_remote_over_nixl_exits_cleanly() {
         "--redis",
         "none",
     ]);
-    let stdout = text(&out.stdout);
+    let stdout = succeeded(&out);
     assert!(stdout.contains("kvtier store (nixl)"), "{stdout}");
-    assert!(
-        out.status.success(),
-        "{}; stderr:\n{}",
-        out.status,
-        text(&out.stderr)
-    );
 }
 
 /// A process that sent and received P/D KV over NIXL (a prefiller and a decoder in one)
@@ -287,14 +292,8 @@ fn bench_pd_over_nixl_exits_cleanly() {
         "--prefiller-buffer",
         "4MiB",
     ]);
-    let stdout = text(&out.stdout);
+    let stdout = succeeded(&out);
     assert!(stdout.contains("P/D path over nixl"), "{stdout}");
-    assert!(
-        out.status.success(),
-        "{}; stderr:\n{}",
-        out.status,
-        text(&out.stderr)
-    );
 }
 
 /// `kvtier bench pd` on a small model: every level and the overlap run complete, the KV
@@ -323,8 +322,7 @@ fn bench_pd_runs_every_level_and_prints_the_ratios() {
         "--prefiller-buffer",
         "4MiB",
     ]);
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let stdout = succeeded(&out);
     for line in [
         "raw tcp write, same ranges",
         "concurrency   1: 4 requests",
