@@ -470,17 +470,15 @@ impl Inner {
                     self.space.notify_waiters();
                 }
                 let grant = pages.alloc(conn, req_id, &asked, now);
-                if let Grant::Placed(placed) = &grant {
-                    if writer != 0 {
-                        // Granted under the page lock: a page cannot be reclaimed in between.
-                        let fresh = placed.iter().filter_map(|p| match p {
-                            Placed::Page(index) => Some(*index),
-                            Placed::Held => None,
-                        });
-                        self.grants.grant(WriterId(writer), fresh);
-                    }
-                    self.publish(&pages);
-                } else if thawed {
+                if let (Grant::Placed(placed), true) = (&grant, writer != 0) {
+                    // Granted under the page lock: a page cannot be reclaimed in between.
+                    let fresh = placed.iter().filter_map(|p| match p {
+                        Placed::Page(index) => Some(*index),
+                        Placed::Held => None,
+                    });
+                    self.grants.grant(WriterId(writer), fresh);
+                }
+                if thawed || matches!(grant, Grant::Placed(_)) {
                     self.publish(&pages);
                 }
                 (grant, pages.next_thaw())
