@@ -325,6 +325,7 @@ fn bench_pd_runs_every_level_and_prints_the_ratios() {
     let stdout = succeeded(&out);
     for line in [
         "raw tcp write, same ranges",
+        "raw tcp write beside two checksum",
         "concurrency   1: 4 requests",
         "concurrency   4: 4 requests",
         "transfer left after prefill ended",
@@ -333,6 +334,10 @@ fn bench_pd_runs_every_level_and_prints_the_ratios() {
     }
     // Ratios only from plausible baselines; a loopback TCP baseline here always is.
     assert!(stdout.contains("x the raw transfer"), "{stdout}");
+    assert!(
+        stdout.contains("x the raw write beside both checksum passes"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("cost per byte at concurrency 4"),
         "{stdout}"
