@@ -20,7 +20,7 @@
 //! Decoding validates every field and bound before it touches the payload; a bad chunk is
 //! a [`CorruptChunk`] error, never wrong KV and never a panic.
 
-use xxhash_rust::xxh3::xxh3_64;
+use kvtier_transport::checksum;
 
 use crate::keys::ChunkKey;
 use crate::model::{ChunkShape, DType, KvLayout};
@@ -132,7 +132,7 @@ impl ChunkHeader {
             key,
             shape,
             payload_len: payload.len() as u64,
-            payload_checksum: xxh3_64(payload),
+            payload_checksum: checksum(payload),
         }
     }
 
@@ -149,7 +149,7 @@ impl ChunkHeader {
         h[24..40].copy_from_slice(&self.key.to_le_bytes());
         h[40..48].copy_from_slice(&self.payload_len.to_le_bytes());
         h[48..56].copy_from_slice(&self.payload_checksum.to_le_bytes());
-        let sum = xxh3_64(&h[..56]);
+        let sum = checksum(&h[..56]);
         h[56..64].copy_from_slice(&sum.to_le_bytes());
         h
     }
@@ -170,7 +170,7 @@ impl ChunkHeader {
         if version != FORMAT_VERSION {
             return Err(corrupt(None, CorruptReason::UnsupportedVersion(version)));
         }
-        if xxh3_64(&h[..56]) != le_u64(h, 56) {
+        if checksum(&h[..56]) != le_u64(h, 56) {
             return Err(corrupt(None, CorruptReason::HeaderChecksum));
         }
         let mut key_bytes = [0u8; 16];
@@ -212,7 +212,7 @@ impl ChunkHeader {
     /// Checks `payload` against the header's length and checksum.
     pub fn verify_payload(&self, payload: &[u8]) -> Result<(), CorruptChunk> {
         self.verify_payload_len(payload)?;
-        if xxh3_64(payload) != self.payload_checksum {
+        if checksum(payload) != self.payload_checksum {
             return Err(CorruptChunk {
                 key: Some(self.key),
                 reason: CorruptReason::PayloadChecksum,

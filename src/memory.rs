@@ -441,7 +441,7 @@ mod tests {
         let offsets: Vec<usize> = (0..3).map(|i| a.offset(i)).collect();
         let digests = a.fill(&[64, 64, 10], |i, page| {
             page.fill(i as u8 + 1);
-            xxhash_rust::xxh3::xxh3_64(page)
+            kvtier_transport::checksum(page)
         });
         let b = staging.acquire(1).await;
         assert!(

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use kvtier_transport::handshake::Service;
+use kvtier_transport::Checksum;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
-use xxhash_rust::xxh3::Xxh3;
 
 use super::alloc::{round_up, RangeAllocator};
 use super::etcd::Etcd;
@@ -293,7 +293,7 @@ impl StoreClient {
                 .map(|((_, parts), s)| {
                     // Copy and hash block by block: the hash reads what the copy just
                     // brought into cache, one pass over memory instead of two.
-                    let mut hasher = Xxh3::new();
+                    let mut hasher = Checksum::new();
                     let mut at = s.offset as usize;
                     for part in parts {
                         for block in part.chunks(BLOCK) {
@@ -483,7 +483,7 @@ impl StoreClient {
                     let (off, len) = (s.offset as usize, s.len as usize);
                     // Copy out and hash what was copied, block by block (one pass over
                     // memory; a late write into staging cannot slip past the check).
-                    let mut hasher = Xxh3::new();
+                    let mut hasher = Checksum::new();
                     let head = staging.to_vec(off, header);
                     hasher.update(&head);
                     let mut body = pool.alloc(len - header);

@@ -28,7 +28,9 @@ pub mod limits;
 mod memory;
 pub mod wire;
 
+pub mod checksum;
 pub use access::{AccessRefused, RemoteAccess, WriteGrants, WriteGuard, WriterId};
+pub use checksum::{checksum, Checksum};
 pub use descriptor::{Descriptor, RegionInfo};
 pub use memory::{
     region_digest, region_slice, region_slice_mut, size_class, HostAlloc, HostBuffer, RegionMemory,

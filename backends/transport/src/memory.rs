@@ -265,7 +265,7 @@ impl HostBuffer {
         // SAFETY: bounds checked; the slice lives only for this hash, and the caller of a
         // digest has quiesced transfers into the range (RegionMemory's contract).
         let bytes = unsafe { std::slice::from_raw_parts(self.alloc.as_ptr().add(offset), len) };
-        xxhash_rust::xxh3::xxh3_64(bytes)
+        crate::checksum(bytes)
     }
 }
 
@@ -275,7 +275,7 @@ impl HostBuffer {
 pub fn region_digest<'a>(
     ranges: impl IntoIterator<Item = (&'a dyn RegionMemory, usize, usize)>,
 ) -> Option<u64> {
-    let mut hash = xxhash_rust::xxh3::Xxh3::new();
+    let mut hash = crate::Checksum::new();
     for (memory, offset, len) in ranges {
         // SAFETY: `region_slice` checks the bounds; the slice lives only for this update,
         // and nothing writes the range meanwhile (the contract above).

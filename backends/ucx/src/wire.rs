@@ -6,7 +6,7 @@ use kvtier_transport::{Descriptor, Notification, RegionInfo, Result, TransportEr
 
 /// Checksum over the worker address and every region (id, address, length, rkey).
 pub fn descriptor_sum(address: &[u8], regions: &[RegionInfo]) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut h = kvtier_transport::Checksum::new();
     h.update(address);
     for r in regions {
         h.update(&r.id.0.to_le_bytes());
