@@ -90,7 +90,9 @@ pub struct SendReport {
     /// Time the sender waited for writes after it had nothing else to do: the part of
     /// `write` not hidden behind staging or the producer.
     pub write_wait: Duration,
-    /// Time in commit round trips.
+    /// Time waiting for the receiver's answers to commits: a wave's commit is sent once
+    /// its bytes landed and answered while the next wave is staged and written, so this is
+    /// the part of the receiver's verification not hidden behind them.
     pub commit: Duration,
     /// Time telling the proxy (after `elapsed`; zero without a proxy).
     pub notify: Duration,
@@ -548,16 +550,34 @@ impl PdSender {
         }
     }
 
-    /// Waits for the wave in flight to land and commits it.
+    /// Waits for the wave in flight to land, commits it, and waits for every commit's
+    /// answer: the receiver then holds nothing uncommitted of this send.
     async fn land(
         &self,
         control: &mut ControlConn,
         req_id: &str,
         wave: Wave,
+        pending: &mut Option<PendingCommit>,
         report: &mut SendReport,
     ) -> Result<()> {
         let landed = self.written(control, req_id, wave, report).await?;
-        self.commit(control, req_id, landed, report).await
+        self.commit_next(control, req_id, landed, pending, report)
+            .await?;
+        self.settle_commits(control, req_id, pending, report).await
+    }
+
+    /// Reads the answer to the commit still pending, if any.
+    async fn settle_commits(
+        &self,
+        control: &mut ControlConn,
+        req_id: &str,
+        pending: &mut Option<PendingCommit>,
+        report: &mut SendReport,
+    ) -> Result<()> {
+        match pending.take() {
+            Some(p) => self.commit_answer(control, req_id, p, report).await,
+            None => Ok(()),
+        }
     }
 
     /// Waits for the wave in flight to land and gives its staging pages back; returns
@@ -593,38 +613,63 @@ impl PdSender {
     }
 
     /// Commits a wave whose bytes landed: the receiver verifies the checksums and makes
-    /// the chunks visible.
-    async fn commit(
+    /// the chunks visible. The answer to the commit before it is read first (one commit is
+    /// pending at a time, answered in order on the control connection); this one's answer
+    /// is left pending, so the receiver verifies while the sender goes on.
+    async fn commit_next(
         &self,
         control: &mut ControlConn,
         req_id: &str,
         landed: Landed,
+        pending: &mut Option<PendingCommit>,
         report: &mut SendReport,
     ) -> Result<()> {
+        self.settle_commits(control, req_id, pending, report)
+            .await?;
         let Landed {
             commits,
             tokens,
             bytes,
         } = landed;
-        let n = commits.len();
-        let committing = Instant::now();
-        match control
-            .request(
-                &Message::Commit {
-                    req_id: req_id.into(),
-                    chunks: commits,
-                },
-                self.timeout,
-            )
-            .await?
-        {
+        let chunks = commits.len();
+        let commit = Message::Commit {
+            req_id: req_id.into(),
+            chunks: commits,
+        };
+        match tokio::time::timeout(self.timeout, control.send(&commit)).await {
+            Ok(sent) => sent?,
+            Err(_) => {
+                return Err(PdError::Timeout {
+                    what: format!("the commit of {req_id} to go out to {}", control.peer()),
+                    after: self.timeout,
+                })
+            }
+        }
+        *pending = Some(PendingCommit {
+            chunks,
+            tokens,
+            bytes,
+        });
+        Ok(())
+    }
+
+    /// Reads the receiver's answer to the commit `pending`.
+    async fn commit_answer(
+        &self,
+        control: &mut ControlConn,
+        req_id: &str,
+        pending: PendingCommit,
+        report: &mut SendReport,
+    ) -> Result<()> {
+        let waiting = Instant::now();
+        match control.recv_within(self.timeout).await? {
             Message::Committed { req_id: r } if r == req_id => {}
             other => return Err(control::unexpected(control, &other)),
         }
-        report.commit += committing.elapsed();
-        report.tokens += tokens;
-        report.bytes += bytes;
-        self.metrics.pd_chunks.inc_by(n as u64);
+        report.commit += waiting.elapsed();
+        report.tokens += pending.tokens;
+        report.bytes += pending.bytes;
+        self.metrics.pd_chunks.inc_by(pending.chunks as u64);
         Ok(())
     }
 
@@ -660,6 +705,8 @@ impl PdSender {
         let mut granted = start;
         let mut retry_closed = reused;
         let mut in_flight: Option<Wave> = None;
+        // The commit sent whose answer is still to be read.
+        let mut pending: Option<PendingCommit> = None;
         loop {
             if todo.is_empty() {
                 if unallocated.is_empty() {
@@ -678,7 +725,8 @@ impl PdSender {
                     // Nothing ready: land and commit what is in flight (the receiver then
                     // holds nothing uncommitted of ours), then wait for the producer.
                     if let Some(wave) = in_flight.take() {
-                        self.land(&mut control, req_id, wave, &mut report).await?;
+                        self.land(&mut control, req_id, wave, &mut pending, &mut report)
+                            .await?;
                     }
                     let waiting = Instant::now();
                     let r = ready.as_mut().expect("only progressive sends wait");
@@ -722,7 +770,8 @@ impl PdSender {
                         // Wait holding nothing: land the wave in flight first (its pages
                         // may be the ones this wave needs).
                         if let Some(wave) = in_flight.take() {
-                            self.land(&mut control, req_id, wave, &mut report).await?;
+                            self.land(&mut control, req_id, wave, &mut pending, &mut report)
+                                .await?;
                         }
                         let waiting = Instant::now();
                         // Bounded: the receiver reclaims pages left uncommitted too long.
@@ -782,8 +831,9 @@ impl PdSender {
             };
             report.stage += staging_started.elapsed();
             // The previous wave's bytes must have landed before this wave's write starts
-            // (one data connection, in order); its commit (the receiver hashes it) then
-            // runs while this wave is on the wire.
+            // (one data connection, in order); its commit then goes out without waiting
+            // for the answer, so the receiver verifies it while this wave is on the wire
+            // and the next one is staged.
             let to_commit = match in_flight.take() {
                 Some(previous) => Some(
                     self.written(&mut control, req_id, previous, &mut report)
@@ -822,7 +872,10 @@ impl PdSender {
                 },
             });
             if let Some(landed) = to_commit {
-                if let Err(e) = self.commit(&mut control, req_id, landed, &mut report).await {
+                let committed = self
+                    .commit_next(&mut control, req_id, landed, &mut pending, &mut report)
+                    .await;
+                if let Err(e) = committed {
                     // Let the write just started finish: cancelled half-way, it would take
                     // the data connection (shared with other sends) down with it.
                     if let Some(wave) = in_flight.take() {
@@ -833,8 +886,11 @@ impl PdSender {
             }
         }
         if let Some(wave) = in_flight.take() {
-            self.land(&mut control, req_id, wave, &mut report).await?;
+            self.land(&mut control, req_id, wave, &mut pending, &mut report)
+                .await?;
         }
+        self.settle_commits(&mut control, req_id, &mut pending, &mut report)
+            .await?;
         report.elapsed = start.elapsed();
         let mut idle = link.idle.lock();
         if idle.len() < MAX_IDLE_CONTROL {
@@ -870,7 +926,7 @@ pub trait ChunkSource: Sync {
 impl<F: Fn(&ChunkSpan, &mut [u8]) + Sync> ChunkSource for F {
     fn fill(&self, span: &ChunkSpan, page: &mut [u8]) -> u64 {
         self(span, page);
-        xxhash_rust::xxh3::xxh3_64(page)
+        kvtier_transport::checksum(page)
     }
 }
 
@@ -887,7 +943,7 @@ pub struct Gather<'a> {
 impl ChunkSource for Gather<'_> {
     fn fill(&self, span: &ChunkSpan, page: &mut [u8]) -> u64 {
         let seg = span.tokens() * self.row;
-        let mut hash = xxhash_rust::xxh3::Xxh3::new();
+        let mut hash = kvtier_transport::Checksum::new();
         for (plane, dst) in page.chunks_exact_mut(seg).take(self.planes).enumerate() {
             let src = (plane * self.tokens + span.start) * self.row;
             dst.copy_from_slice(&self.kv[src..src + seg]);
@@ -896,7 +952,7 @@ impl ChunkSource for Gather<'_> {
         // The page is exactly the planes' pieces (payload = planes x tokens x row); should
         // it ever hold more, the checksum still covers all of it.
         if page.len() != seg * self.planes {
-            return xxhash_rust::xxh3::xxh3_64(page);
+            return kvtier_transport::checksum(page);
         }
         hash.digest()
     }
@@ -1045,6 +1101,13 @@ impl Wave {
             self.flight.link.poisoned.store(true, Ordering::Release);
         }
     }
+}
+
+/// A commit sent whose answer is still to be read, and what it adds to the report then.
+struct PendingCommit {
+    chunks: usize,
+    tokens: usize,
+    bytes: u64,
 }
 
 /// A wave's commit, and what it adds to the report once committed.
