@@ -476,7 +476,8 @@ async fn bench(args: PdPathArgs) -> anyhow::Result<()> {
     }
 
     println!(
-        "\nwhere a request's time goes (medians, ms; staging overlaps the previous wave's write)"
+        "\nwhere a request's time goes (medians, ms; staging overlaps the previous wave's write; \
+         w.wait: waiting for writes, c.wait: for commit answers)"
     );
     println!(
         "  {:>5} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>6}",
@@ -487,7 +488,7 @@ async fn bench(args: PdPathArgs) -> anyhow::Result<()> {
         "stage",
         "write",
         "w.wait",
-        "commit",
+        "c.wait",
         "notify",
         "waves"
     );
