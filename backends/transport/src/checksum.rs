@@ -47,25 +47,13 @@ impl std::fmt::Debug for Checksum {
 mod tests {
     use super::*;
 
-    /// Deterministic bytes with no short period.
-    fn bytes(n: usize) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     /// Equal to the reference implementation across XXH3's length classes (0, 1–3, 4–8,
     /// 9–16, 17–128, 129–240, long inputs around its 1,024-byte blocks, and a chunk-sized
     /// input), one-shot and streamed in uneven pieces.
     #[test]
     fn equals_the_reference_xxh3_one_shot_and_streamed() {
-        let data = bytes((33 << 20) + 77);
+        let mut data = vec![0u8; (33 << 20) + 77];
+        crate::memory::pattern(0x6b76, 0, &mut data);
         let lens = [
             0usize,
             1,
