@@ -757,6 +757,37 @@ async fn a_progressive_send_moves_each_chunk_once_it_is_ready() {
     assert!(out == *kv, "decoder KV differs from the prefiller's");
 }
 
+/// A producer that keeps ahead of the sender: each chunk's gathering makes the next one
+/// ready, so the sender asks for more pages while the commit of the wave before is still
+/// unanswered. The answers must be read in order: the commit's, then the allocation's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progressive_send_allocates_again_while_a_commit_is_unanswered() {
+    use kvtier::pd::ChunkSource;
+    let m = model();
+    let receiver = tcp_receiver(16).await;
+    let sender = tcp_sender().await;
+    let tokens: Vec<u32> = (0..1024).collect();
+    let kv = kv_for(&m, &tokens);
+    let chunk = 256;
+    let (tx, rx) = tokio::sync::watch::channel(chunk);
+    let gather = sender.gather_from(&kv, tokens.len());
+    let fill = |span: &kvtier::keys::ChunkSpan, page: &mut [u8]| {
+        gather.fill(span, page);
+        tx.send_replace((span.end + chunk).min(tokens.len()));
+    };
+    let report = sender
+        .send_progressive("ahead", &tokens, fill, rx, &spec(&receiver))
+        .await
+        .unwrap();
+    assert_eq!((report.tokens, report.waves), (1024, 4), "{report:?}");
+    let mut out = vec![0u8; kv.len()];
+    assert_eq!(
+        receiver.retrieve("ahead", &tokens, &mut out).await.unwrap(),
+        1024
+    );
+    assert!(out == kv, "decoder KV differs from the prefiller's");
+}
+
 /// A producer that stops short fails its progressive send with a clear error; the chunks
 /// it finished stay committed, the pages granted for the rest are given back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

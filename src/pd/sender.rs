@@ -286,7 +286,8 @@ impl PdSender {
     }
 
     /// Tells the receiver to free `req_id`'s uncommitted pages (best effort: a receiver
-    /// that does not answer reclaims them when the connection closes).
+    /// that does not answer reclaims them when the connection closes). The answer read may
+    /// be that of a commit still pending; no send uses the connection after an abort.
     async fn abort(&self, control: &mut ControlConn, req_id: &str) {
         let msg = Message::Abort {
             req_id: req_id.into(),
@@ -745,6 +746,9 @@ impl PdSender {
                 }
                 let (asked, rest) = unallocated.split_at(k);
                 unallocated = rest;
+                // Answers come in order: the pending commit's before the allocation's.
+                self.settle_commits(&mut control, req_id, &mut pending, &mut report)
+                    .await?;
                 let allocating = Instant::now();
                 let slots = self
                     .alloc(&mut control, retry_closed, &link, req_id, asked)
