@@ -334,8 +334,11 @@ fn bench_pd_runs_every_level_and_prints_the_ratios() {
     }
     // Ratios only from plausible baselines; a loopback TCP baseline here always is.
     assert!(stdout.contains("x the raw transfer"), "{stdout}");
+    // The ratio to the floor, or the floor refused: a few megabytes on a loaded machine can
+    // time the write beside the checksums at under half the write alone.
     assert!(
-        stdout.contains("x the raw write beside both checksum passes"),
+        stdout.contains("x the raw write beside both checksum passes")
+            || stdout.contains("the write beside the checksums is implausible"),
         "{stdout}"
     );
     assert!(
