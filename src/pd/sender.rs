@@ -893,6 +893,7 @@ impl PdSender {
             self.land(&mut control, req_id, wave, &mut pending, &mut report)
                 .await?;
         }
+        // No answer may stay unread on a connection that goes back to the pool.
         self.settle_commits(&mut control, req_id, &mut pending, &mut report)
             .await?;
         report.elapsed = start.elapsed();

@@ -2,7 +2,7 @@
 //!
 //! Every kvtier control plane (the P/D control ports and the proxy's notification port, the
 //! remote store's master and nodes) speaks through a [`FramedConn`]: the opening
-//! [`handshake`](crate::handshake) (which bounds what an unauthenticated peer can send and
+//! [`handshake`] (which bounds what an unauthenticated peer can send and
 //! names the peer), then frames of a `u32` LE body length followed by the body, capped at
 //! [`Codec::MAX_FRAME`] on both the sending and the receiving side. What a body holds is
 //! the [`Codec`]'s business; framing, caps, timeouts, peer naming and errors are here, once.

@@ -28,7 +28,7 @@ pub mod limits;
 mod memory;
 pub mod wire;
 
-pub mod checksum;
+mod checksum;
 pub use access::{AccessRefused, RemoteAccess, WriteGrants, WriteGuard, WriterId};
 pub use checksum::{checksum, Checksum};
 pub use descriptor::{Descriptor, RegionInfo};
