@@ -23,6 +23,16 @@ class SendReport:
     bytes: int
     seconds: float
 
+class PendingSend:
+    """A P/D send running on kvtier's runtime (made by ``Engine.start_send_blocks``)."""
+
+    req_id: str
+    def done(self) -> bool:
+        """Whether the send has ended (done or failed): its blocks are no longer read."""
+    def result(self, timeout: Optional[float] = None) -> SendReport:
+        """Waits for the send (at most ``timeout`` seconds) and returns its report; raises
+        KvtierError if it failed, TimeoutError if it is still running after ``timeout``."""
+
 class PagedCache:
     """vLLM's paged KV cache seen as whole blocks (made by ``Engine.paged_cache``)."""
 
@@ -90,7 +100,7 @@ class Engine:
         block_ids: Sequence[int],
         skip_tokens: int = 0,
     ) -> int: ...
-    def send_blocks(
+    def start_send_blocks(
         self,
         cache: PagedCache,
         req_id: str,
@@ -99,8 +109,10 @@ class Engine:
         receiver_host: str,
         receiver_init_port: int,
         receiver_alloc_port: int,
-    ) -> SendReport:
-        """Pushes whole blocks to a P/D receiver and notifies the proxy (pd_role: sender)."""
+    ) -> PendingSend:
+        """Starts pushing whole blocks to a P/D receiver (pd_role: sender) and returns at
+        once; the proxy is notified when the send ends. The blocks must stay as they are
+        until ``PendingSend.done()``."""
     def serve_lookups(self, path: str) -> None: ...
 
 def configured_chunk_size(

@@ -14,8 +14,9 @@ mod memory;
 mod paged;
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
-use pyo3::exceptions::PyException;
+use pyo3::exceptions::{PyException, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -156,6 +157,73 @@ impl From<kvtier::pd::SendReport> for SendReport {
             bytes: r.bytes,
             seconds: r.elapsed.as_secs_f64(),
         }
+    }
+}
+
+/// A P/D send running on kvtier's runtime (made by `Engine.start_send_blocks`).
+#[pyclass(module = "kvtier._kvtier", frozen)]
+pub struct PendingSend {
+    /// The request the send is for.
+    #[pyo3(get)]
+    req_id: String,
+    /// `None` until the send ends; then its report, or why it failed.
+    outcome: tokio::sync::watch::Receiver<Option<Result<SendReport, String>>>,
+}
+
+#[pymethods]
+impl PendingSend {
+    /// Whether the send has ended (done or failed): its blocks are no longer read.
+    fn done(&self) -> bool {
+        self.outcome.borrow().is_some()
+    }
+
+    /// Waits for the send to end (at most `timeout` seconds; `None`: as long as it takes)
+    /// and returns its report; raises `KvtierError` with the reason if it failed, and
+    /// `TimeoutError` if it is still running after `timeout`.
+    #[pyo3(signature = (timeout=None))]
+    fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<SendReport> {
+        let limit = match timeout {
+            Some(s) if s.is_nan() => return Err(PyValueError::new_err("timeout is NaN")),
+            // Too long to represent (or infinite): no limit.
+            Some(s) => Duration::try_from_secs_f64(s.max(0.0)).ok(),
+            None => None,
+        };
+        let mut outcome = self.outcome.clone();
+        let waited = py.detach(|| {
+            runtime().block_on(async {
+                let ended = outcome.wait_for(Option::is_some);
+                match limit {
+                    Some(limit) => tokio::time::timeout(limit, ended)
+                        .await
+                        .map(|r| r.map(|o| o.clone())),
+                    None => Ok(ended.await.map(|o| o.clone())),
+                }
+            })
+        });
+        match waited {
+            Ok(Ok(Some(Ok(report)))) => Ok(report),
+            Ok(Ok(Some(Err(reason)))) => {
+                Err(py_err(format!("P/D send of {}: {reason}", self.req_id)))
+            }
+            Ok(Ok(None) | Err(_)) => Err(py_err(format!(
+                "P/D send of {} ended without an outcome (kvtier's runtime stopped)",
+                self.req_id
+            ))),
+            Err(_) => Err(PyTimeoutError::new_err(format!(
+                "P/D send of {} still running after {:.3} s",
+                self.req_id,
+                timeout.unwrap_or_default()
+            ))),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        let state = match &*self.outcome.borrow() {
+            None => "running",
+            Some(Ok(_)) => "done",
+            Some(Err(_)) => "failed",
+        };
+        format!("PendingSend(req_id={:?}, {state})", self.req_id)
     }
 }
 
@@ -383,34 +451,50 @@ impl Engine {
             .map_err(py_err)
     }
 
-    /// Pushes the whole blocks of `tokens` (from `cache`'s blocks `block_ids`) into the P/D
-    /// receiver at `receiver_host` (its handshake and allocation ports), skipping chunks it
-    /// holds, and notifies the proxy (`pd_proxy_host:pd_proxy_port`) that `req_id` is done
-    /// or failed. Only for an engine with `pd_role: sender`.
+    /// Starts pushing the whole blocks of `tokens` (from `cache`'s blocks `block_ids`) into
+    /// the P/D receiver at `receiver_host` (its handshake and allocation ports), skipping
+    /// chunks it holds; the proxy (`pd_proxy_host:pd_proxy_port`) is notified that
+    /// `req_id` is done or failed when the send ends. Returns at once: the send runs on
+    /// kvtier's runtime, reading the blocks until [`PendingSend`] says it is done, so the
+    /// caller must not reuse them before. Only for an engine with `pd_role: sender`.
     #[allow(clippy::too_many_arguments)]
-    fn send_blocks(
+    fn start_send_blocks(
         &self,
-        py: Python<'_>,
-        cache: &paged::PagedCache,
+        cache: Py<paged::PagedCache>,
         req_id: String,
         tokens: Vec<u32>,
         block_ids: Vec<u32>,
         receiver_host: String,
         receiver_init_port: u16,
         receiver_alloc_port: u16,
-    ) -> PyResult<SendReport> {
-        cache.check_engine(&self.inner)?;
-        let sender = self.inner.pd_sender().ok_or_else(|| {
-            py_err("send_blocks needs an engine with `enable_pd: true` and `pd_role: sender`")
-        })?;
+    ) -> PyResult<PendingSend> {
+        cache.get().check_engine(&self.inner)?;
+        if self.inner.pd_sender().is_none() {
+            return Err(py_err(
+                "start_send_blocks needs an engine with `enable_pd: true` and `pd_role: sender`",
+            ));
+        }
         let to = kvtier::pd::ReceiverSpec {
             host: receiver_host,
             init_port: receiver_init_port,
             alloc_port: receiver_alloc_port,
         };
-        py.detach(|| runtime().block_on(cache.send(sender, &req_id, &tokens, &block_ids, &to)))
-            .map(SendReport::from)
-            .map_err(py_err)
+        let engine = self.inner.clone();
+        let (ended, outcome) = tokio::sync::watch::channel(None);
+        let id = req_id.clone();
+        runtime().spawn(async move {
+            let sent = match engine.pd_sender() {
+                Some(sender) => cache
+                    .get()
+                    .send(sender, &id, &tokens, &block_ids, &to)
+                    .await
+                    .map(SendReport::from)
+                    .map_err(|e| e.to_string()),
+                None => Err("the engine stopped being a P/D sender".into()),
+            };
+            ended.send_replace(Some(sent));
+        });
+        Ok(PendingSend { req_id, outcome })
     }
 
     /// Serves `lookup` to other processes on the Unix socket `path` (vLLM's scheduler asks
@@ -444,6 +528,7 @@ fn _kvtier(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<StoreReport>()?;
     m.add_class::<SendReport>()?;
+    m.add_class::<PendingSend>()?;
     m.add_class::<paged::PagedCache>()?;
     m.add_class::<lookup::LookupClient>()?;
     m.add_function(wrap_pyfunction!(configured_chunk_size, m)?)?;

@@ -234,7 +234,7 @@ impl PagedCache {
             .await
     }
 
-    /// Pushes `tokens`' whole blocks to a P/D receiver (see `Engine.send_blocks`).
+    /// Pushes `tokens`' whole blocks to a P/D receiver (see `Engine.start_send_blocks`).
     pub(crate) async fn send(
         &self,
         sender: &PdSender,

@@ -219,7 +219,10 @@ def test_paged_blocks_move_between_engines_over_pd():
     dst_layers, dst = paged(receiver, seed=7)
     tokens = list(range(1000))
     src_ids, dst_ids = [5, 2, 9, 0, 11, 3, 7, 14], [1, 4, 6, 8, 10, 12, 13, 15]
-    report = sender.send_blocks(src, "req-1", tokens, src_ids, "127.0.0.1", init_port, alloc_port)
+    pending = sender.start_send_blocks(src, "req-1", tokens, src_ids, "127.0.0.1", init_port, alloc_port)
+    assert pending.req_id == "req-1"
+    report = pending.result(timeout=60)
+    assert pending.done() and "done" in repr(pending)
     assert (report.tokens, report.skipped_tokens, report.bytes) == (896, 0, 896 * sender.bytes_per_token)
     assert receiver.lookup(tokens[:896]) == 896
     assert receiver.lookup(list(range(1, 1000))) == 0
@@ -230,4 +233,37 @@ def test_paged_blocks_move_between_engines_over_pd():
     # The pages were freed by the load: a second load finds nothing.
     assert receiver.load_blocks(dst, tokens[:896], dst_ids) == 0
     with pytest.raises(kvtier.KvtierError, match="pd_role: sender"):
-        receiver.send_blocks(dst, "req-2", tokens, dst_ids, "127.0.0.1", init_port, alloc_port)
+        receiver.start_send_blocks(dst, "req-2", tokens, dst_ids, "127.0.0.1", init_port, alloc_port)
+
+
+def test_a_send_runs_in_the_background_until_its_receiver_times_out():
+    """A send to a "receiver" that accepts connections and never answers: the call
+    returns at once, the send stays running past a short wait, and it ends as a failure
+    naming the request once the transport timeout passes."""
+    import socket
+
+    from kvtier.harness import free_port
+
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()
+    port = mute.getsockname()[1]
+    try:
+        sender = paged_engine(chunk_size=256, enable_pd=True, transfer_channel="tcp", pd_role="sender",
+                              pd_buffer_size=16 << 20, pd_buffer_device="cpu", local_cpu=False,
+                              pd_proxy_host="127.0.0.1", pd_proxy_port=free_port(),
+                              transport_timeout_sec=2)
+        _, src = paged(sender, seed=8)
+        pending = sender.start_send_blocks(src, "stuck-1", list(range(512)), [0, 1, 2, 3],
+                                           "127.0.0.1", port, port)
+        assert not pending.done() and "running" in repr(pending)
+        with pytest.raises(TimeoutError, match="stuck-1"):
+            pending.result(timeout=0.2)
+        assert not pending.done()
+        with pytest.raises(kvtier.KvtierError, match="stuck-1"):
+            pending.result(timeout=60)
+        assert pending.done() and "failed" in repr(pending)
+        with pytest.raises(ValueError, match="NaN"):
+            pending.result(timeout=float("nan"))
+    finally:
+        mute.close()
