@@ -28,9 +28,14 @@ How it works:
   done (unless ``discard_partial_chunks``).
 - P/D (``enable_pd``): on a prefiller (``pd_role: sender``), a request whose
   ``kv_transfer_params`` name a receiver (as ``kvtier proxy`` sends them) has its prompt's
-  whole blocks pushed into that decoder's P/D buffer in the step its prefill ends, and the
-  proxy is notified (done or failed). On a decoder (``pd_role: receiver``) lookups see the
-  committed chunks in the P/D buffer, and loads take them from there (freeing the pages).
+  whole blocks pushed into that decoder's P/D buffer, and the proxy is notified (done or
+  failed). The send starts in the step its prefill ends and runs beside the steps that
+  follow, so a slow or stuck decoder holds up no other request: vLLM keeps the request's
+  blocks until the send has ended (``request_finished`` returns True; the worker reports
+  the request through ``get_finished``), and a request preempted meanwhile waits for its
+  send before its blocks are given away. On a decoder (``pd_role: receiver``) lookups see
+  the committed chunks in the P/D buffer, and loads take them from there (freeing the
+  pages).
 
 ``kv_connector_extra_config`` keys with their LMCache meaning: ``discard_partial_chunks``
 (do not save the prompt's last partial chunk), ``lmcache_rpc_port`` (names the
@@ -69,6 +74,9 @@ if TYPE_CHECKING:
 
 # A child of vLLM's logger: our lines carry its format and level.
 logger = logging.getLogger("vllm.kvtier")
+
+# How long a step without work waits for a running P/D send to end before it returns.
+_IDLE_WAIT_SEC = 0.02
 
 _EXTRA_KEYS = {
     "discard_partial_chunks",
@@ -121,6 +129,10 @@ class KvtierConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
     sends: list[SendSpec] = field(default_factory=list)
+    # Requests preempted this step: their blocks are given away, so their sends must end.
+    preempted: list[str] = field(default_factory=list)
+    # A step without tokens to compute (vLLM steps so while it holds blocks for a send).
+    idle: bool = False
 
 
 @dataclass
@@ -224,10 +236,20 @@ class KvtierConnector(KVConnectorBase_V1):
         self._tracked: dict[str, _Tracked] = {}
         self._pending_loads: dict[str, int] = {}
         self._send_to: dict[str, dict[str, Any]] = {}
+        # Requests whose send was planned: vLLM keeps their blocks until the worker reports
+        # the send ended.
+        self._sending: set[str] = set()
         # Worker side.
         self._engine: Optional[kvtier.Engine] = None
         self._cache: Optional[kvtier.PagedCache] = None
         self._load_errors: set[int] = set()
+        # P/D sends running, those ended but not yet reported to vLLM, and requests vLLM
+        # said are finished whose send is running or ended (reported once both hold).
+        self._sends: dict[str, tuple[SendSpec, kvtier.PendingSend]] = {}
+        self._sends_ended: set[str] = set()
+        self._finished_sending: set[str] = set()
+        # Saves of requests whose send runs, done when it ends (the latest covers the rest).
+        self._deferred_saves: dict[str, SaveSpec] = {}
         self._tp_rank = 0
         self._has_tiers = False
 
@@ -285,7 +307,10 @@ class KvtierConnector(KVConnectorBase_V1):
             self._pending_loads[request.request_id] = num_external_tokens
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta = KvtierConnectorMetadata()
+        meta = KvtierConnectorMetadata(
+            preempted=sorted(scheduler_output.preempted_req_ids or ()),
+            idle=scheduler_output.total_num_scheduled_tokens == 0,
+        )
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             prompt = list(new.prompt_token_ids or [])
@@ -327,6 +352,7 @@ class KvtierConnector(KVConnectorBase_V1):
         if tracked.send_to is not None and computed_after >= len(tracked.prompt):
             to = tracked.send_to
             tracked.send_to = None
+            self._sending.add(req_id)
             meta.sends.append(
                 SendSpec(req_id, to["transfer_id"], self._considered(tracked.prompt),
                          list(tracked.block_ids), to["host"], to["init_ports"], to["alloc_ports"])
@@ -347,7 +373,10 @@ class KvtierConnector(KVConnectorBase_V1):
         self._tracked.pop(request.request_id, None)
         self._pending_loads.pop(request.request_id, None)
         self._send_to.pop(request.request_id, None)
-        return False, None
+        # A planned send reads the blocks until the worker reports it ended.
+        sending = request.request_id in self._sending
+        self._sending.discard(request.request_id)
+        return sending, None
 
     # ------------------------------------------------------------------ worker side
 
@@ -446,54 +475,121 @@ class KvtierConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
         return
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # vLLM hands a preempted request's blocks to others once this step's forward runs.
+        for req_id in getattr(kv_connector_metadata, "preempted", ()):
+            if req_id in self._sends:
+                logger.info("kvtier: request %s preempted; waiting for its P/D send to end", req_id)
+                self._send_ended(req_id)
+
     def wait_for_save(self):
-        if self._engine is None or self._cache is None or not self.has_connector_metadata():
+        if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvtierConnectorMetadata)
         for send in meta.sends:
             self._send(send)
-        if not self._has_tiers:
+        if self._engine is None or self._cache is None or not self._has_tiers:
             return
         for save in meta.saves:
-            try:
-                self._engine.store_blocks(self._cache, save.tokens, save.block_ids)
-            except kvtier.KvtierError as e:
-                # A failed save is a future miss, never an error for the request.
-                logger.warning("kvtier: request %s: save failed: %s", save.req_id, e)
+            if save.req_id in self._sends:
+                # Saved once the send ends (vLLM holds the blocks until then): the transfer
+                # the decoder waits for goes first instead of sharing the CPU with the copy.
+                self._deferred_saves[save.req_id] = save
+            else:
+                self._save(save)
+
+    def _save(self, save: SaveSpec) -> None:
+        assert self._engine is not None and self._cache is not None
+        try:
+            self._engine.store_blocks(self._cache, save.tokens, save.block_ids)
+        except kvtier.KvtierError as e:
+            # A failed save is a future miss, never an error for the request.
+            logger.warning("kvtier: request %s: save failed: %s", save.req_id, e)
 
     def _send(self, send: SendSpec) -> None:
-        assert self._engine is not None and self._cache is not None
-        if self._engine.pd_role != "sender":
+        """Starts `send` (it runs beside the steps that follow), or marks it ended if it
+        cannot start: vLLM must get the request's blocks back either way."""
+        pending = None
+        rank = self._tp_rank
+        if self._engine is None or self._cache is None:
+            logger.error("kvtier: request %s: no KV cache registered to send from", send.req_id)
+        elif self._engine.pd_role != "sender":
             logger.error(
                 "kvtier: request %s names a P/D receiver, but this instance's kvtier config "
                 "is not a P/D sender (enable_pd: true, pd_role: sender)", send.req_id
             )
-            return
-        rank = self._tp_rank
-        if rank >= len(send.init_ports) or rank >= len(send.alloc_ports):
+        elif rank >= len(send.init_ports) or rank >= len(send.alloc_ports):
             logger.error("kvtier: request %s: no receiver port for TP rank %d in %s", send.req_id, rank, send)
+        else:
+            try:
+                pending = self._engine.start_send_blocks(
+                    self._cache, send.transfer_id, send.tokens, send.block_ids, send.host,
+                    send.init_ports[rank], send.alloc_ports[rank],
+                )
+            except kvtier.KvtierError as e:
+                logger.error("kvtier: request %s: P/D send failed: %s", send.req_id, e)
+        if pending is None:
+            self._sends_ended.add(send.req_id)
             return
+        self._sends[send.req_id] = (send, pending)
+        logger.info(
+            "kvtier: request %s: sending the KV of %d prompt tokens to %s:%d",
+            send.req_id, len(send.tokens), send.host, send.init_ports[rank],
+        )
+
+    def _send_ended(self, req_id: str, timeout: Optional[float] = None) -> None:
+        """Waits for the send of `req_id` to end (at most `timeout` seconds), logs how it
+        went and marks it ended."""
+        send, pending = self._sends[req_id]
         try:
-            r = self._engine.send_blocks(
-                self._cache, send.transfer_id, send.tokens, send.block_ids, send.host,
-                send.init_ports[rank], send.alloc_ports[rank],
-            )
+            r = pending.result(timeout)
+        except TimeoutError:
+            logger.warning("kvtier: request %s: P/D send still running after %.0f s", req_id, timeout)
+            return
         except kvtier.KvtierError as e:
             # The sender told the proxy; the decoder will not find this KV and computes it.
-            logger.error("kvtier: request %s: P/D send failed: %s", send.req_id, e)
-            return
-        logger.info(
-            "kvtier: request %s: stored %d tokens in %.2f ms (%.2f GB/s) at %s:%d (%d already there)",
-            send.req_id, r.tokens, r.seconds * 1e3, r.bytes / max(r.seconds, 1e-9) / 1e9,
-            send.host, send.init_ports[rank], r.skipped_tokens,
-        )
+            logger.error("kvtier: request %s: P/D send failed: %s", req_id, e)
+        else:
+            logger.info(
+                "kvtier: request %s: stored %d tokens in %.2f ms (%.2f GB/s) at %s:%d (%d already there)",
+                req_id, r.tokens, r.seconds * 1e3, r.bytes / max(r.seconds, 1e-9) / 1e9,
+                send.host, send.init_ports[self._tp_rank], r.skipped_tokens,
+            )
+        del self._sends[req_id]
+        self._sends_ended.add(req_id)
+        deferred = self._deferred_saves.pop(req_id, None)
+        if deferred is not None:
+            self._save(deferred)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
+        if self._sends and self.has_connector_metadata() and getattr(self._get_connector_metadata(), "idle", False):
+            # vLLM steps without work while it holds a send's blocks: give the send a moment
+            # to end instead of spinning a core beside it (a new request waits at most that).
+            oldest = next(iter(self._sends.values()))[1]
+            try:
+                oldest.result(timeout=_IDLE_WAIT_SEC)
+            except (TimeoutError, kvtier.KvtierError):
+                pass
+        for req_id, (_, pending) in list(self._sends.items()):
+            if pending.done():
+                self._send_ended(req_id)
+        # Only ids vLLM has passed here may be reported, each once, when its send ended.
+        self._finished_sending |= {r for r in finished_req_ids if r in self._sends or r in self._sends_ended}
+        done = self._finished_sending & self._sends_ended
+        self._finished_sending -= done
+        self._sends_ended -= done
+        return (done or None), None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
     def shutdown(self):
+        if self._sends:
+            logger.info("kvtier: waiting for %d P/D sends to end", len(self._sends))
+            for req_id in list(self._sends):
+                self._send_ended(req_id, timeout=30.0)
         if self._engine is not None:
             try:
                 self._engine.flush()

@@ -62,6 +62,19 @@ def assert_same(got: dict, want: dict, what: str) -> None:
         assert abs(a - b) <= 1e-5, f"{what}: logprobs {got['logprobs']} vs {want['logprobs']}"
 
 
+def wait_for_line(server: VllmServer, pattern: str, timeout: float = 30.0) -> re.Match:
+    """The first line of `server`'s log matching `pattern`, waiting for it to be written."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = re.search(pattern, server.log_text())
+        if found or time.monotonic() > deadline:
+            assert found, f"no line matching {pattern!r} in {server.log_path}:\n{server.log_tail()}"
+            return found
+        time.sleep(0.2)
+
+
 def write_config(path: Path, disk: Path) -> Path:
     path.write_text(
         "chunk_size: 256\n"
@@ -127,15 +140,18 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
     (transport switched to tcp and the buffers to host memory: no GPU, no NIXL on this
     path), the reference launch lines with only the connector swapped, `kvtier proxy` in
     front. (d) Then a frozen decoder and a killed one: the proxy answers an error within
-    its timeout, the decoder's P/D buffer ends empty, the survivors keep serving."""
+    its timeout while the prefiller goes on serving beside the stuck send, the decoder's
+    P/D buffer ends empty, the survivors keep serving."""
     import signal
+    import threading
     import time
     import urllib.error
 
     from kvtier.harness import OpenAiEndpoint, free_port, start_proxy
 
     configs = Path(__file__).resolve().parents[2] / "configs"
-    init_port, alloc_port, notify_port, proxy_port, metrics_port = (free_port() for _ in range(5))
+    init_port, alloc_port, notify_port, proxy_port, metrics_port, prefiller_metrics_port = (
+        free_port() for _ in range(6))
     pd_env = {
         "LMCACHE_TRANSFER_CHANNEL": "tcp",
         "LMCACHE_PD_BUFFER_DEVICE": "cpu",
@@ -163,7 +179,9 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
         extra={"discard_partial_chunks": False, "lmcache_rpc_port": "consumer1", "kvtier_metrics_port": metrics_port},
     )
     prefiller_config = kvtier_transfer_config(
-        "kv_producer", extra={"discard_partial_chunks": False, "lmcache_rpc_port": "producer1"}
+        "kv_producer",
+        extra={"discard_partial_chunks": False, "lmcache_rpc_port": "producer1",
+               "kvtier_metrics_port": prefiller_metrics_port},
     )
     timeout = 8
     # Both start at once; each `with` waits for its server.
@@ -197,18 +215,45 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
             decoder_log, prefiller_log = decoder.log_text(), prefiller.log_text()
             assert "1000 prompt tokens, 896 hit in kvtier, loading 896" in decoder_log
             assert "3000 prompt tokens, 2944 hit in kvtier, loading 2944" in decoder_log
-            assert re.search(r"stored 2944 tokens in [\d.]+ ms \([\d.]+ GB/s\)", prefiller_log)
+            # Sends end beside the prefiller's later steps, which log them. The prefiller
+            # also keeps the prompts in its CPU tier: the chunks its last prefill step
+            # computed are saved once their send has ended (first the long prompt's 2048
+            # tokens of its first step, then 896 + 896 when the sends end).
+            wait_for_line(prefiller, r"stored 2944 tokens in [\d.]+ ms \([\d.]+ GB/s\)")
+            stored = OpenAiEndpoint(prefiller_metrics_port, "")
+            deadline = time.monotonic() + 30
+            while stored.metric("kvtier_store_tokens_total") < 896 + 2944 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert stored.metric("kvtier_store_tokens_total") == 896 + 2944
             assert "P/D retrieve" in decoder_log
 
             # 1. The decoder freezes (SIGSTOP, sockets open): the transfer cannot finish.
             os.killpg(decoder.proc.pid, signal.SIGSTOP)
-            start = time.monotonic()
-            with pytest.raises(urllib.error.HTTPError) as failed:
-                front.complete(prompt(1500, 3))
-            waited = time.monotonic() - start
+            frozen: dict = {}
+
+            def through_proxy():
+                start = time.monotonic()
+                try:
+                    front.complete(prompt(1500, 3))
+                except urllib.error.HTTPError as e:
+                    frozen["code"], frozen["body"] = e.code, e.read()
+                frozen["waited"] = time.monotonic() - start
+
+            client = threading.Thread(target=through_proxy)
+            client.start()
+            # Its prefill ends and the send starts, then stalls on the frozen decoder (its
+            # allocation waits up to four transport timeouts, 8 s here). The send runs beside
+            # the prefiller's steps: a request straight to the prefiller is answered before
+            # it ends (a send inside the step would hold this request until then).
+            stuck = wait_for_line(prefiller, r"request (\S+): sending the KV of 1500 prompt tokens").group(1)
+            assert len(prefiller.complete(prompt(40, 4))["token_ids"]) == 8
+            assert f"request {stuck}: P/D send failed" not in prefiller.log_text()
+            client.join()
             os.killpg(decoder.proc.pid, signal.SIGCONT)
-            assert failed.value.code in (502, 504), failed.value.read()
-            assert waited < timeout + 15, f"the proxy answered after {waited:.1f} s"
+            assert frozen.get("code") in (502, 504), frozen
+            assert frozen["waited"] < timeout + 15, f"the proxy answered after {frozen['waited']:.1f} s"
+            # The send ends either way: failed, or landed late on the thawed decoder.
+            wait_for_line(prefiller, rf"request {re.escape(stuck)}: (stored|P/D send failed)")
             # The late transfer lands once the decoder thaws; nobody claims it, and it is
             # freed within the TTL (or, left uncommitted, within the stale-page bound).
             def reading(name):
