@@ -75,6 +75,19 @@ def wait_for_line(server: VllmServer, pattern: str, timeout: float = 30.0) -> re
         time.sleep(0.2)
 
 
+def blocks_back(server: VllmServer, timeout: float = 30.0) -> None:
+    """Waits until `server`'s vLLM holds no KV blocks (every request over, every block a
+    connector kept for a send given back); fails if some stay held."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    usage = server.metric("vllm:kv_cache_usage_perc")
+    while usage != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        usage = server.metric("vllm:kv_cache_usage_perc")
+    assert usage == 0, f"vLLM still holds {usage:.2%} of its KV cache:\n{server.log_tail()}"
+
+
 def write_config(path: Path, disk: Path) -> Path:
     path.write_text(
         "chunk_size: 256\n"
@@ -225,6 +238,8 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
             while stored.metric("kvtier_store_tokens_total") < 896 + 2944 and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert stored.metric("kvtier_store_tokens_total") == 896 + 2944
+            # vLLM got the blocks of both requests back once their sends were reported.
+            blocks_back(prefiller)
             assert "P/D retrieve" in decoder_log
 
             # 1. The decoder freezes (SIGSTOP, sockets open): the transfer cannot finish.
@@ -254,6 +269,7 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
             assert frozen["waited"] < timeout + 15, f"the proxy answered after {frozen['waited']:.1f} s"
             # The send ends either way: failed, or landed late on the thawed decoder.
             wait_for_line(prefiller, rf"request {re.escape(stuck)}: (stored|P/D send failed)")
+            blocks_back(prefiller)
             # The late transfer lands once the decoder thaws; nobody claims it, and it is
             # freed within the TTL (or, left uncommitted, within the stale-page bound).
             def reading(name):
