@@ -25,15 +25,19 @@ How it works:
   never wrong KV.
 - Saves happen after each forward pass (``wait_for_save``): every whole chunk of prompt
   KV computed so far; the prompt's last, partial run of whole blocks once the prompt is
-  done (unless ``discard_partial_chunks``).
+  done (unless ``discard_partial_chunks``). A P/D request's save in the step its send
+  starts waits for the send to end (the transfer the decoder waits for goes first).
 - P/D (``enable_pd``): on a prefiller (``pd_role: sender``), a request whose
   ``kv_transfer_params`` name a receiver (as ``kvtier proxy`` sends them) has its prompt's
   whole blocks pushed into that decoder's P/D buffer, and the proxy is notified (done or
   failed). The send starts in the step its prefill ends and runs beside the steps that
-  follow, so a slow or stuck decoder holds up no other request: vLLM keeps the request's
+  follow, so a slow or stuck decoder does not stall the prefiller: vLLM keeps the request's
   blocks until the send has ended (``request_finished`` returns True; the worker reports
-  the request through ``get_finished``), and a request preempted meanwhile waits for its
-  send before its blocks are given away. On a decoder (``pd_role: receiver``) lookups see
+  the request through ``get_finished``). Two cases still wait in the step: a request
+  preempted while its send runs (the step waits for the send before vLLM gives its blocks
+  away; a P/D prefill with ``max_tokens: 1`` finishes in the step its send starts, so this
+  is rare), and a step with no work while a send runs (it waits up to 20 ms for the send
+  instead of spinning). On a decoder (``pd_role: receiver``) lookups see
   the committed chunks in the P/D buffer, and loads take them from there (freeing the
   pages).
 
@@ -275,7 +279,8 @@ class KvtierConnector(KVConnectorBase_V1):
         self, request: "Request", num_computed_tokens: int
     ) -> tuple[Optional[int], bool]:
         destination = _pd_destination(getattr(request, "kv_transfer_params", None))
-        if destination is not None:
+        # One send per request: a preempted request asked again keeps the one it has.
+        if destination is not None and request.request_id not in self._sending:
             self._send_to[request.request_id] = destination
         if not self._loads_kv or self._client is None:
             return 0, False
@@ -512,6 +517,9 @@ class KvtierConnector(KVConnectorBase_V1):
         cannot start: vLLM must get the request's blocks back either way."""
         pending = None
         rank = self._tp_rank
+        if send.req_id in self._sends or send.req_id in self._sends_ended:
+            logger.error("kvtier: request %s: a P/D send was already started; not sending again", send.req_id)
+            return
         if self._engine is None or self._cache is None:
             logger.error("kvtier: request %s: no KV cache registered to send from", send.req_id)
         elif self._engine.pd_role != "sender":
@@ -527,7 +535,7 @@ class KvtierConnector(KVConnectorBase_V1):
                     self._cache, send.transfer_id, send.tokens, send.block_ids, send.host,
                     send.init_ports[rank], send.alloc_ports[rank],
                 )
-            except kvtier.KvtierError as e:
+            except Exception as e:  # noqa: BLE001 (bad parameters too: never break the step)
                 logger.error("kvtier: request %s: P/D send failed: %s", send.req_id, e)
         if pending is None:
             self._sends_ended.add(send.req_id)
@@ -587,9 +595,10 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def shutdown(self):
         if self._sends:
-            logger.info("kvtier: waiting for %d P/D sends to end", len(self._sends))
+            logger.info("kvtier: waiting up to 30 s for %d P/D sends to end", len(self._sends))
+            deadline = time.monotonic() + 30.0
             for req_id in list(self._sends):
-                self._send_ended(req_id, timeout=30.0)
+                self._send_ended(req_id, timeout=max(0.0, deadline - time.monotonic()))
         if self._engine is not None:
             try:
                 self._engine.flush()

@@ -174,7 +174,8 @@ pub struct PendingSend {
 impl PendingSend {
     /// Whether the send has ended (done or failed): its blocks are no longer read.
     fn done(&self) -> bool {
-        self.outcome.borrow().is_some()
+        // A task that ended without an outcome (it panicked) dropped its end of the channel.
+        self.outcome.borrow().is_some() || self.outcome.has_changed().is_err()
     }
 
     /// Waits for the send to end (at most `timeout` seconds; `None`: as long as it takes)
@@ -206,7 +207,8 @@ impl PendingSend {
                 Err(py_err(format!("P/D send of {}: {reason}", self.req_id)))
             }
             Ok(Ok(None) | Err(_)) => Err(py_err(format!(
-                "P/D send of {} ended without an outcome (kvtier's runtime stopped)",
+                "P/D send of {} ended without an outcome (its task panicked, or kvtier's \
+                 runtime stopped)",
                 self.req_id
             ))),
             Err(_) => Err(PyTimeoutError::new_err(format!(

@@ -263,6 +263,8 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
             stuck = wait_for_line(prefiller, r"request (\S+): sending the KV of 1500 prompt tokens").group(1)
             assert len(prefiller.complete(prompt(40, 4))["token_ids"]) == 8
             assert f"request {stuck}: P/D send failed" not in prefiller.log_text()
+            # Its request is over, but vLLM keeps its blocks for the send.
+            assert prefiller.metric("vllm:kv_cache_usage_perc") > 0
             client.join()
             os.killpg(decoder.proc.pid, signal.SIGCONT)
             assert frozen.get("code") in (502, 504), frozen
