@@ -309,6 +309,86 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
             proxy.wait(timeout=30)
 
 
+def test_the_prefillers_worker_reports_each_send_once_it_ended(model, monkeypatch, caplog):
+    """The connector's worker side, called as vLLM's model runner calls it (this test plays
+    the scheduler's metadata), with real kvtier sends to a "decoder" that accepts
+    connections and never answers, so each send stays stuck until the transport timeout:
+    vLLM gets a request back only once its send ended and vLLM named the request, exactly
+    once; a preempted request's step waits for its send; a second start for one request
+    is refused; a save in the step a send starts waits for the send; a send that cannot
+    start is reported at once and never raises into the step."""
+    import logging
+    import socket
+
+    import torch
+    from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvtier.harness import free_port
+    from kvtier.vllm import KvtierConnector, KvtierConnectorMetadata, SaveSpec, SendSpec
+
+    for key, value in {"CHUNK_SIZE": "256", "LOCAL_CPU": "true", "MAX_LOCAL_CPU_SIZE": "0.1",
+                       "ENABLE_PD": "true", "PD_ROLE": "sender", "TRANSFER_CHANNEL": "tcp",
+                       "PD_BUFFER_DEVICE": "cpu", "PD_BUFFER_SIZE": str(16 << 20),
+                       "PD_PROXY_HOST": "127.0.0.1", "PD_PROXY_PORT": str(free_port()),
+                       "TRANSPORT_TIMEOUT_SEC": "2"}.items():
+        monkeypatch.setenv(f"KVTIER_{key}", value)
+    config = VllmConfig(
+        model_config=ModelConfig(model=str(model)),
+        cache_config=CacheConfig(block_size=128),
+        kv_transfer_config=KVTransferConfig(kv_connector="KvtierConnector",
+                                            kv_connector_module_path="kvtier.vllm",
+                                            kv_role="kv_producer",
+                                            kv_connector_extra_config={"lmcache_rpc_port": f"t{free_port()}"}),
+    )
+    mc = config.model_config
+    width = mc.get_num_kv_heads(config.parallel_config) * mc.get_head_size()
+    worker = KvtierConnector(config, KVConnectorRole.WORKER, None)
+    worker.register_kv_caches({f"model.layers.{i}.self_attn.attn": torch.randn(8, 2, 128, width)
+                               for i in range(mc.hf_config.num_hidden_layers)})
+    caplog.set_level(logging.INFO, logger="vllm.kvtier")
+
+    def step(finished=(), **meta):
+        metadata = KvtierConnectorMetadata(**meta)
+        worker.bind_connector_metadata(metadata)
+        worker.handle_preemptions(metadata)
+        worker.wait_for_save()
+        sending, receiving = worker.get_finished(set(finished))
+        worker.clear_connector_metadata()
+        assert receiving is None
+        return sending
+
+    def stored_tokens():
+        return int(re.search(r"^kvtier_store_tokens_total (\d+)", worker.metrics_text(), re.M).group(1))
+
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()
+    port = mute.getsockname()[1]
+    tokens, blocks = list(range(512)), [0, 1, 2, 3]
+    send = SendSpec("a", "transfer-a", tokens, blocks, "127.0.0.1", [port], [port])
+    try:
+        assert step(sends=[send], saves=[SaveSpec("a", tokens, blocks)]) is None
+        assert stored_tokens() == 0, "the save went ahead of the running send"
+        # vLLM names the finished request; its send still runs: not reported.
+        assert step(finished={"a"}) is None
+        assert step(sends=[send]) is None
+        assert "request a: a P/D send was already started" in caplog.text
+        # Preempted: the step waits for the send (it fails at the transport timeout), then
+        # the deferred save runs and the request is reported, once.
+        assert step(preempted=["a"]) == {"a"}
+        assert "request a: P/D send failed" in caplog.text
+        assert stored_tokens() == 512
+        assert step() is None
+        # A send that cannot start (a port out of range) is over at once.
+        bad = SendSpec("b", "transfer-b", tokens, blocks, "127.0.0.1", [70000], [70000])
+        assert step(sends=[bad], finished={"b"}) == {"b"}
+        assert "request b: P/D send failed" in caplog.text
+    finally:
+        mute.close()
+        worker.shutdown()
+
+
 def test_two_instances_share_hits_through_the_remote_store(model, reference, tmp_path):
     """`kvtier master` with its own segment (no etcd) as the only tier of two vLLM
     instances: what one stores, the other loads."""
