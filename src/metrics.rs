@@ -30,7 +30,7 @@ pub struct Metrics {
     pub retrieve_hit_tokens: IntCounter,
     /// Bytes of KV retrieves loaded.
     pub retrieve_bytes: IntCounter,
-    /// Operation latency in seconds, by `op` (store, retrieve, lookup).
+    /// Operation latency in seconds, by `op` (store, retrieve, lookup, pd_send).
     pub op_seconds: HistogramVec,
     /// Chunks served, by the `tier` that held them.
     pub tier_hits: IntCounterVec,
@@ -56,6 +56,10 @@ pub struct Metrics {
     pub pd_chunks: IntCounter,
     /// P/D pages reclaimed from senders that vanished or requests never retrieved.
     pub pd_reclaimed_pages: IntCounter,
+    /// P/D sends started and not yet ended (sender).
+    pub pd_sends_in_flight: IntGauge,
+    /// P/D sends ended, by `outcome` (`ok` or `failed`; sender).
+    pub pd_sends: IntCounterVec,
 }
 
 impl Metrics {
@@ -110,6 +114,15 @@ impl Metrics {
             pd_reclaimed_pages: counter(
                 "kvtier_pd_reclaimed_pages_total",
                 "P/D pages reclaimed from vanished senders or unretrieved requests",
+            ),
+            pd_sends_in_flight: gauge(
+                "kvtier_pd_sends_in_flight",
+                "P/D sends started and not yet ended",
+            ),
+            pd_sends: counter_vec(
+                "kvtier_pd_sends_total",
+                "P/D sends ended, by outcome (ok, failed)",
+                "outcome",
             ),
             lookup_tokens: counter(
                 "kvtier_lookup_tokens_total",

@@ -216,6 +216,16 @@ async fn send_commit_retrieve_frees_pages_and_notifies_proxy() {
     assert_eq!(receiver.usage().used_pages, 1);
     let text = receiver.metrics().encode_text();
     assert!(text.contains("kvtier_pd_buffer_used_bytes"), "{text}");
+    // The sender counts its sends by outcome and times them; none is left in flight.
+    let sent = sender.metrics();
+    assert_eq!(sent.pd_sends.with_label_values(&["ok"]).get(), 2);
+    assert_eq!(sent.pd_sends.with_label_values(&["failed"]).get(), 0);
+    assert_eq!(sent.pd_sends_in_flight.get(), 0);
+    let text = sent.encode_text();
+    assert!(
+        text.contains("kvtier_op_seconds_count{op=\"pd_send\"} 2"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,6 +244,15 @@ async fn a_request_that_can_never_fit_fails_at_once_naming_the_size() {
         "did not fail fast"
     );
     assert!(matches!(err, PdError::NeverFits { .. }), "{err}");
+    assert_eq!(
+        sender
+            .metrics()
+            .pd_sends
+            .with_label_values(&["failed"])
+            .get(),
+        1
+    );
+    assert_eq!(sender.metrics().pd_sends_in_flight.get(), 0);
     let msg = err.to_string();
     assert!(
         msg.contains("pd_buffer_size")

@@ -265,6 +265,7 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
             assert f"request {stuck}: P/D send failed" not in prefiller.log_text()
             # Its request is over, but vLLM keeps its blocks for the send.
             assert prefiller.metric("vllm:kv_cache_usage_perc") > 0
+            assert stored.metric("kvtier_pd_sends_in_flight") == 1
             client.join()
             os.killpg(decoder.proc.pid, signal.SIGCONT)
             assert frozen.get("code") in (502, 504), frozen
@@ -272,6 +273,8 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
             # The send ends either way: failed, or landed late on the thawed decoder.
             wait_for_line(prefiller, rf"request {re.escape(stuck)}: (stored|P/D send failed)")
             blocks_back(prefiller)
+            assert stored.metric("kvtier_pd_sends_in_flight") == 0
+            assert stored.metric("kvtier_pd_sends_total") == 3
             # The late transfer lands once the decoder thaws; nobody claims it, and it is
             # freed within the TTL (or, left uncommitted, within the stale-page bound).
             def reading(name):

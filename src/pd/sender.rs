@@ -445,6 +445,7 @@ impl PdSender {
         F: ChunkSource,
     {
         let start = Instant::now();
+        let _in_flight = InFlight::start(&self.metrics);
         let mut result = match checked {
             Ok(()) => self.send_inner(req_id, tokens, fill, ready, to).await,
             Err(e) => Err(e),
@@ -492,6 +493,12 @@ impl PdSender {
                 r.notify = told.elapsed();
             }
         }
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        self.metrics.pd_sends.with_label_values(&[outcome]).inc();
+        self.metrics
+            .op_seconds
+            .with_label_values(&["pd_send"])
+            .observe(start.elapsed().as_secs_f64());
         result
     }
 
@@ -917,6 +924,23 @@ impl PdSender {
             }
         );
         Ok(report)
+    }
+}
+
+/// Counts a send in `kvtier_pd_sends_in_flight` while it lives (a send dropped half-way
+/// included).
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn start(metrics: &Metrics) -> InFlight {
+        metrics.pd_sends_in_flight.inc();
+        InFlight(metrics.pd_sends_in_flight.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
