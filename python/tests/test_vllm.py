@@ -62,29 +62,29 @@ def assert_same(got: dict, want: dict, what: str) -> None:
         assert abs(a - b) <= 1e-5, f"{what}: logprobs {got['logprobs']} vs {want['logprobs']}"
 
 
-def wait_for_line(server: VllmServer, pattern: str, timeout: float = 30.0) -> re.Match:
-    """The first line of `server`'s log matching `pattern`, waiting for it to be written."""
+def poll(read, done, timeout: float = 30.0, every: float = 0.2):
+    """Calls `read()` until `done(value)` holds or `timeout` seconds pass; the last value."""
     import time
 
     deadline = time.monotonic() + timeout
-    while True:
-        found = re.search(pattern, server.log_text())
-        if found or time.monotonic() > deadline:
-            assert found, f"no line matching {pattern!r} in {server.log_path}:\n{server.log_tail()}"
-            return found
-        time.sleep(0.2)
+    value = read()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(every)
+        value = read()
+    return value
+
+
+def wait_for_line(server: VllmServer, pattern: str, timeout: float = 30.0) -> re.Match:
+    """The first line of `server`'s log matching `pattern`, waiting for it to be written."""
+    found = poll(lambda: re.search(pattern, server.log_text()), bool, timeout)
+    assert found, f"no line matching {pattern!r} in {server.log_path}:\n{server.log_tail()}"
+    return found
 
 
 def blocks_back(server: VllmServer, timeout: float = 30.0) -> None:
     """Waits until `server`'s vLLM holds no KV blocks (every request over, every block a
     connector kept for a send given back); fails if some stay held."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    usage = server.metric("vllm:kv_cache_usage_perc")
-    while usage != 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-        usage = server.metric("vllm:kv_cache_usage_perc")
+    usage = poll(lambda: server.metric("vllm:kv_cache_usage_perc"), lambda u: u == 0, timeout)
     assert usage == 0, f"vLLM still holds {usage:.2%} of its KV cache:\n{server.log_tail()}"
 
 
@@ -234,10 +234,8 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
             # tokens of its first step, then 896 + 896 when the sends end).
             wait_for_line(prefiller, r"stored 2944 tokens in [\d.]+ ms \([\d.]+ GB/s\)")
             stored = OpenAiEndpoint(prefiller_metrics_port, "")
-            deadline = time.monotonic() + 30
-            while stored.metric("kvtier_store_tokens_total") < 896 + 2944 and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert stored.metric("kvtier_store_tokens_total") == 896 + 2944
+            saved = poll(lambda: stored.metric("kvtier_store_tokens_total"), lambda n: n >= 896 + 2944)
+            assert saved == 896 + 2944
             # vLLM got the blocks of both requests back once their sends were reported.
             blocks_back(prefiller)
             assert "P/D retrieve" in decoder_log
@@ -285,11 +283,7 @@ def test_1p1d_through_kvtier_proxy_then_faults(model, reference, tmp_path):
                 except OSError as e:
                     return e
 
-            deadline = time.monotonic() + 45
-            used = reading("kvtier_pd_buffer_used_bytes")
-            while used != 0 and time.monotonic() < deadline:
-                time.sleep(0.5)
-                used = reading("kvtier_pd_buffer_used_bytes")
+            used = poll(lambda: reading("kvtier_pd_buffer_used_bytes"), lambda u: u == 0, 45, every=0.5)
             if used != 0:
                 said = [line for text in (prefiller.log_text(), decoder.log_text())
                         for line in text.splitlines() if "P/D" in line or "kvtier:" in line]
